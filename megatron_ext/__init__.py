@@ -1,0 +1,1 @@
+"""The runtime around Megatron-Core: distributed init, CPU backend, model build, training loop."""

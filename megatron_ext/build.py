@@ -1,0 +1,150 @@
+"""The one place that builds the distributed model, in a fixed, logged order:
+
+  process groups -> model-parallel groups + RNG -> GPT stage(s) from the layer spec ->
+  precision -> Megatron DDP -> Megatron optimizer -> LR/WD scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+from megatron_ext import cpu_backend, dist
+from megatron_ext.config import Config
+from megatron_ext.spec import decoder_block_spec, use_transformer_engine
+from models import transformer_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What the training loop needs: model chunks (one per virtual stage), optimizer, scheduler."""
+
+    config: Config
+    transformer_config: TransformerConfig
+    model: List[DistributedDataParallel]
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def init_parallel(cfg: Config) -> None:
+    """Process groups, Megatron's model-parallel groups and the model-parallel RNG."""
+    cpu_backend.apply()
+    dist.init_process_group()
+    p = cfg.parallel
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            context_parallel_size=p.cp,
+            expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=p.etp or p.tp,
+        )
+    torch.manual_seed(cfg.train.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+    log.info("parallel layout: tp=%d pp=%d vpp=%s cp=%d ep=%d etp=%d dp=%d sp=%s", p.tp, p.pp, p.vpp,
+             p.cp, p.ep, p.etp or p.tp, parallel_state.get_data_parallel_world_size(), p.sp)
+
+
+def build_model(cfg: Config, tcfg: TransformerConfig) -> List[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage held by this rank (unwrapped)."""
+    m = cfg.model
+    chunks = []
+    for vp_stage in range(cfg.parallel.vpp or 1):
+        vp = vp_stage if cfg.parallel.vpp else None
+        chunk = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=decoder_block_spec(tcfg, vp_stage=vp),
+            vocab_size=m.vocab_size,
+            max_sequence_length=m.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=m.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(m.rope_theta),
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    log.info("model: %s (%s spec), %d parameters on this rank", m.name,
+             "transformer-engine" if use_transformer_engine() else "local", n_params)
+    return chunks
+
+
+def wrap_ddp(cfg: Config, tcfg: TransformerConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        # Only the first chunk's buckets may be skipped; Megatron-LM disables bucketing for
+        # later virtual stages so their grads are reduced in one pass.
+        DistributedDataParallel(tcfg, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(cfg: Config, tcfg: TransformerConfig, model: List[DistributedDataParallel]):
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=tcfg.bf16,
+        params_dtype=tcfg.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, model)
+    decay_steps = max(t.steps - t.warmup_steps, 1) + t.warmup_steps
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style={"wsd": "WSD"}.get(t.lr_schedule, t.lr_schedule),
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=t.wsd_decay_steps,
+        lr_wsd_decay_style="cosine" if t.lr_schedule == "wsd" else None,
+    )
+    return optimizer, scheduler
+
+
+def build(cfg: Config) -> Runtime:
+    """Build everything for training, in order. Assumes `validate(cfg)` already passed."""
+    init_parallel(cfg)
+    tcfg = transformer_config(cfg)
+    chunks = build_model(cfg, tcfg)
+    model = wrap_ddp(cfg, tcfg, chunks)
+    optimizer, scheduler = build_optimizer(cfg, tcfg, model)
+    # Hooks the pipeline schedules call: grad all-reduce + per-token normalisation at the end
+    # of the step, and loss scaling (identity in fp32/bf16).
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.grad_scale_func = optimizer.scale_loss
+    log.info("optimizer: adam (distributed=%s), schedule=%s", cfg.parallel.distributed_optimizer,
+             cfg.train.lr_schedule)
+    return Runtime(cfg, tcfg, model, optimizer, scheduler)

@@ -1,0 +1,299 @@
+"""Config dataclasses: the schema of every Hydra config, validated before distributed init.
+
+YAML under `conf/` only picks groups and overrides fields. `validate()` checks every
+cross-field rule and raises `ConfigError` naming the fields and values; it never uses bare
+asserts, so the checks also hold under `python -O`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Qwen-family model, in Hugging Face `config.json` terms."""
+
+    name: str = MISSING
+    """Registry name, e.g. `qwen3_debug`, `qwen3_8b`."""
+    family: str = MISSING
+    """One of `qwen2` (also Qwen2.5), `qwen3`, `qwen2_moe`, `qwen3_moe`."""
+    num_layers: int = MISSING
+    """HF `num_hidden_layers`."""
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    """HF `intermediate_size` (dense MLP)."""
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING
+    """HF `num_key_value_heads` (GQA)."""
+    head_dim: Optional[int] = None
+    """Per-head size; None means hidden_size / num_attention_heads. Qwen3 decouples it."""
+    vocab_size: int = 151936
+    """Embedding rows (HF `vocab_size`, already padded in the published configs)."""
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+    norm_eps: float = 1e-6
+    """HF `rms_norm_eps`."""
+    qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2/2.5)."""
+    qk_norm: bool = False
+    """Per-head RMSNorm on q and k (Qwen3)."""
+    tie_word_embeddings: bool = False
+    # Mixture of experts (None/0 for dense models).
+    num_experts: Optional[int] = None
+    """Routed experts per MoE layer."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """HF `moe_intermediate_size`: each routed expert's hidden size."""
+    moe_router_topk: int = 2
+    """HF `num_experts_per_tok`."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k router probabilities (HF `norm_topk_prob`)."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Qwen2-MoE's shared expert hidden size (None: no shared expert)."""
+    moe_shared_expert_gate: bool = False
+    """Sigmoid gate on the shared expert output (Qwen2-MoE)."""
+    moe_layer_freq: Optional[List[int]] = None
+    """Per layer, 1 = MoE, 0 = dense MLP (HF `decoder_sparse_step` / `mlp_only_layers`); None: all MoE."""
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.num_experts)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel size is derived: world / (tp * pp * cp)."""
+
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B."""
+    ep: int = 1
+    """Expert parallel size (MoE)."""
+    etp: Optional[int] = None
+    """Expert tensor parallel size; None = same as tp."""
+    cp: int = 1
+    """Context parallel size."""
+    sp: bool = False
+    """Sequence parallelism (needs tp > 1)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision."""
+
+    name: str = "fp32"
+    """`fp32` (CPU default), `bf16`, `fp8_delayed`, `fp8_current`, `fp8_blockwise`."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and schedule."""
+
+    steps: int = 30
+    """Optimizer steps to run."""
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    lr: float = 5e-3
+    min_lr: float = 5e-4
+    warmup_steps: int = 3
+    lr_schedule: str = "cosine"
+    """`cosine`, `wsd` (warmup-stable-decay), `linear` or `constant`."""
+    wsd_decay_steps: Optional[int] = None
+    """Length of the WSD decay phase; required with lr_schedule=wsd."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global grad-norm clipping threshold (0 disables)."""
+    seed: int = 1234
+    eval_interval: int = 0
+    """Evaluate on the validation split every N steps and at the end (0: never)."""
+    eval_iters: int = 2
+    """Global batches per evaluation."""
+    init_method_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Pretraining data: Megatron indexed datasets (`PREFIX.bin/.idx`)."""
+
+    seq_length: int = 128
+    paths: List[str] = field(default_factory=list)
+    """Dataset prefixes; empty = the bundled sample corpus (tokenized on first use)."""
+    weights: Optional[List[float]] = None
+    """Blend weights, one per path; None = proportional to dataset size."""
+    split: str = "98,2,0"
+    """train,valid,test split of the documents."""
+    tokenizer: str = "qwen3"
+    """Tokenizer used for the bundled sample corpus and decoding."""
+    cache_dir: str = ".cache/data"
+    """Where tokenized sample data and Megatron's dataset indices are cached."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go: the console always, TensorBoard and wandb on request."""
+
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    wandb: bool = False
+    wandb_project: str = "qwen-megatron"
+    wandb_mode: str = "offline"
+    """`offline` unless the user asks for `online`."""
+    wandb_dir: str = "runs/wandb"
+
+
+@dataclass
+class Config:
+    """The whole job."""
+
+    stage: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+PRECISIONS = ("fp32", "bf16", "fp8_delayed", "fp8_current", "fp8_blockwise")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+FAMILIES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tp * p.pp * p.cp)
+
+
+def _check(ok: bool, message: str, errors: List[str]) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def _validate_model(m: ModelConfig, errors: List[str]) -> None:
+    _check(m.family in FAMILIES, f"model.family={m.family!r} is not one of {FAMILIES}", errors)
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups", "vocab_size"):
+        _check(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive", errors)
+    _check(m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
+           f"model.num_attention_heads={m.num_attention_heads} must be a multiple of "
+           f"model.num_query_groups={m.num_query_groups}", errors)
+    if m.head_dim is None:
+        _check(m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads == 0,
+               f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+               f"{m.num_attention_heads}; set model.head_dim", errors)
+    if m.family.endswith("_moe"):
+        _check(bool(m.num_experts), f"model.family={m.family} needs model.num_experts", errors)
+    if m.is_moe:
+        _check(0 < m.moe_router_topk <= m.num_experts,
+               f"model.moe_router_topk={m.moe_router_topk} must be in [1, model.num_experts={m.num_experts}]",
+               errors)
+        if m.moe_layer_freq is not None:
+            _check(len(m.moe_layer_freq) == m.num_layers,
+                   f"model.moe_layer_freq has {len(m.moe_layer_freq)} entries, model.num_layers="
+                   f"{m.num_layers}", errors)
+
+
+def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
+    p, m = cfg.parallel, cfg.model
+    for name in ("tp", "pp", "ep", "cp"):
+        _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1", errors)
+    if errors:
+        return
+    model_parallel = p.tp * p.pp * p.cp
+    _check(world_size % model_parallel == 0,
+           f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
+           f"{p.tp}*{p.pp}*{p.cp} = {model_parallel}", errors)
+    _check(m.num_attention_heads % p.tp == 0,
+           f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}", errors)
+    _check(m.num_query_groups % p.tp == 0,
+           f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}", errors)
+    _check(not p.sp or p.tp > 1, f"parallel.sp=true needs parallel.tp > 1 (got tp={p.tp})", errors)
+    if p.sp:
+        _check(cfg.data.seq_length % p.tp == 0,
+               f"data.seq_length={cfg.data.seq_length} is not divisible by parallel.tp={p.tp} "
+               "(required by parallel.sp=true)", errors)
+    if p.cp > 1:
+        _check(cfg.data.seq_length % (2 * p.cp) == 0,
+               f"data.seq_length={cfg.data.seq_length} is not divisible by 2*parallel.cp={2 * p.cp}", errors)
+    layers_per_stage = m.num_layers / (p.pp * (p.vpp or 1))
+    _check(m.num_layers % (p.pp * (p.vpp or 1)) == 0,
+           f"model.num_layers={m.num_layers} is not divisible by parallel.pp*vpp="
+           f"{p.pp}*{p.vpp or 1} ({layers_per_stage:g} layers per stage)", errors)
+    if p.vpp is not None:
+        _check(p.pp > 1 and p.vpp > 1, f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp > 1", errors)
+    if p.ep > 1:
+        _check(m.is_moe, f"parallel.ep={p.ep} needs a MoE model (model.num_experts is unset)", errors)
+        _check(not m.is_moe or m.num_experts % p.ep == 0,
+               f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}", errors)
+        etp = p.etp or p.tp
+        _check(world_size % (p.ep * etp * p.pp) == 0,
+               f"world size {world_size} is not divisible by parallel.ep*etp*pp = {p.ep}*{etp}*{p.pp}", errors)
+    if m.is_moe and p.tp > 1:
+        _check(p.sp, f"MoE with parallel.tp={p.tp} needs parallel.sp=true (Megatron-Core requires it)", errors)
+
+
+def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
+    t = cfg.train
+    _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1", errors)
+    _check(t.micro_batch_size >= 1, f"train.micro_batch_size={t.micro_batch_size} must be >= 1", errors)
+    _check(t.lr > 0 and 0 <= t.min_lr <= t.lr,
+           f"need 0 <= train.min_lr <= train.lr, got min_lr={t.min_lr}, lr={t.lr}", errors)
+    _check(t.lr_schedule in SCHEDULES, f"train.lr_schedule={t.lr_schedule!r} is not one of {SCHEDULES}", errors)
+    _check(0 <= t.warmup_steps <= t.steps,
+           f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]", errors)
+    if t.lr_schedule == "wsd":
+        _check(t.wsd_decay_steps is not None and 0 < t.wsd_decay_steps <= t.steps - t.warmup_steps,
+               f"train.lr_schedule=wsd needs 0 < train.wsd_decay_steps <= steps - warmup_steps "
+               f"(got wsd_decay_steps={t.wsd_decay_steps}, steps={t.steps}, warmup_steps={t.warmup_steps})",
+               errors)
+    dp = data_parallel_size(cfg, world_size)
+    if dp >= 1:
+        _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+               f"train.global_batch_size={t.global_batch_size} is not divisible by "
+               f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp}", errors)
+    p = cfg.parallel
+    if p.vpp is not None and dp >= 1 and t.micro_batch_size * dp > 0:
+        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
+        _check(n_micro % p.pp == 0,
+               f"interleaved pipeline (parallel.vpp={p.vpp}) needs the number of microbatches "
+               f"({n_micro}) to be a multiple of parallel.pp={p.pp}", errors)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check every cross-field rule; raise ConfigError listing all violations."""
+    errors: List[str] = []
+    _check(cfg.precision.name in PRECISIONS,
+           f"precision.name={cfg.precision.name!r} is not one of {PRECISIONS}", errors)
+    _check(cfg.data.seq_length > 0, f"data.seq_length={cfg.data.seq_length} must be positive", errors)
+    if cfg.data.weights is not None:
+        _check(len(cfg.data.weights) == len(cfg.data.paths),
+               f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}",
+               errors)
+    _validate_model(cfg.model, errors)
+    if not errors:
+        _validate_parallel(cfg, world_size, errors)
+    if not errors:
+        _validate_train(cfg, world_size, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,172 @@
+"""Megatron-Core on CPU: the interceptions that let 0.16.1 run over gloo without CUDA.
+
+Megatron-Core assumes CUDA at a handful of call sites. `apply()` intercepts exactly those,
+once, and only when CUDA is absent; on a GPU machine it does nothing. Every interception is
+pinned to the megatron-core version below and has a test in tests/test_cpu_backend.py that
+fails when upstream changes (the call site no longer needs it, or its shape changed).
+
+Interceptions (each a named function below, listed in INTERCEPTIONS):
+- cuda_device: `torch.cuda.current_device()` -> 0, and a TorchFunctionMode that rewrites
+  `device='cuda'` / `device=<int>` / `.cuda()` / `.to('cuda')` to the CPU.
+- cuda_streams: `torch.cuda.Stream/Event/current_stream/stream/synchronize` -> no-op stand-ins.
+- cuda_tensor_type: `param.type()` reports `torch.cuda.FloatTensor` etc. for CPU params (the
+  optimizers dispatch on that string).
+- cuda_rng: the CUDA RNG used by Megatron's RNG tracker -> a separate CPU `torch.Generator`
+  (not the default one: the tracker's `fork()` checks the default CPU state is unchanged).
+  Note: ops inside `fork()` still draw from the default CPU generator, so dropout masks in
+  tensor-parallel regions are not decorrelated across TP ranks on CPU (Qwen uses no dropout).
+- te_general_gemm: `moe_utils.te_general_gemm` is referenced unguarded without TE -> None.
+- moe_split_sizes: the alltoall dispatcher's split sizes stay CPU tensors that gloo's
+  `all_to_all_single` cannot take; `maybe_move_tensor_to_cpu(as_numpy=True)` converts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+PINNED_MEGATRON_CORE = "0.16.1"
+
+log = logging.getLogger(__name__)
+_applied = False
+_cpu_generator = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # Megatron passes torch.cuda.current_device() as a bare index
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CpuDeviceMode(torch.overrides.TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU and reports CUDA type names for CPU tensors."""
+
+    _CPU = torch.device("cpu")
+    _TYPE_NAMES = {
+        torch.float32: "torch.cuda.FloatTensor",
+        torch.float16: "torch.cuda.HalfTensor",
+        torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = self._TYPE_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = self._CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], self._CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: every operation is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def query(self):
+        return True
+
+
+def cuda_device() -> None:
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.set_device = lambda device: None
+    _CpuDeviceMode().__enter__()  # stays active for the life of the process
+
+
+def cuda_streams() -> None:
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NullStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+def cuda_tensor_type() -> None:
+    """Handled by _CpuDeviceMode (Tensor.type); kept as a named step for the test table."""
+
+
+def cuda_rng() -> None:
+    global _cpu_generator
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _cpu_generator = torch.Generator(device="cpu")
+
+    def get_state(*args, **kwargs):
+        return _cpu_generator.get_state()
+
+    def set_state(new_state, *args, **kwargs):
+        _cpu_generator.set_state(new_state)
+
+    def manual_seed(seed):
+        _cpu_generator.manual_seed(int(seed))
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+    torch.cuda.get_rng_state = get_state
+    torch.cuda.set_rng_state = set_state
+    torch.cuda.manual_seed = manual_seed
+    torch.cuda.manual_seed_all = manual_seed
+
+
+def te_general_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def moe_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    # token_dispatcher imported the name directly
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, te_general_gemm, moe_split_sizes)
+
+
+def cpu_generator() -> torch.Generator:
+    """The generator standing in for the CUDA RNG (None before apply())."""
+    return _cpu_generator
+
+
+def apply() -> bool:
+    """Install the interceptions if CUDA is absent. Idempotent. Returns True if applied."""
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return _applied
+    import megatron.core
+
+    if megatron.core.__version__ != PINNED_MEGATRON_CORE:
+        raise RuntimeError(
+            f"the CPU backend is pinned to megatron-core {PINNED_MEGATRON_CORE}, found "
+            f"{megatron.core.__version__}; re-check megatron_ext/cpu_backend.py against it"
+        )
+    for interception in INTERCEPTIONS:
+        interception()
+    _applied = True
+    log.info("CPU backend: applied %d interceptions for megatron-core %s", len(INTERCEPTIONS),
+             PINNED_MEGATRON_CORE)
+    return True

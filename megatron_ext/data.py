@@ -1,0 +1,124 @@
+"""Pretraining data: Megatron-Core GPTDatasets over indexed `.bin/.idx` files, and the loader.
+
+The datasets come from Megatron-Core's `BlendedMegatronDatasetBuilder` (blending, splits,
+cached shuffle indices). The loader hands each data-parallel rank its slice of every global
+micro-batch slot, exactly as Megatron-LM's pretraining sampler does, so DP=N sees the same
+samples as one process and a run can resume from `consumed_samples`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from data_prep.tokenizer import get_tokenizer
+from megatron_ext.config import Config
+
+log = logging.getLogger(__name__)
+
+SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data_prep" / "sample" / "corpus.jsonl.gz"
+
+
+def build_sample_corpus(out_prefix: Path, tokenizer_name: str) -> Path:
+    """Tokenize the bundled sample corpus into `out_prefix.bin/.idx` (atomically; skipped if present)."""
+    bin_path, idx_path = Path(f"{out_prefix}.bin"), Path(f"{out_prefix}.idx")
+    if bin_path.exists() and idx_path.exists():
+        return out_prefix
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = get_tokenizer(tokenizer_name)
+    with gzip.open(SAMPLE_CORPUS, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tmp_bin = Path(f"{out_prefix}.tmp{os.getpid()}.bin")
+    tmp_idx = Path(f"{out_prefix}.tmp{os.getpid()}.idx")
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=np.int32)
+    for ids in tokenizer.encode_batch(texts):
+        builder.add_document(np.asarray(ids + [tokenizer.eod], dtype=np.int32), [len(ids) + 1])
+    builder.finalize(str(tmp_idx))
+    # .bin first, .idx last: a reader never finds an .idx next to a partial .bin.
+    os.replace(tmp_bin, bin_path)
+    os.replace(tmp_idx, idx_path)
+    log.info("tokenized the sample corpus: %d documents -> %s", len(texts), out_prefix)
+    return out_prefix
+
+
+def _blend(cfg: Config):
+    if cfg.data.paths:
+        for prefix in cfg.data.paths:
+            for suffix in (".bin", ".idx"):
+                if not Path(prefix + suffix).exists():
+                    raise FileNotFoundError(f"data.paths: {prefix + suffix} does not exist")
+        return list(cfg.data.paths), (list(cfg.data.weights) if cfg.data.weights else None)
+    prefix = Path(cfg.data.cache_dir) / f"sample_{cfg.data.tokenizer}"
+    if torch.distributed.get_rank() == 0:
+        build_sample_corpus(prefix, cfg.data.tokenizer)
+    torch.distributed.barrier()
+    return [str(prefix)], None
+
+
+def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
+    """Train and validation GPTDatasets (None for splits with no data)."""
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    ds_config = GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.data.seq_length,
+        blend=_blend(cfg),
+        split=cfg.data.split,
+        path_to_cache=str(Path(cfg.data.cache_dir) / "index_cache"),
+        # Only vocab_size and eod are read. No pad: Qwen pads with <|endoftext|>, which would
+        # make Megatron mask every real end-of-document label.
+        tokenizer=SimpleNamespace(
+            vocab_size=tokenizer.vocab_size, eod=tokenizer.eod,
+            # Part of the cache key of Megatron's shuffle indices.
+            unique_identifiers={"class": type(tokenizer).__name__, "name": cfg.data.tokenizer},
+        ),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
+    datasets = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, ds_config
+    ).build()
+    return datasets[0], datasets[1]
+
+
+class MicroBatchSampler:
+    """Yields this DP rank's index list for each micro-batch, from `consumed_samples` on."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total, self.consumed = total_samples, consumed_samples
+        self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.mbs * self.dp_size
+        for start in range(self.consumed, self.total - step + 1, step):
+            first = start + self.dp_rank * self.mbs
+            yield list(range(first, first + self.mbs))
+
+
+def loader(dataset, cfg: Config, consumed_samples: int = 0) -> Optional[Iterator[dict]]:
+    """An endless-enough iterator of micro-batches for this rank (None if no dataset)."""
+    if dataset is None:
+        return None
+    sampler = MicroBatchSampler(
+        len(dataset), consumed_samples, cfg.train.micro_batch_size,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+    )
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=False,
+        persistent_workers=cfg.data.num_workers > 0,
+    ))

@@ -1,0 +1,48 @@
+"""The pretraining stage: GPT datasets, next-token loss summed over tokens, and forward_step.
+
+A stage is the only thing that varies between pretraining, CPT and post-training: it supplies
+`datasets(cfg, train_samples, valid_samples)` and `forward_step(data_iterator, model)` for the
+one training loop in `megatron_ext.loop`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Protocol
+
+import torch
+
+from megatron_ext import data
+
+
+class Stage(Protocol):
+    def datasets(self, cfg, train_samples: int, valid_samples: int): ...
+
+    def forward_step(self, data_iterator, model): ...
+
+
+def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses under the mask, the token count, and a [sum, count] report.
+
+    Returning the sum (not the mean) with the count lets Megatron normalise gradients by the
+    global token count (config.calculate_per_token_loss), so every parallel split agrees.
+    """
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(output_tensor.float().reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+class PretrainStage:
+    """Next-token prediction on Megatron GPT datasets."""
+
+    def datasets(self, cfg, train_samples: int, valid_samples: int):
+        return data.build_datasets(cfg, train_samples, valid_samples)
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(
+            batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
+        )
+        return output, partial(masked_token_loss, batch["loss_mask"])

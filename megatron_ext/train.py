@@ -1,0 +1,47 @@
+"""`python -m megatron_ext.train [key=value ...]`: the main pretraining job.
+
+Works as a single process, under `torchrun --nproc_per_node N`, or under Slurm's srun.
+The config is composed and validated before any process group exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from megatron_ext import dist
+from megatron_ext.cli import config_yaml, fail, load_config, split_flags
+from megatron_ext.config import ConfigError, validate
+from megatron_ext.metrics import setup_console_logging
+
+log = logging.getLogger("megatron_ext.train")
+
+
+def main(argv=None) -> int:
+    flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
+    unknown = [f for f in flags if f not in ("--print-config",)]
+    if unknown:
+        fail(f"unknown flag(s) {unknown}; pass config changes as key=value overrides")
+    setup_console_logging()
+    try:
+        cfg = load_config(overrides)
+        validate(cfg, dist.launch_env().world_size)
+    except ConfigError as e:
+        fail(str(e))
+    if "--print-config" in flags:
+        print(config_yaml(cfg))
+        return 0
+    from megatron_ext.loop import train
+    from megatron_ext.pretrain import PretrainStage
+
+    try:
+        history = train(cfg, PretrainStage())
+    finally:
+        dist.destroy()
+    if history and history[0]["loss"] is not None:
+        log.info("done: loss %.4f -> %.4f over %d steps", history[0]["loss"], history[-1]["loss"], len(history))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""ModelConfig (+ layout, precision) -> Megatron-Core TransformerConfig, shared by all Qwen families.
+
+Every Qwen family is a pre-norm decoder with RMSNorm, SwiGLU, RoPE and GQA and no linear
+biases; the families differ only in flags carried by ModelConfig (QKV bias for Qwen2, per-head
+QK-norm and a decoupled head_dim for Qwen3, routed/shared experts for the MoE variants).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from megatron_ext.config import Config
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def params_dtype(precision: str) -> torch.dtype:
+    # FP8 recipes keep bf16 master weights; TE casts GEMM inputs to FP8 inside the layers.
+    return _DTYPES.get(precision, torch.bfloat16)
+
+
+def _moe_kwargs(cfg: Config) -> dict:
+    m = cfg.model
+    if not m.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+        moe_router_topk=m.moe_router_topk,
+        # Megatron's default is top-k then softmax over the k, i.e. HF norm_topk_prob=True;
+        # pre-softmax (softmax over all experts, then top-k) is HF norm_topk_prob=False.
+        moe_router_pre_softmax=not m.norm_topk_prob,
+        moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=m.moe_shared_expert_gate,
+        moe_layer_freq=list(m.moe_layer_freq) if m.moe_layer_freq is not None else 1,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-3,
+        moe_router_dtype="fp32",
+    )
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    """Build the TransformerConfig for `cfg` on this machine (CPU: fusions off, CPU init)."""
+    m, p = cfg.model, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    dtype = params_dtype(cfg.precision.name)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        # Qwen trains without dropout; Megatron's defaults are 0.1.
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.train.init_method_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp or p.tp,
+        sequence_parallel=p.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels are CUDA-only; on GPU Megatron picks them per spec.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=on_gpu,
+        apply_rope_fusion=False,
+        # Loss is summed over tokens and normalised by the global token count, so any
+        # DP/PP split of the batch gives the same gradient as one process.
+        calculate_per_token_loss=True,
+        **_moe_kwargs(cfg),
+    )
