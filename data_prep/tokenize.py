@@ -1,0 +1,303 @@
+"""Raw text -> Megatron-Core indexed dataset (`OUT.bin` + `OUT.idx`).
+
+    python -m data_prep.tokenize --input 'data/*.jsonl.zst' --output-prefix out/web \\
+        --tokenizer qwen2 [--text-key text] [--workers N] [--append-eod] [--strict]
+
+Inputs are split into shards (one per compressed/parquet file, byte chunks of plain `.jsonl`),
+each encoded by a worker process into its own `.bin/.idx` under `OUT.shards/`, then merged in
+input order. A shard is published only when complete (temp files + rename, `.idx` last), so a
+rerun after a crash skips finished shards and the final output is byte-identical to an
+uninterrupted run, whatever the worker count. Bad records are skipped, counted by reason and
+listed with file:line in `OUT.rejects.jsonl` (or, with --strict, the first one is fatal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from data_prep import indexed
+from data_prep.readers import REASONS, Shard, count_lines_before, expand_inputs, iter_batches, plan_shards
+from data_prep.tokenizer import get_tokenizer
+
+
+class BadRecordError(ValueError):
+    """A rejected record under --strict; the message starts with `file:line:`."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that changes a shard's bytes; part of each shard's name so stale shards are not reused."""
+
+    tokenizer: str = "qwen2"
+    text_key: str = "text"
+    append_eod: bool = False
+    strict: bool = False
+    batch_size: int = 1024
+
+
+@dataclass
+class Summary:
+    """Totals over all shards (finished earlier or in this run) plus this run's throughput."""
+
+    files: int = 0
+    shards: int = 0
+    shards_skipped: int = 0
+    docs: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    rejects: Dict[str, int] = None
+    seconds: float = 0.0
+    run_docs: int = 0
+    run_tokens: int = 0
+    run_bytes: int = 0
+
+
+def shard_prefix(work_dir: Path, shard: Shard, opts: Options) -> Path:
+    """Stable name from the input's identity (path, size, mtime), the byte range and the options."""
+    st = os.stat(shard.path)
+    ident = [os.path.abspath(shard.path), st.st_size, st.st_mtime_ns, asdict(shard), opts.tokenizer,
+             opts.text_key, opts.append_eod, opts.strict]
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return work_dir / f"{Path(shard.path).name}.{shard.chunk:05d}.{digest}"
+
+
+def is_done(prefix: Path) -> bool:
+    # The .idx is renamed last, so its presence means the whole shard is on disk.
+    return indexed.idx_path(prefix).is_file()
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(name: str):
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = get_tokenizer(name)
+    return _TOKENIZERS[name]
+
+
+def encode_shard(shard: Shard, prefix: Path, opts: Options,
+                 progress: Optional[Callable[[int, int, int, int], None]] = None) -> dict:
+    """Encode one shard into `prefix.{bin,idx}`, its rejects and its stats; return the stats."""
+    tok = _tokenizer(opts.tokenizer)
+    eod = [tok.eod] if opts.append_eod else []
+    writer = indexed.IndexedWriter(prefix, tok.vocab_size)
+    rej_path = Path(f"{prefix}.rejects.jsonl")
+    stats = {"path": shard.path, "chunk": shard.chunk, "docs": 0, "tokens": 0, "lines": 0,
+             "bytes": 0, "rejects": dict.fromkeys(REASONS, 0)}
+    try:
+        with open(indexed.tmp_path(rej_path), "w", encoding="utf-8") as rej:
+            for nums, texts, rejects, n_lines, n_bytes in iter_batches(shard, opts.text_key, opts.batch_size):
+                if rejects and opts.strict:
+                    r = rejects[0]
+                    line = count_lines_before(shard) + r.line
+                    raise BadRecordError(f"{shard.path}:{line}: {r.reason}: {r.detail}")
+                docs = tok.encode_batch(texts) if texts else []
+                if eod:
+                    docs = [d + eod for d in docs]
+                writer.add_documents(docs)
+                for r in rejects:
+                    stats["rejects"][r.reason] += 1
+                    rej.write(json.dumps({"line": r.line, "reason": r.reason, "detail": r.detail}) + "\n")
+                n_tok = sum(map(len, docs))
+                stats["docs"] += len(docs)
+                stats["tokens"] += n_tok
+                stats["lines"] += n_lines
+                stats["bytes"] += n_bytes
+                if progress:
+                    progress(len(docs), n_tok, n_bytes, len(rejects))
+        stats_path = Path(f"{prefix}.stats.json")
+        with open(indexed.tmp_path(stats_path), "w", encoding="utf-8") as f:
+            json.dump(stats, f)
+        indexed.fsync_rename(indexed.tmp_path(rej_path), rej_path)
+        indexed.fsync_rename(indexed.tmp_path(stats_path), stats_path)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return stats
+
+
+# --- worker processes -------------------------------------------------------------------------
+_QUEUE = None
+
+
+def _init_worker(queue) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _worker(args) -> dict:
+    shard, prefix, opts = args
+    return encode_shard(shard, prefix, opts, progress=lambda *a: _QUEUE.put(a))
+
+
+class Progress:
+    """A docs/s, tokens/s, MB/s progress line on stderr (tqdm) that also keeps this run's totals."""
+
+    def __init__(self, quiet: bool):
+        from tqdm import tqdm
+
+        self.start = time.perf_counter()
+        self.docs = self.tokens = self.bytes = 0
+        self.bar = tqdm(unit="doc", unit_scale=True, disable=quiet, file=sys.stderr, mininterval=1.0,
+                        dynamic_ncols=True, desc="tokenize")
+
+    def __call__(self, docs: int, tokens: int, nbytes: int, rejects: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        self.bytes += nbytes
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(docs)
+        self.bar.set_postfix_str(f"{self.tokens / dt / 1e6:.2f}M tok/s {self.bytes / dt / 1e6:.1f} MB/s",
+                                 refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_shards(jobs: List[tuple], workers: int, progress: Progress) -> None:
+    """Encode `jobs` in-process (1 worker) or in a spawn pool, feeding progress as batches finish."""
+    if workers <= 1 or len(jobs) <= 1:
+        for shard, prefix, opts in jobs:
+            encode_shard(shard, prefix, opts, progress)
+        return
+    ctx = mp.get_context("spawn")  # fork after threads (tqdm, tokenizers) is unsafe
+    queue = ctx.Queue()
+    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(queue,)) as pool:
+        results = [pool.apply_async(_worker, (job,)) for job in jobs]
+        pending = list(results)
+        while pending:
+            _drain(queue, progress, timeout=0.2)
+            for r in [r for r in pending if r.ready()]:
+                pending.remove(r)
+                r.get()  # re-raises a worker's error (e.g. BadRecordError) here; the pool is torn down
+        _drain(queue, progress, timeout=0)
+
+
+def _drain(queue, progress: Progress, timeout: float) -> None:
+    import queue as queue_mod
+
+    try:
+        item = queue.get(timeout=timeout) if timeout else queue.get_nowait()
+        while True:
+            progress(*item)
+            item = queue.get_nowait()
+    except queue_mod.Empty:
+        pass
+
+
+def _merge_rejects(shards: Sequence[Shard], prefixes: Sequence[Path], out: Path) -> None:
+    """Write all shards' rejects to `out` in input order, with file-absolute line numbers."""
+    tmp = indexed.tmp_path(out)
+    offset, last_path = 0, None
+    with open(tmp, "w", encoding="utf-8") as dst:
+        for shard, prefix in zip(shards, prefixes):
+            if shard.path != last_path:
+                offset, last_path = 0, shard.path
+            with open(f"{prefix}.rejects.jsonl", encoding="utf-8") as src:
+                for line in src:
+                    r = json.loads(line)
+                    dst.write(json.dumps({"file": shard.path, "line": offset + r["line"],
+                                          "reason": r["reason"], "detail": r["detail"]}) + "\n")
+            with open(f"{prefix}.stats.json", encoding="utf-8") as f:
+                offset += json.load(f)["lines"]
+    indexed.fsync_rename(tmp, out)
+
+
+def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: int = 1,
+             chunk_mb: float = 32.0, keep_shards: bool = False, quiet: bool = False) -> Summary:
+    """Tokenize `inputs` (paths, globs, directories) into `output_prefix.{bin,idx}`."""
+    t0 = time.perf_counter()
+    files = expand_inputs(inputs)
+    shards = plan_shards(files, max(int(chunk_mb * (1 << 20)), 1 << 16))
+    out = Path(output_prefix)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(f"{output_prefix}.shards")
+    work_dir.mkdir(exist_ok=True)
+    prefixes = [shard_prefix(work_dir, s, opts) for s in shards]
+    jobs = [(s, p, opts) for s, p in zip(shards, prefixes) if not is_done(p)]
+    if not quiet and len(jobs) < len(shards):
+        print(f"resuming: {len(shards) - len(jobs)} of {len(shards)} shards already done", file=sys.stderr)
+    progress = Progress(quiet)
+    try:
+        _run_shards(jobs, workers, progress)
+    finally:
+        progress.close()
+    vocab_size = _tokenizer(opts.tokenizer).vocab_size
+    docs, tokens = indexed.merge(prefixes, out, vocab_size)
+    _merge_rejects(shards, prefixes, Path(f"{output_prefix}.rejects.jsonl"))
+    summary = _summarize(files, shards, prefixes, len(shards) - len(jobs), progress, t0)
+    if (summary.docs, summary.tokens) != (docs, tokens):
+        raise RuntimeError(f"merged {docs} docs/{tokens} tokens but shard stats say "
+                           f"{summary.docs}/{summary.tokens}; shards in {work_dir} are inconsistent")
+    with open(f"{output_prefix}.summary.json", "w", encoding="utf-8") as f:
+        json.dump(asdict(summary), f, indent=2)
+    if not keep_shards:
+        shutil.rmtree(work_dir)
+    return summary
+
+
+def _summarize(files, shards, prefixes, skipped, progress: Progress, t0: float) -> Summary:
+    s = Summary(files=len(files), shards=len(shards), shards_skipped=skipped, rejects=dict.fromkeys(REASONS, 0))
+    for prefix in prefixes:
+        with open(f"{prefix}.stats.json", encoding="utf-8") as f:
+            st = json.load(f)
+        s.docs += st["docs"]
+        s.tokens += st["tokens"]
+        s.bytes += st["bytes"]
+        for k, v in st["rejects"].items():
+            s.rejects[k] += v
+    s.seconds = time.perf_counter() - t0
+    s.run_docs, s.run_tokens, s.run_bytes = progress.docs, progress.tokens, progress.bytes
+    return s
+
+
+def format_summary(s: Summary, output_prefix: str) -> str:
+    dt = max(s.seconds, 1e-9)
+    lines = [
+        f"wrote {output_prefix}.bin / .idx: {s.docs:,} docs, {s.tokens:,} tokens from {s.files} files "
+        f"({s.shards} shards, {s.shards_skipped} reused)",
+        f"this run: {s.seconds:.2f}s, {s.run_docs / dt:,.0f} docs/s, {s.run_tokens / dt:,.0f} tokens/s, "
+        f"{s.run_bytes / dt / 1e6:.2f} MB/s",
+        f"rejected {sum(s.rejects.values()):,} records"
+        + "".join(f", {k}={v}" for k, v in s.rejects.items() if v)
+        + (f" (see {output_prefix}.rejects.jsonl)" if any(s.rejects.values()) else ""),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.tokenize", description=__doc__.split("\n")[0])
+    p.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer", default="qwen2", help="qwen2 | qwen2_5 | qwen3 | path to an HF tokenizer dir")
+    p.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes")
+    p.add_argument("--append-eod", action="store_true", help="end every document with <|endoftext|>")
+    p.add_argument("--strict", action="store_true", help="the first bad record is fatal (file:line)")
+    p.add_argument("--chunk-mb", type=float, default=32.0, help="split plain .jsonl files into chunks this big")
+    p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    opts = Options(a.tokenizer, a.text_key, a.append_eod, a.strict)
+    try:
+        summary = tokenize(a.input, a.output_prefix, opts, a.workers, a.chunk_mb, a.keep_shards, a.quiet)
+    except (BadRecordError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary, a.output_prefix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
