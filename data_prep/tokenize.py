@@ -219,7 +219,7 @@ def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: 
     """Tokenize `inputs` (paths, globs, directories) into `output_prefix.{bin,idx}`."""
     t0 = time.perf_counter()
     files = expand_inputs(inputs)
-    shards = plan_shards(files, max(int(chunk_mb * (1 << 20)), 1 << 16))
+    shards = plan_shards(files, max(int(chunk_mb * (1 << 20)), 4096))
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(f"{output_prefix}.shards")
