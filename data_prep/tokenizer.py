@@ -92,6 +92,10 @@ class QwenTokenizer(_ChatMixin):
         return self._enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> List[List[int]]:
+        if num_threads <= 1:
+            # tiktoken's batch call hands work to a thread pool; a plain loop avoids that hop.
+            encode = self._enc.encode_ordinary
+            return [encode(t) for t in texts]
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:

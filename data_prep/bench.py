@@ -1,0 +1,154 @@
+"""End-to-end tokenization benchmark against a Megatron-LM-style baseline, in one run.
+
+    python -m data_prep.bench [--input CORPUS.jsonl] [--size-mb 20] [--workers 1 2]
+
+Without `--input` it writes a corpus of Python source files from this interpreter's standard
+library (real code text, available offline) as `{"text": ...}` lines. For each worker count it
+times, end to end (JSON parse, tokenize, write `.bin/.idx`):
+
+* baseline: what Megatron-LM's `tools/preprocess_data.py` does: a `multiprocessing.Pool` that
+  `json.loads` each line and encodes it alone through a Hugging Face fast tokenizer (built from
+  the same `qwen.tiktoken` with `transformers`' tiktoken converter), the parent writing each
+  document through Megatron-Core's `IndexedDatasetBuilder`;
+* ours: `data_prep.tokenize` (batched tiktoken encoding, sharded, merged).
+
+Both outputs must be byte-identical (same token ids, same files); the script exits 1 if not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from data_prep.tokenize import Options, tokenize
+from data_prep.tokenizer import write_hf_tokenizer
+
+
+def generate_corpus(path: Path, size_mb: float) -> int:
+    """Write stdlib `.py` files as jsonl documents until `size_mb` of text; return the doc count."""
+    target = size_mb * 1e6
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))
+    written = docs = 0
+    with open(path, "w", encoding="utf-8") as out:
+        while written < target:
+            for f in files:
+                try:
+                    text = f.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue
+                if not text.strip():
+                    continue
+                line = json.dumps({"text": text}) + "\n"
+                out.write(line)
+                written += len(line.encode("utf-8"))
+                docs += 1
+                if written >= target:
+                    break
+    return docs
+
+
+# --- baseline: per-document encode loop, as Megatron-LM's preprocess_data.py -------------------
+_HF = None
+
+
+def _baseline_init(tokenizer_dir: str) -> None:
+    global _HF
+    from transformers import AutoTokenizer
+
+    _HF = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _baseline_encode(line: str):
+    text = json.loads(line)["text"]
+    ids = _HF(text, add_special_tokens=False).input_ids
+    return ids, len(line.encode("utf-8"))
+
+
+def run_baseline(corpus: Path, out_prefix: Path, tokenizer_dir: str, workers: int, vocab_size: int) -> dict:
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():  # megatron-core warns about absent GPU libraries on import
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    t0 = time.perf_counter()
+    docs = tokens = nbytes = 0
+    builder = IndexedDatasetBuilder(f"{out_prefix}.bin", dtype=DType.optimal_dtype(vocab_size))
+    with open(corpus, encoding="utf-8") as fin, mp.get_context("fork").Pool(
+            workers, initializer=_baseline_init, initargs=(tokenizer_dir,)) as pool:
+        for ids, n in pool.imap(_baseline_encode, fin, 32):
+            builder.add_document(np.asarray(ids), [len(ids)])
+            docs += 1
+            tokens += len(ids)
+            nbytes += n
+    builder.finalize(f"{out_prefix}.idx")
+    return {"docs": docs, "tokens": tokens, "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+
+def run_ours(corpus: Path, out_prefix: Path, family: str, workers: int, chunk_mb: float) -> dict:
+    t0 = time.perf_counter()
+    s = tokenize([str(corpus)], str(out_prefix), Options(family), workers=workers, chunk_mb=chunk_mb, quiet=True)
+    return {"docs": s.docs, "tokens": s.tokens, "bytes": os.path.getsize(corpus),
+            "seconds": time.perf_counter() - t0}
+
+
+def _row(name: str, workers: int, r: dict, base: Optional[dict]) -> str:
+    dt = r["seconds"]
+    speedup = f"{base['seconds'] / dt:6.1f}x" if base else "      -"
+    return (f"{name:<10}{workers:>3}  {dt:8.2f}s  {r['docs'] / dt:10,.0f}  {r['tokens'] / dt:12,.0f}  "
+            f"{r['bytes'] / dt / 1e6:7.2f}  {speedup}")
+
+
+def same_files(a: Path, b: Path) -> bool:
+    return all(Path(f"{a}{e}").read_bytes() == Path(f"{b}{e}").read_bytes() for e in (".bin", ".idx"))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--input", help="a .jsonl corpus with a 'text' field (default: generate one)")
+    p.add_argument("--size-mb", type=float, default=20.0, help="size of the generated corpus")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--tokenizer", default="qwen2", help="Qwen family for both sides")
+    p.add_argument("--chunk-mb", type=float, default=4.0, help="our byte-chunk size for plain .jsonl")
+    p.add_argument("--workdir", help="where to write outputs (default: a temp dir, removed)")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        corpus = Path(a.input) if a.input else work / "corpus.jsonl"
+        if not a.input:
+            n = generate_corpus(corpus, a.size_mb)
+            print(f"generated {corpus}: {n:,} docs of Python stdlib source")
+        print(f"corpus: {os.path.getsize(corpus) / 1e6:.1f} MB, cpus: {os.cpu_count()}")
+        hf_dir = write_hf_tokenizer(a.tokenizer.replace(".", "_"), work / "hf_tokenizer")
+        from data_prep.tokenizer import get_tokenizer
+
+        vocab = get_tokenizer(a.tokenizer).vocab_size
+        print(f"{'':<10}{'wk':>3}  {'time':>9}  {'docs/s':>10}  {'tokens/s':>12}  {'MB/s':>7}  vs base")
+        ok, secs = True, {}
+        for w in a.workers:
+            base = run_baseline(corpus, work / f"base{w}", str(hf_dir), w, vocab)
+            print(_row("baseline", w, base, None), flush=True)
+            ours = run_ours(corpus, work / f"ours{w}", a.tokenizer, w, a.chunk_mb)
+            print(_row("ours", w, ours, base), flush=True)
+            ok &= same_files(work / f"base{w}", work / f"ours{w}")
+            secs[w] = (base["seconds"], ours["seconds"])
+        print(f"token ids identical to baseline (.bin and .idx byte-equal): {ok}")
+        lo, hi = min(secs), max(secs)
+        if lo != hi:
+            print(f"ours with {hi} workers vs baseline with {lo}: {secs[lo][0] / secs[hi][1]:.1f}x")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
