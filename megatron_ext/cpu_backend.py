@@ -52,14 +52,19 @@ class _CpuDeviceMode(torch.overrides.TorchFunctionMode):
         torch.bfloat16: "torch.cuda.BFloat16Tensor",
     }
 
+    rewrite_devices = False
+    cuda_type_names = False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+        if self.cuda_type_names and func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = self._TYPE_NAMES.get(args[0].dtype)
             if name is not None:
                 return name
+        if not self.rewrite_devices:
+            return func(*args, **kwargs)
+        if func is torch.Tensor.cuda:
+            return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = self._CPU
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
@@ -79,11 +84,25 @@ class _NullStream:
     def query(self):
         return True
 
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+
+_mode = None
+
+
+def _device_mode() -> _CpuDeviceMode:
+    global _mode
+    if _mode is None:
+        _mode = _CpuDeviceMode()
+        _mode.__enter__()  # stays active for the life of the process
+    return _mode
+
 
 def cuda_device() -> None:
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.set_device = lambda device: None
-    _CpuDeviceMode().__enter__()  # stays active for the life of the process
+    _device_mode().rewrite_devices = True
 
 
 def cuda_streams() -> None:
@@ -96,7 +115,7 @@ def cuda_streams() -> None:
 
 
 def cuda_tensor_type() -> None:
-    """Handled by _CpuDeviceMode (Tensor.type); kept as a named step for the test table."""
+    _device_mode().cuda_type_names = True
 
 
 def cuda_rng() -> None:

@@ -1,0 +1,84 @@
+"""Run a function on N spawned CPU ranks over gloo and collect each rank's result or failure.
+
+    results = run_on_ranks(fn, 2, arg1, arg2)   # fn(rank, world_size, *args) on every rank
+
+`fn` must be importable (a module-level function in a test module). Each rank gets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT as torchrun would set them; the function
+is responsible for its own process-group init (usually via megatron_ext.build.init_parallel).
+A failure on any rank raises RankFailure carrying every failing rank's traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable, List
+
+DEFAULT_TIMEOUT_S = 600
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world_size, port, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # One compute thread per rank: N ranks share this machine's cores.
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world_size, *args)
+        queue.put((rank, True, result))
+    except BaseException:  # report everything, including SystemExit from a CLI
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron_ext import dist
+
+            dist.destroy()
+        except Exception:
+            pass
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> List[Any]:
+    """Run fn(rank, world_size, *args) on `world_size` spawned processes; return results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, queue), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, failures = {}, {}
+    try:
+        for _ in range(world_size):
+            rank, ok, payload = queue.get(timeout=timeout)
+            (results if ok else failures)[rank] = payload
+            if failures:
+                break  # other ranks are likely blocked in a collective: don't wait for them
+    except Exception as e:  # queue.Empty on timeout
+        failures[-1] = f"timed out after {timeout}s waiting for ranks ({type(e).__name__})"
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failures else 60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failures:
+        report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+        raise RankFailure(f"{len(failures)} rank(s) failed:\n{report}")
+    missing = [r for r in range(world_size) if r not in results]
+    if missing:
+        raise RankFailure(f"ranks {missing} exited without a result (exit codes "
+                          f"{[p.exitcode for p in procs]})")
+    return [results[r] for r in range(world_size)]
