@@ -158,6 +158,13 @@ class IndexedReader:
         return np.asarray(self._bin[start:start + int(self.lengths[i])])
 
 
+    def last_tokens(self) -> np.ndarray:
+        """The last token of every (non-empty) document, gathered without a Python loop."""
+        nonempty = self.lengths > 0
+        ends = self.pointers[nonempty] // self.dtype.itemsize + self.lengths[nonempty] - 1
+        return np.asarray(self._bin[ends])
+
+
 def merge(prefixes: Sequence[Path], out_prefix: Path, vocab_size: int) -> tuple[int, int]:
     """Concatenate shard datasets, in order, into `out_prefix` (atomically). Returns (docs, tokens).
 

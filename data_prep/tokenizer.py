@@ -186,11 +186,12 @@ def write_hf_tokenizer(family: str, output_dir: str | Path) -> Path:
 
 
 def get_tokenizer(name: str):
-    """`qwen2`, `qwen2_5` or `qwen3` (aliases with dots/dashes accepted), or a path to a
+    """`qwen2`, `qwen2_5` or `qwen3` (spellings like `Qwen2.5`, `qwen-3` accepted), or a path to a
     Hugging Face tokenizer directory / `tokenizer.json` file."""
-    key = name.lower().replace(".", "_").replace("-", "_")
-    if key in FAMILY_SPECIAL_COUNT:
-        return QwenTokenizer(key)
+    compact = name.lower().replace(".", "").replace("-", "").replace("_", "")
+    families = {f.replace("_", ""): f for f in FAMILY_SPECIAL_COUNT}
+    if compact in families:
+        return QwenTokenizer(families[compact])
     if Path(name).exists():
         return HFTokenizer(name)
     raise ValueError(
