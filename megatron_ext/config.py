@@ -46,6 +46,13 @@ class ModelConfig:
     qk_norm: bool = False
     """Per-head RMSNorm on q and k (Qwen3)."""
     tie_word_embeddings: bool = False
+    use_sliding_window: bool = False
+    """HF `use_sliding_window`; carried through conversion. Megatron runs full attention, so
+    converting a model with this set to true is refused (its logits would differ)."""
+    sliding_window: Optional[int] = None
+    """HF `sliding_window` (window length), carried through conversion."""
+    max_window_layers: Optional[int] = None
+    """HF `max_window_layers`, carried through conversion."""
     # Mixture of experts (None/0 for dense models).
     num_experts: Optional[int] = None
     """Routed experts per MoE layer."""
@@ -268,7 +275,7 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
                f"(got wsd_decay_steps={t.wsd_decay_steps}, steps={t.steps}, warmup_steps={t.warmup_steps})",
                errors)
     dp = data_parallel_size(cfg, world_size)
-    if dp >= 1:
+    if dp >= 1 and t.micro_batch_size >= 1:
         _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
                f"train.global_batch_size={t.global_batch_size} is not divisible by "
                f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp}", errors)

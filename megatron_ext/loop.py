@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -75,8 +76,15 @@ def evaluate(rt: Runtime, stage: Stage, valid_ds, iters: int) -> Optional[float]
     return reduce_report(reports)
 
 
-def train(cfg: Config, stage: Stage) -> List[Dict[str, float]]:
-    """Run cfg.train.steps optimizer steps; return the per-step metrics (same on every rank)."""
+@dataclass
+class TrainResult:
+    history: List[Dict[str, float]]
+    """Per-step metrics, the same on every rank."""
+    runtime: Runtime
+
+
+def train(cfg: Config, stage: Stage) -> TrainResult:
+    """Run cfg.train.steps optimizer steps."""
     rt = build(cfg)
     t = cfg.train
     valid_batches = t.eval_iters * (t.steps // t.eval_interval + 1) if t.eval_interval else 0
@@ -107,4 +115,4 @@ def train(cfg: Config, stage: Stage) -> List[Dict[str, float]]:
             record["val_loss"] = evaluate(rt, stage, valid_ds, t.eval_iters)
             metrics.log_eval(step, {"val_loss": record["val_loss"]})
     metrics.close()
-    return history
+    return TrainResult(history, rt)

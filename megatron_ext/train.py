@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from megatron_ext.pretrain import PretrainStage
 
     try:
-        history = train(cfg, PretrainStage())
+        history = train(cfg, PretrainStage()).history
     finally:
         dist.destroy()
     if history and history[0]["loss"] is not None:

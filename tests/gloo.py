@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable, List
@@ -37,7 +38,9 @@ def _entry(fn, rank, world_size, port, args, queue):
 
     torch.set_num_threads(1)
     try:
-        result = fn(rank, world_size, *args)
+        # Plain pickle bytes: torch's multiprocessing reducers would pass tensors through
+        # shared memory that disappears when this process exits.
+        result = pickle.dumps(fn(rank, world_size, *args))
         queue.put((rank, True, result))
     except BaseException:  # report everything, including SystemExit from a CLI
         queue.put((rank, False, traceback.format_exc()))
@@ -81,4 +84,4 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = DEF
     if missing:
         raise RankFailure(f"ranks {missing} exited without a result (exit codes "
                           f"{[p.exitcode for p in procs]})")
-    return [results[r] for r in range(world_size)]
+    return [pickle.loads(results[r]) for r in range(world_size)]

@@ -1,0 +1,85 @@
+"""Each CPU-backend interception is still needed by megatron-core and still sufficient.
+
+For every interception, a fresh process installs all the others, runs one training step and
+must fail at the upstream call site the interception exists for (matched by its error
+message). Then the interception is installed and the same step must train. If upstream stops
+needing an interception, or the call site changes shape, the first half fails and points here.
+"""
+
+import math
+
+import pytest
+
+from tests.gloo import run_on_ranks
+
+TINY = ["train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=1", "data.seq_length=32"]
+
+CASES = [
+    # (interception, overrides, ranks, message of the upstream failure without it)
+    ("cuda_device", [], 1, "Torch not compiled with CUDA enabled"),
+    ("cuda_rng", [], 1, "Torch not compiled with CUDA enabled"),
+    ("cuda_tensor_type", ["parallel.distributed_optimizer=true"], 1,
+     "Wrapped parameters must be one of torch.cuda.FloatTensor"),
+    ("cuda_streams", ["model=qwen3_moe_debug"], 1, "torch.cuda.Stream requires CUDA support"),
+    ("te_general_gemm", ["model=qwen3_moe_debug"], 1, "name 'te_general_gemm' is not defined"),
+    ("moe_split_sizes", ["model=qwen3_moe_debug", "parallel.ep=2"], 2,
+     "all_to_all_single(): incompatible function arguments"),
+]
+
+
+def _without_then_with(rank, world_size, skip, overrides):
+    from megatron_ext import cpu_backend
+    from megatron_ext.cli import load_config
+    from megatron_ext.loop import train
+    from megatron_ext.pretrain import PretrainStage
+
+    by_name = {f.__name__: f for f in cpu_backend.INTERCEPTIONS}
+    for name, interception in by_name.items():
+        if name != skip:
+            interception()
+    cpu_backend._applied = True  # keep init_parallel from installing the skipped one
+    cfg = load_config(TINY + overrides)
+    try:
+        train(cfg, PretrainStage())
+        error = None
+    except Exception as e:  # the upstream failure this interception exists for
+        error = f"{type(e).__name__}: {e}"
+    by_name[skip]()
+    history = train(cfg, PretrainStage()).history
+    return error, history[0]["loss"]
+
+
+def test_interception_table_is_complete():
+    from megatron_ext import cpu_backend
+
+    assert sorted(f.__name__ for f in cpu_backend.INTERCEPTIONS) == sorted(c[0] for c in CASES)
+
+
+@pytest.mark.parametrize("skip,overrides,ranks,message", CASES, ids=[c[0] for c in CASES])
+def test_interception_needed_and_sufficient(skip, overrides, ranks, message):
+    for error, loss in run_on_ranks(_without_then_with, ranks, skip, overrides):
+        assert error is not None, f"megatron-core no longer needs the '{skip}' interception"
+        assert message in error, f"'{skip}': the upstream call site changed: {error}"
+        assert math.isfinite(loss) and loss > 0
+
+
+def test_apply_is_a_no_op_with_cuda(monkeypatch):
+    import torch
+
+    from megatron_ext import cpu_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_backend, "_applied", False)
+    assert cpu_backend.apply() is False
+    assert cpu_backend.cpu_generator() is None
+
+
+def test_apply_refuses_other_megatron_versions(monkeypatch):
+    import megatron.core
+
+    from megatron_ext import cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "_applied", False)
+    monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
+    with pytest.raises(RuntimeError, match="pinned to megatron-core 0.16.1, found 0.17.0"):
+        cpu_backend.apply()
