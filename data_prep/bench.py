@@ -119,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--size-mb", type=float, default=20.0, help="size of the generated corpus")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--tokenizer", default="qwen2", help="Qwen family for both sides")
-    p.add_argument("--chunk-mb", type=float, default=4.0, help="our byte-chunk size for plain .jsonl")
+    p.add_argument("--chunk-mb", type=float, default=32.0, help="our byte-chunk size for plain .jsonl")
     p.add_argument("--workdir", help="where to write outputs (default: a temp dir, removed)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -219,12 +219,23 @@ def _merge_rejects(shards: Sequence[Shard], prefixes: Sequence[Path], out: Path)
     indexed.fsync_rename(tmp, out)
 
 
+def _chunk_bytes(files: Sequence[str], chunk_mb: float, workers: int) -> int:
+    """Byte-chunk size for plain .jsonl: at most `chunk_mb`, but small enough that every worker
+    gets about four chunks, so the last chunks do not leave workers idle (the output bytes do
+    not depend on the chunking)."""
+    chunk = max(int(chunk_mb * (1 << 20)), 4096)
+    if workers > 1:
+        plain = sum(os.path.getsize(f) for f in files if f.lower().endswith((".jsonl", ".json")))
+        chunk = min(chunk, max(plain // (4 * workers), 1 << 20))
+    return chunk
+
+
 def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: int = 1,
              chunk_mb: float = 32.0, keep_shards: bool = False, quiet: bool = False) -> Summary:
     """Tokenize `inputs` (paths, globs, directories) into `output_prefix.{bin,idx}`."""
     t0 = time.perf_counter()
     files = expand_inputs(inputs)
-    shards = plan_shards(files, max(int(chunk_mb * (1 << 20)), 4096))
+    shards = plan_shards(files, _chunk_bytes(files, chunk_mb, workers))
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(f"{output_prefix}.shards")

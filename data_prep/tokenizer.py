@@ -84,6 +84,8 @@ class QwenTokenizer(_ChatMixin):
         self.vocab_size = self._enc.n_vocab
         self.eod = self.token_to_id("<|endoftext|>")
         self.pad = self.eod
+        # Megatron-Core datasets hash this into their cache keys (MegatronTokenizer has it too).
+        self.unique_identifiers = {"class": type(self).__name__, "family": family}
 
     def token_to_id(self, token: str) -> int:
         return self._enc.encode_single_token(token)
@@ -126,6 +128,7 @@ class HFTokenizer(_ChatMixin):
         self.eod = self.token_to_id(eos)
         pad = _token_content(config.get("pad_token"))
         self.pad = self.token_to_id(pad) if pad else self.eod
+        self.unique_identifiers = {"class": type(self).__name__, "path": str(self.path.resolve())}
 
     def token_to_id(self, token: str) -> int:
         tid = self._tok.token_to_id(token)
@@ -178,7 +181,7 @@ def write_hf_tokenizer(family: str, output_dir: str | Path) -> Path:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
-        "model_max_length": 131072,
+        "model_max_length": 1 << 30,  # documents, not model inputs: no length warning
     }
     with open(output_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -75,3 +75,22 @@ def test_inspect_reports_counts_and_decodes(datasets, capsys):
         assert f"big document {i} " + "word " * (i % 7 + 1) + "<|endoftext|>" in out
     assert inspect_main([str(datasets / "missing")]) == 1
     assert "missing.idx" in capsys.readouterr().err
+
+
+def test_megatron_builds_blended_gpt_dataset(datasets):
+    """The blend drives Megatron-Core's BlendedMegatronDatasetBuilder; samples follow the weights."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from data_prep.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("qwen2")
+    blend = make_blend([str(datasets / "small"), str(datasets / "big")], [1, 3])
+    cfg = GPTDatasetConfig(random_seed=1, sequence_length=16, blend=blend, split="100,0,0", tokenizer=tok,
+                           reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                           path_to_cache=None, mid_level_dataset_surplus=0.005)
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [400, 0, 0], lambda: True, cfg).build()
+    counts = [int((train.dataset_index == k).sum()) for k in (0, 1)]
+    assert len(train) == 400 and counts == [100, 300]
+    text = tok.decode(train[0]["tokens"].tolist())
+    assert "document" in text or "word" in text
