@@ -192,6 +192,12 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (p.tp * p.pp * p.cp)
 
 
+def _have_transformer_engine() -> bool:
+    from megatron_ext.spec import use_transformer_engine
+
+    return use_transformer_engine()
+
+
 def _check(ok: bool, message: str, errors: List[str]) -> None:
     if not ok:
         errors.append(message)
@@ -256,6 +262,12 @@ def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
         etp = p.etp or p.tp
         _check(world_size % (p.ep * etp * p.pp) == 0,
                f"world size {world_size} is not divisible by parallel.ep*etp*pp = {p.ep}*{etp}*{p.pp}", errors)
+    if not _have_transformer_engine():
+        # Megatron's local spec has no SP-aware norm and no CP attention.
+        _check(not p.sp, "parallel.sp=true needs Transformer Engine (the local CPU spec has no "
+               "sequence-parallel norm yet)", errors)
+        _check(p.cp == 1, f"parallel.cp={p.cp} needs Transformer Engine (the local CPU spec has no "
+               "context-parallel attention yet)", errors)
     if m.is_moe and p.tp > 1:
         _check(p.sp, f"MoE with parallel.tp={p.tp} needs parallel.sp=true (Megatron-Core requires it)", errors)
 

@@ -1,0 +1,179 @@
+"""Declarative weight mapping between Hugging Face Qwen checkpoints and Megatron-Core's GPTModel.
+
+A family declares its weights once as a list of `Rule`s; `expand()` turns the rules into one
+`Entry` per Megatron parameter of a concrete model (layer and expert indices filled in), and
+both converter directions read those entries:
+
+    HF -> Megatron: `fuse(entry.kind, [hf tensors], model_config)` -> full (unsharded) tensor
+    Megatron -> HF: `split(entry.kind, full tensor, model_config)` -> HF tensors, in entry.hf order
+
+Megatron names are those of the local-spec GPTModel at TP=PP=EP=1 (global layer and expert
+numbers); the converters translate to and from per-rank names.
+
+Kinds:
+- `copy`: one HF tensor, identical to the Megatron one.
+- `qkv`: q, k, v projections fused into `linear_qkv`, in Megatron's interleaved layout: per query
+  group g, the group's query heads, then k_g, then v_g. Tensor-parallel ranks then get whole
+  groups by a plain split of dim 0.
+- `gate_up`: SwiGLU gate and up projections stacked into `linear_fc1` as [gate; up].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from megatron_ext.config import ModelConfig
+
+KINDS = ("copy", "qkv", "gate_up")
+# Where a rule applies: once per model, once per layer, per dense-MLP layer, per MoE layer,
+# per routed expert of a MoE layer, once per model only with untied embeddings.
+SCOPES = ("model", "untied", "layer", "dense", "moe", "expert")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron parameter pattern and the HF tensor pattern(s) it is made from.
+
+    Patterns may contain `{layer}` and `{expert}`, filled in by `expand()`.
+    """
+
+    mcore: str
+    hf: Tuple[str, ...]
+    kind: str = "copy"
+    scope: str = "layer"
+
+    def __post_init__(self):
+        if self.kind not in KINDS or self.scope not in SCOPES:
+            raise ValueError(f"bad rule {self}: kind must be in {KINDS}, scope in {SCOPES}")
+        arity = {"copy": 1, "qkv": 3, "gate_up": 2}[self.kind]
+        if len(self.hf) != arity:
+            raise ValueError(f"rule for {self.mcore}: kind {self.kind} takes {arity} HF tensors")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A rule instantiated for one concrete Megatron parameter."""
+
+    mcore: str
+    hf: Tuple[str, ...]
+    kind: str
+
+
+def moe_layers(m: ModelConfig) -> List[bool]:
+    """Per layer: True when the layer's MLP is a mixture of experts."""
+    if not m.is_moe:
+        return [False] * m.num_layers
+    if m.moe_layer_freq is None:
+        return [True] * m.num_layers
+    return [bool(x) for x in m.moe_layer_freq]
+
+
+def expand(rules: Sequence[Rule], m: ModelConfig) -> List[Entry]:
+    """Every Megatron parameter of model `m` with the HF tensors it maps to, in HF file order."""
+    entries: List[Entry] = []
+
+    def add(rule: Rule, **idx) -> None:
+        entries.append(Entry(rule.mcore.format(**idx), tuple(h.format(**idx) for h in rule.hf), rule.kind))
+
+    for rule in rules:
+        if rule.scope == "model" or (rule.scope == "untied" and not m.tie_word_embeddings):
+            add(rule)
+    for layer, is_moe in enumerate(moe_layers(m)):
+        for rule in rules:
+            if rule.scope == "layer" or rule.scope == ("moe" if is_moe else "dense"):
+                add(rule, layer=layer)
+            elif rule.scope == "expert" and is_moe:
+                for expert in range(m.num_experts):
+                    add(rule, layer=layer, expert=expert)
+    return entries
+
+
+def by_mcore_name(entries: Sequence[Entry]) -> Dict[str, Entry]:
+    return {e.mcore: e for e in entries}
+
+
+def _qkv_sizes(m: ModelConfig) -> Tuple[int, int, int]:
+    """(query groups, query rows per group, rows per k or v head)."""
+    hd, groups = m.kv_channels, m.num_query_groups
+    return groups, m.num_attention_heads // groups * hd, hd
+
+
+def fuse(kind: str, tensors: Sequence[torch.Tensor], m: ModelConfig) -> torch.Tensor:
+    """HF tensors -> one full Megatron tensor (see the module docstring for the layouts)."""
+    if kind == "copy":
+        return tensors[0]
+    if kind == "gate_up":
+        return torch.cat(list(tensors), dim=0)
+    q, k, v = tensors
+    groups, q_rows, hd = _qkv_sizes(m)
+    rest = q.shape[1:]  # (hidden,) for weights, () for biases
+    per_group = [q.reshape(groups, q_rows, *rest), k.reshape(groups, hd, *rest), v.reshape(groups, hd, *rest)]
+    return torch.cat(per_group, dim=1).reshape(-1, *rest)
+
+
+def split(kind: str, tensor: torch.Tensor, m: ModelConfig) -> List[torch.Tensor]:
+    """One full Megatron tensor -> its HF tensors (contiguous, so they can be written as-is)."""
+    if kind == "copy":
+        return [tensor]
+    if kind == "gate_up":
+        return [t.contiguous() for t in torch.chunk(tensor, 2, dim=0)]
+    groups, q_rows, hd = _qkv_sizes(m)
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(groups, q_rows + 2 * hd, *rest)
+    q, k, v = torch.split(grouped, [q_rows, hd, hd], dim=1)
+    return [t.reshape(-1, *rest).contiguous() for t in (q, k, v)]
+
+
+def expected_hf_shapes(entry: Entry, mcore_shape: Sequence[int], m: ModelConfig) -> List[Tuple[int, ...]]:
+    """The HF tensor shapes that make up a Megatron tensor of `mcore_shape` (no data touched)."""
+    meta = torch.empty(tuple(mcore_shape), device="meta")
+    return [tuple(t.shape) for t in split(entry.kind, meta, m)]
+
+
+# Building blocks shared by the families. Megatron names follow the local layer spec.
+_L = "model.layers.{layer}."
+_M = "decoder.layers.{layer}."
+
+EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), scope="model")
+FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",), scope="model")
+# With tied embeddings HF has no lm_head tensor and Megatron reuses the embedding.
+OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), scope="untied")
+
+ATTENTION = [
+    Rule(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",)),
+    Rule(_M + "self_attention.linear_qkv.weight",
+         (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
+         kind="qkv"),
+    Rule(_M + "self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",)),
+    Rule(_M + "pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",)),
+]
+QKV_BIAS = [
+    Rule(_M + "self_attention.linear_qkv.bias",
+         (_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"),
+         kind="qkv"),
+]
+QK_NORM = [
+    Rule(_M + "self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",)),
+    Rule(_M + "self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",)),
+]
+
+
+def swiglu(mcore_prefix: str, hf_prefix: str, scope: str) -> List[Rule]:
+    """A SwiGLU MLP: gate/up fused into linear_fc1, down = linear_fc2."""
+    return [
+        Rule(mcore_prefix + "linear_fc1.weight", (hf_prefix + "gate_proj.weight", hf_prefix + "up_proj.weight"),
+             kind="gate_up", scope=scope),
+        Rule(mcore_prefix + "linear_fc2.weight", (hf_prefix + "down_proj.weight",), scope=scope),
+    ]
+
+
+DENSE_MLP = swiglu(_M + "mlp.", _L + "mlp.", scope="dense")
+ROUTER = [Rule(_M + "mlp.router.weight", (_L + "mlp.gate.weight",), scope="moe")]
+ROUTED_EXPERTS = swiglu(_M + "mlp.experts.local_experts.{expert}.", _L + "mlp.experts.{expert}.", scope="expert")
+SHARED_EXPERT = swiglu(_M + "mlp.shared_experts.", _L + "mlp.shared_expert.", scope="moe") + [
+    # HF: sigmoid(shared_expert_gate(x)) * shared_expert(x); Megatron's gate_weight is the same [1, hidden].
+    Rule(_M + "mlp.shared_experts.gate_weight", (_L + "mlp.shared_expert_gate.weight",), scope="moe"),
+]

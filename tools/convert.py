@@ -1,0 +1,217 @@
+"""Convert Qwen checkpoints between Hugging Face and Megatron-Core.
+
+    python -m tools.convert hf-to-mcore --hf-dir DIR --out CKPT [--tp N --pp N --ep N --etp N]
+    python -m tools.convert mcore-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB]
+
+Both directions read one declarative weight mapping per family (`models.<family>.RULES`).
+hf-to-mcore builds the Megatron model at the requested layout (spawning local gloo ranks when
+not launched by torchrun), fills each rank's parameters from HF tensors read one at a time,
+and writes a `dist_checkpointing` checkpoint that loads at any layout. Any HF tensor the mapping
+does not use, or any Megatron parameter it does not fill, is an error naming it. Outputs are
+written to a staging directory and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from models import registry
+from models.mapping import Entry, by_mcore_name, expand, expected_hf_shapes, fuse, split
+from tools import launch
+from tools import mcore_ckpt as mc
+from tools.hf_io import HFCheckpoint, HFCheckpointError, ShardWriter, dtype_of, parse_size, tokenizer_files
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def check_names(hf: HFCheckpoint, entries: List[Entry], family: str) -> None:
+    """The HF directory must hold exactly the tensors the mapping names."""
+    needed = {h: e.mcore for e in entries for h in e.hf}
+    present = set(hf.names())
+    missing = [h for h in needed if h not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise HFCheckpointError(f"HF tensor {missing[0]} is missing from {hf.dir}{more}; "
+                                f"it is needed for Megatron parameter {needed[missing[0]]}")
+    extra = sorted(present - needed.keys())
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise HFCheckpointError(f"HF tensor {extra[0]} in {hf.file_of(extra[0])} is not used by the {family} "
+                                f"weight mapping{more}; refusing to drop weights")
+
+
+def open_hf(hf_dir: str):
+    """Read and check an HF directory: (reader, family module, ModelConfig, entries, dtype)."""
+    hf = HFCheckpoint(hf_dir)
+    family = registry.family_for_hf(hf.config)
+    m = family.config_from_hf(hf.config, name=Path(hf_dir).resolve().name)
+    entries = expand(family.RULES, m)
+    check_names(hf, entries, family.FAMILY)
+    dtype = dtype_of(hf, entries[0].hf[0])
+    return hf, family, m, entries, dtype
+
+
+def _source_entry(name: str, by_name: Dict[str, Entry], tied: bool) -> Entry:
+    # With tied embeddings the last pipeline stage holds its own copy of the embedding.
+    if tied and name == "output_layer.weight":
+        return by_name["embedding.word_embeddings.weight"]
+    if name not in by_name:
+        raise HFCheckpointError(f"Megatron parameter {name} has no source in the weight mapping")
+    return by_name[name]
+
+
+def fill_rank(hf: HFCheckpoint, chunks, m, entries: List[Entry]) -> set:
+    """Copy HF tensors into this rank's parameters; returns the global names filled."""
+    by_name, filled = by_mcore_name(entries), set()
+    params = [(chunk, name, p) for chunk in chunks for name, p in chunk.named_parameters()]
+    for chunk, name, param in tqdm(params, desc="hf-to-mcore", unit="param", disable=not _rank0(), file=sys.stderr):
+        gname = mc.global_name(chunk, name, m)
+        entry = _source_entry(gname, by_name, m.tie_word_embeddings)
+        for h, want in zip(entry.hf, expected_hf_shapes(entry, mc.full_shape(param, name), m)):
+            if hf.shape(h) != want:
+                raise HFCheckpointError(f"HF tensor {h} in {hf.file_of(h)} has shape {list(hf.shape(h))}, "
+                                        f"expected {list(want)} (for Megatron parameter {gname})")
+        full = fuse(entry.kind, [hf.get(h) for h in entry.hf], m)
+        with torch.no_grad():
+            param.copy_(mc.tp_shard(full, param, name))
+        filled.add(entry.mcore)
+        del full
+    return filled
+
+
+def _all_filled(filled: set, entries: List[Entry]) -> None:
+    everyone = [filled]
+    if torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, filled)
+    unfilled = sorted({e.mcore for e in entries} - set().union(*everyone))
+    if unfilled:
+        raise HFCheckpointError(f"Megatron parameter {unfilled[0]} was not filled by any rank "
+                                f"({len(unfilled)} unfilled)")
+
+
+def _hf_to_mcore_rank(hf_dir: str, out: str, layout: dict, overwrite: bool) -> dict:
+    start = time.time()
+    hf, family, m, entries, dtype = open_hf(hf_dir)
+    chunks = mc.build(mc.layout_config(m, dtype, **layout))
+    _all_filled(fill_rank(hf, chunks, m, entries), entries)
+    hf.close()
+    tmp = mc.staging_dir(Path(out))
+    mc.save(chunks, tmp)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if _rank0():
+        mc.write_meta(tmp, m, dtype, hf.config)
+        files = tokenizer_files(hf.dir)
+        if files:
+            (tmp / mc.TOKENIZER_DIR).mkdir()
+            for f in files:
+                shutil.copy2(f, tmp / mc.TOKENIZER_DIR / f.name)
+        mc.publish(tmp, Path(out), overwrite)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    mc.release_layout()
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    return {"family": family.FAMILY, "hf_tensors": sum(len(e.hf) for e in entries), "mcore_tensors": len(entries),
+            "rank0_params": n_params, "dtype": str(dtype), "seconds": round(time.time() - start, 2)}
+
+
+def hf_to_mcore(hf_dir: str, out: str, tp=1, pp=1, ep=1, etp=None, overwrite=False) -> dict:
+    """Convert an HF directory to a Megatron checkpoint written at layout tp/pp/ep/etp."""
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _, _, m, _, dtype = open_hf(hf_dir)  # fail on bad input before starting any ranks
+    layout = dict(tp=tp, pp=pp, ep=ep, etp=etp)
+    world = mc.world_size(mc.layout_config(m, dtype, **layout))
+    return launch.run(_hf_to_mcore_rank, world, hf_dir, out, layout, overwrite)
+
+
+def hf_config_for(m, dtype: torch.dtype, base: Optional[dict]) -> dict:
+    """config.json: the source HF config (keeps token ids etc.) updated from the ModelConfig."""
+    derived = registry.config_to_hf(m)
+    config = dict(base or {})
+    if isinstance(config.get("rope_parameters"), dict):  # transformers 5 spelling: keep one source of truth
+        config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": derived.pop("rope_theta")}
+    config.update(derived)
+    config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).replace("torch.", "")
+    return config
+
+
+def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool) -> dict:
+    start = time.time()
+    m, dtype, base = mc.read_meta(ckpt)
+    entries = expand(registry.family(m.family).RULES, m)
+    chunks = mc.build(mc.layout_config(m, dtype))
+    mc.load(chunks, ckpt)
+    params = dict(chunks[0].named_parameters())
+    unmapped = sorted(set(params) - {e.mcore for e in entries})
+    if unmapped:
+        raise HFCheckpointError(f"Megatron parameter {unmapped[0]} has no HF name in the {m.family} mapping")
+    tmp = mc.staging_dir(Path(out))
+    writer = ShardWriter(tmp, max_shard_bytes)
+    for entry in tqdm(entries, desc="mcore-to-hf", unit="param", file=sys.stderr):
+        for name, tensor in zip(entry.hf, split(entry.kind, params[entry.mcore].detach(), m)):
+            writer.add(name, tensor)
+    shards = writer.close()
+    (tmp / "config.json").write_text(json.dumps(hf_config_for(m, dtype, base), indent=2) + "\n")
+    tok = Path(ckpt) / mc.TOKENIZER_DIR
+    for f in tokenizer_files(tok) if tok.is_dir() else []:
+        shutil.copy2(f, tmp / f.name)
+    mc.publish(tmp, Path(out), overwrite)
+    mc.release_layout()
+    return {"family": m.family, "hf_tensors": sum(len(e.hf) for e in entries), "mcore_tensors": len(entries),
+            "shards": shards, "bytes": writer.total_bytes, "seconds": round(time.time() - start, 2)}
+
+
+def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=False) -> dict:
+    """Convert a Megatron checkpoint (any layout) to an HF directory."""
+    mc.read_meta(ckpt)  # fail early on a non-checkpoint
+    if Path(out).exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    return launch.run(_mcore_to_hf_rank, 1, ckpt, out, parse_size(max_shard_size), overwrite)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron dist checkpoint")
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--out", required=True)
+    for flag in ("tp", "pp", "ep"):
+        a.add_argument(f"--{flag}", type=int, default=1)
+    a.add_argument("--etp", type=int, default=None)
+    b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF directory")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--max-shard-size", default="5GB")
+    for p in (a, b):
+        p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    try:
+        if args.direction == "hf-to-mcore":
+            summary = hf_to_mcore(args.hf_dir, args.out, args.tp, args.pp, args.ep, args.etp, args.overwrite)
+        else:
+            summary = mcore_to_hf(args.ckpt, args.out, args.max_shard_size, args.overwrite)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, launch.RankError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _rank0():
+        print(f"converted {summary['hf_tensors']} HF tensors <-> {summary['mcore_tensors']} Megatron tensors "
+              f"({args.direction}, {summary['family']}) in {summary['seconds']} s -> {args.out}")
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

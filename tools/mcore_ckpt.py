@@ -1,0 +1,173 @@
+"""Megatron-side checkpoints of a Qwen model: `dist_checkpointing` (torch_dist) + a metadata file.
+
+A checkpoint directory holds Megatron-Core's distributed checkpoint of the model's
+`sharded_state_dict()` (resharded on load, so it loads at any TP/PP/EP layout), and
+`qwen_checkpoint.json` with the ModelConfig, the parameter dtype, and the HF config and
+tokenizer files it came from (so converting back restores them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_ext.build import build_model, init_parallel
+from megatron_ext.config import Config, ModelConfig, ParallelConfig, PrecisionConfig, validate
+from models import transformer_config
+
+META_FILE = "qwen_checkpoint.json"
+TOKENIZER_DIR = "hf_tokenizer"
+FORMAT_VERSION = 1
+_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A missing or malformed Megatron checkpoint; the message names the path."""
+
+
+def precision_for(dtype: torch.dtype) -> str:
+    if dtype not in _PRECISION:
+        raise ValueError(f"parameter dtype {dtype} is not supported (use float32 or bfloat16)")
+    return _PRECISION[dtype]
+
+
+def layout_config(m: ModelConfig, dtype: torch.dtype, tp=1, pp=1, ep=1, etp=None) -> Config:
+    """A validated Config for running model `m` at a parallel layout (world = the layout's ranks)."""
+    cfg = Config(model=m, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp),
+                 precision=PrecisionConfig(name=precision_for(dtype)))
+    validate(cfg, world_size(cfg))
+    return cfg
+
+
+def world_size(cfg: Config) -> int:
+    """Ranks a layout needs: tp*pp model-parallel, widened to a multiple of ep*etp for experts."""
+    p = cfg.parallel
+    dense, expert = p.tp, p.ep * (p.etp or p.tp)
+    lcm = dense * expert // math.gcd(dense, expert)
+    return p.pp * lcm
+
+
+def build(cfg: Config) -> List[torch.nn.Module]:
+    """Init the layout and build this rank's model chunk(s), weights left uninitialised.
+
+    Every weight is then filled from a checkpoint, so random init would only cost time.
+    """
+    init_parallel(cfg)
+    tcfg = transformer_config(cfg)
+    tcfg.perform_initialization = False
+    chunks = build_model(cfg, tcfg)
+    for chunk in chunks:
+        chunk.eval()
+    return chunks
+
+
+def release_layout() -> None:
+    """Forget the model-parallel groups (the process group stays) so another layout can follow."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def global_name(chunk: torch.nn.Module, name: str, m: ModelConfig) -> str:
+    """This rank's parameter name -> the TP=PP=EP=1 name (global layer and expert numbers)."""
+    match = _LAYER.match(name)
+    if match:
+        layer = chunk.decoder.layers[int(match.group(1))].layer_number - 1  # layer_number is global, 1-based
+        name = f"decoder.layers.{layer}." + name[match.end():]
+    match = _EXPERT.search(name)
+    if match:
+        per_rank = m.num_experts // parallel_state.get_expert_model_parallel_world_size()
+        expert = parallel_state.get_expert_model_parallel_rank() * per_rank + int(match.group(1))
+        name = name[:match.start()] + f".local_experts.{expert}." + name[match.end():]
+    return name
+
+
+def tp_shard(full: torch.Tensor, param: torch.nn.Parameter, name: str) -> torch.Tensor:
+    """This rank's tensor-parallel piece of a full tensor for `param`."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    if ".mlp.experts." in name:
+        size = parallel_state.get_expert_tensor_parallel_world_size()
+        rank = parallel_state.get_expert_tensor_parallel_rank()
+    else:
+        size = parallel_state.get_tensor_model_parallel_world_size()
+        rank = parallel_state.get_tensor_model_parallel_rank()
+    if size == 1:
+        return full
+    if name.endswith("linear_fc1.weight"):
+        # SwiGLU: each rank holds [its gate rows; its up rows], not a slice of [gate; up].
+        gate, up = torch.chunk(full, 2, dim=0)
+        return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]], dim=0)
+    return torch.chunk(full, size, dim=param.partition_dim)[rank]
+
+
+def full_shape(param: torch.nn.Parameter, name: str) -> Tuple[int, ...]:
+    """The unsharded shape of a (possibly tensor-parallel) parameter."""
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        expert = ".mlp.experts." in name
+        size = (parallel_state.get_expert_tensor_parallel_world_size() if expert
+                else parallel_state.get_tensor_model_parallel_world_size())
+        shape[param.partition_dim] *= size
+    return tuple(shape)
+
+
+def write_meta(ckpt: Path, m: ModelConfig, dtype: torch.dtype, hf_config: Optional[Dict[str, Any]]) -> None:
+    meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(m),
+            "dtype": str(dtype).replace("torch.", ""), "hf_config": hf_config}
+    (ckpt / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(ckpt: str) -> Tuple[ModelConfig, torch.dtype, Optional[Dict[str, Any]]]:
+    """(ModelConfig, parameter dtype, source HF config or None) of a checkpoint directory."""
+    path = Path(ckpt) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {ckpt} is not a checkpoint written by tools.convert")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    return ModelConfig(**meta["model"]), getattr(torch, meta["dtype"]), meta.get("hf_config")
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh sibling directory to write into before the final rename (agreed on by all ranks)."""
+    path = [None]
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        path[0] = str(out.parent / f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(path[0], ignore_errors=True)
+        os.makedirs(path[0])
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
+def publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename a finished staging directory into place (rank 0 only)."""
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def save(chunks: List[torch.nn.Module], ckpt_dir: Path) -> None:
+    """Collective: write this rank's part of the model into `ckpt_dir` (torch_dist format)."""
+    dist_checkpointing.save(chunks[0].sharded_state_dict(), str(ckpt_dir))
+
+
+def load(chunks: List[torch.nn.Module], ckpt: str) -> None:
+    """Collective: fill this rank's model chunk from a checkpoint written at any layout."""
+    if len(chunks) != 1:
+        raise ValueError("virtual pipeline stages are not supported by the converter tools")
+    state = dist_checkpointing.load(chunks[0].sharded_state_dict(), str(ckpt))
+    chunks[0].load_state_dict(state, strict=True)
