@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from data_prep.tokenizer import get_tokenizer
 from megatron_ext.config import Config
@@ -93,6 +94,15 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
         GPTDataset, [train_samples, valid_samples, 0], lambda: True, ds_config
     ).build()
     return datasets[0], datasets[1]
+
+
+def on_this_rank(batch: dict) -> dict:
+    """Move a micro-batch to this rank's device and keep its context-parallel share."""
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        batch = get_batch_on_this_cp_rank(batch)
+    return batch
 
 
 class MicroBatchSampler:

@@ -41,7 +41,7 @@ class PretrainStage:
         return data.build_datasets(cfg, train_samples, valid_samples)
 
     def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = data.on_this_rank(next(data_iterator))
         output = model(
             batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"]
         )
