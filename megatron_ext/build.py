@@ -20,7 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import cpu_backend, dist
-from megatron_ext.config import Config
+from megatron_ext.config import Config, TrainConfig
 from megatron_ext.spec import decoder_block_spec, use_transformer_engine
 from models import transformer_config
 
@@ -115,14 +115,22 @@ def build_optimizer(cfg: Config, tcfg: TransformerConfig, model: List[Distribute
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
-    decay_steps = max(t.steps - t.warmup_steps, 1) + t.warmup_steps
+    return optimizer, lr_scheduler(optimizer, cfg.train)
+
+
+def lr_scheduler(optimizer, t: TrainConfig) -> OptimizerParamScheduler:
+    """Linear warmup to train.lr, then cosine / linear / WSD decay to train.min_lr at train.steps.
+
+    Step s (1-based) trains with the schedule's value at s: the scheduler starts one step in,
+    so the first step does not waste a batch at lr=0.
+    """
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=t.lr,
         min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps,
-        lr_decay_steps=decay_steps,
+        lr_decay_steps=t.steps,
         lr_decay_style={"wsd": "WSD"}.get(t.lr_schedule, t.lr_schedule),
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
@@ -131,7 +139,8 @@ def build_optimizer(cfg: Config, tcfg: TransformerConfig, model: List[Distribute
         wsd_decay_steps=t.wsd_decay_steps,
         lr_wsd_decay_style="cosine" if t.lr_schedule == "wsd" else None,
     )
-    return optimizer, scheduler
+    scheduler.step(increment=1)
+    return scheduler
 
 
 def build(cfg: Config) -> Runtime:

@@ -279,8 +279,8 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
     _check(t.lr > 0 and 0 <= t.min_lr <= t.lr,
            f"need 0 <= train.min_lr <= train.lr, got min_lr={t.min_lr}, lr={t.lr}", errors)
     _check(t.lr_schedule in SCHEDULES, f"train.lr_schedule={t.lr_schedule!r} is not one of {SCHEDULES}", errors)
-    _check(0 <= t.warmup_steps <= t.steps,
-           f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps}]", errors)
+    _check(0 <= t.warmup_steps < t.steps,
+           f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})", errors)
     if t.lr_schedule == "wsd":
         _check(t.wsd_decay_steps is not None and 0 < t.wsd_decay_steps <= t.steps - t.warmup_steps,
                f"train.lr_schedule=wsd needs 0 < train.wsd_decay_steps <= steps - warmup_steps "

@@ -99,13 +99,14 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
         for chunk in rt.model:
             chunk.zero_grad_buffer()
         rt.optimizer.zero_grad()
+        lr = rt.optimizer.param_groups[0]["lr"]
         reports = _run(rt, stage, iterators, forward_only=False)
         updated, grad_norm, _ = rt.optimizer.step()
         if updated:
             rt.scheduler.step(increment=1)
         loss = reduce_report(reports)
         elapsed = time.time() - start
-        record = {"loss": loss, "lr": rt.optimizer.param_groups[0]["lr"],
+        record = {"loss": loss, "lr": lr,
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "tokens_per_s": tokens_per_step / elapsed}
         history.append(record)

@@ -107,3 +107,29 @@ def test_cli_print_config():
     )
     assert proc.returncode == 0, proc.stderr
     assert "steps: 7" in proc.stdout and "name: qwen3_debug" in proc.stdout
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "linear", "constant"])
+def test_lr_schedule_warmup_then_decay(schedule):
+    import torch
+
+    from megatron_ext.build import lr_scheduler
+
+    overrides = ["train.steps=20", "train.warmup_steps=4", "train.lr=1.0", "train.min_lr=0.1",
+                 f"train.lr_schedule={schedule}", "train.wsd_decay_steps=6"]
+    cfg = load_config(overrides)
+    validate(cfg, 1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched = lr_scheduler(opt, cfg.train)
+    lrs = []
+    for _ in range(cfg.train.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step(increment=1)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # no step at lr=0
+    if schedule == "constant":
+        assert lrs[4:] == pytest.approx([1.0] * 16)
+        return
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    if schedule == "wsd":  # stable until the last 6 steps, then decays
+        assert lrs[4:14] == pytest.approx([1.0] * 10) and lrs[14] < 1.0
