@@ -62,7 +62,7 @@ def dense_from_hf(hf: Dict[str, Any], family: str, name: str) -> Dict[str, Any]:
 
 def dense_to_hf(m: ModelConfig, model_type: str, architecture: str) -> Dict[str, Any]:
     """The published `config.json` fields common to every family."""
-    return {
+    config = {
         "architectures": [architecture],
         "model_type": model_type,
         "vocab_size": m.vocab_size,
@@ -81,14 +81,13 @@ def dense_to_hf(m: ModelConfig, model_type: str, architecture: str) -> Dict[str,
         "max_window_layers": m.max_window_layers,
         "attention_dropout": 0.0,
     }
+    # Unset optional fields are left out so transformers applies its own defaults.
+    return {k: v for k, v in config.items() if v is not None}
 
 
-def head_dim_from_hf(hf: Dict[str, Any]) -> Optional[int]:
-    """Qwen3's decoupled head_dim; None when it equals hidden / heads (the derived default)."""
-    head_dim = hf.get("head_dim")
-    if head_dim is None or head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
-        return None
-    return head_dim
+def head_dim_from_hf(hf: Dict[str, Any]) -> int:
+    """Qwen3's head_dim, which its configs always state (it need not be hidden / heads)."""
+    return int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"])
 
 
 def moe_layer_freq(hf: Dict[str, Any], num_layers: int) -> Optional[List[int]]:
