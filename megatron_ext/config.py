@@ -130,6 +130,13 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Global grad-norm clipping threshold (0 disables)."""
     seed: int = 1234
+    nan_policy: str = "stop"
+    """On a non-finite loss/grad: `stop` (error naming rank and step) or `skip` the update."""
+    max_skipped_steps: int = 3
+    """With nan_policy=skip: stop once this many steps were skipped."""
+    exit_interval: int = 0
+    """Save (if checkpoint.dir is set) and stop cleanly once step % N == 0 (0: never), e.g.
+    to fit a job's time limit; the next run resumes with checkpoint.load=auto."""
     eval_interval: int = 0
     """Evaluate on the validation split every N steps and at the end (0: never)."""
     eval_iters: int = 2
@@ -157,6 +164,25 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Saving and resuming (Megatron-Core dist_checkpointing, reshardable)."""
+
+    dir: Optional[str] = None
+    """Where checkpoints are saved (`iter_NNNNNNN/` + `latest`); None disables saving."""
+    save_interval: int = 0
+    """Save every N steps (0: only at the end of training)."""
+    load: Optional[str] = None
+    """None: start fresh; `auto`: newest complete checkpoint in `dir` (fresh if none);
+    a path: that checkpoint directory, or a checkpoint root (newest good one in it)."""
+    weights_only: bool = False
+    """Load only the model weights (fresh optimizer, schedule and data position), e.g. for CPT."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints (0: keep all)."""
+    allow_data_change: bool = False
+    """Accept a resume whose data config (paths, split, seq length, seed, global batch) changed."""
+
+
+@dataclass
 class LoggerConfig:
     """Where metrics go: the console always, TensorBoard and wandb on request."""
 
@@ -179,6 +205,7 @@ class Config:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
@@ -281,6 +308,7 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
     _check(t.lr_schedule in SCHEDULES, f"train.lr_schedule={t.lr_schedule!r} is not one of {SCHEDULES}", errors)
     _check(0 <= t.warmup_steps < t.steps,
            f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})", errors)
+    _check(t.nan_policy in ("stop", "skip"), f"train.nan_policy={t.nan_policy!r} is not 'stop' or 'skip'", errors)
     if t.lr_schedule == "wsd":
         _check(t.wsd_decay_steps is not None and 0 < t.wsd_decay_steps <= t.steps - t.warmup_steps,
                f"train.lr_schedule=wsd needs 0 < train.wsd_decay_steps <= steps - warmup_steps "
@@ -309,6 +337,10 @@ def validate(cfg: Config, world_size: int) -> None:
         _check(len(cfg.data.weights) == len(cfg.data.paths),
                f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}",
                errors)
+    c = cfg.checkpoint
+    _check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be >= 0", errors)
+    _check(not (c.save_interval and not c.dir), "checkpoint.save_interval needs checkpoint.dir", errors)
+    _check(c.load != "auto" or bool(c.dir), "checkpoint.load=auto needs checkpoint.dir", errors)
     _validate_model(cfg.model, errors)
     if not errors:
         _validate_parallel(cfg, world_size, errors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -10,11 +11,14 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import data
+from megatron_ext import checkpoint, data, fault
 from megatron_ext.build import Runtime, build
+from megatron_ext.checkpoint import TrainState
 from megatron_ext.config import Config
 from megatron_ext.metrics import Metrics
 from megatron_ext.pretrain import Stage
+
+log = logging.getLogger(__name__)
 
 
 def reduce_report(reports: List[Dict[str, torch.Tensor]], key: str = "lm loss") -> Optional[float]:
@@ -79,41 +83,73 @@ def evaluate(rt: Runtime, stage: Stage, valid_ds, iters: int) -> Optional[float]
 @dataclass
 class TrainResult:
     history: List[Dict[str, float]]
-    """Per-step metrics, the same on every rank."""
+    """Per-step metrics of the steps run by this call, the same on every rank."""
     runtime: Runtime
+    state: TrainState
+
+
+def _train_step(rt: Runtime, stage: Stage, iterators, state: TrainState) -> Optional[dict]:
+    """Forward/backward over the global batch and one optimizer update (skipped if non-finite)."""
+    t = rt.config.train
+    for chunk in rt.model:
+        chunk.zero_grad_buffer()
+    rt.optimizer.zero_grad()
+    lr = rt.optimizer.param_groups[0]["lr"]
+    reports = _run(rt, stage, iterators, forward_only=False)
+    state.consumed_samples += t.global_batch_size
+    problem = fault.non_finite(rt.model, reports, state.step + 1)
+    if problem:
+        if t.nan_policy == "stop" or state.skipped_steps >= t.max_skipped_steps:
+            raise fault.NonFiniteError(f"{problem}; no parameter was updated (train.nan_policy={t.nan_policy}, "
+                                       f"{state.skipped_steps} step(s) skipped before)")
+        state.skipped_steps += 1
+        log.warning("%s: step skipped (%d of at most %d)", problem, state.skipped_steps, t.max_skipped_steps)
+        return None
+    updated, grad_norm, _ = rt.optimizer.step()
+    if updated:
+        rt.scheduler.step(increment=1)
+    return {"loss": reduce_report(reports), "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
 
 def train(cfg: Config, stage: Stage) -> TrainResult:
-    """Run cfg.train.steps optimizer steps."""
+    """Run (or resume) training up to cfg.train.steps optimizer steps."""
     rt = build(cfg)
     t = cfg.train
+    state = checkpoint.resume(rt)
     valid_batches = t.eval_iters * (t.steps // t.eval_interval + 1) if t.eval_interval else 0
-    train_ds, valid_ds = stage.datasets(cfg, t.steps * t.global_batch_size,
+    train_ds, valid_ds = stage.datasets(cfg, t.steps * t.global_batch_size + t.max_skipped_steps * t.global_batch_size,
                                         valid_batches * t.global_batch_size)
-    iterators = _iterators(rt, train_ds, consumed_samples=0)
-    metrics = Metrics(cfg)
-    history = []
-    tokens_per_step = t.global_batch_size * cfg.data.seq_length
-    for step in range(1, t.steps + 1):
-        start = time.time()
-        for chunk in rt.model:
-            chunk.zero_grad_buffer()
-        rt.optimizer.zero_grad()
-        lr = rt.optimizer.param_groups[0]["lr"]
-        reports = _run(rt, stage, iterators, forward_only=False)
-        updated, grad_norm, _ = rt.optimizer.step()
-        if updated:
-            rt.scheduler.step(increment=1)
-        loss = reduce_report(reports)
-        elapsed = time.time() - start
-        record = {"loss": loss, "lr": lr,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "tokens_per_s": tokens_per_step / elapsed}
-        history.append(record)
-        metrics.log_step(step, {"lm_loss": loss, "lr": record["lr"], "grad_norm": record["grad_norm"],
-                                "tokens/s": round(record["tokens_per_s"], 1)})
-        if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps) and valid_ds is not None:
-            record["val_loss"] = evaluate(rt, stage, valid_ds, t.eval_iters)
-            metrics.log_eval(step, {"val_loss": record["val_loss"]})
-    metrics.close()
-    return TrainResult(history, rt)
+    iterators = _iterators(rt, train_ds, state.consumed_samples)
+    metrics, watcher, history = Metrics(cfg), fault.PreemptionWatcher(), []
+    save_every = cfg.checkpoint.save_interval
+    try:
+        while state.step < t.steps:
+            start = time.time()
+            record = _train_step(rt, stage, iterators, state)
+            if record is None:
+                continue
+            state.step += 1
+            record["tokens_per_s"] = t.global_batch_size * cfg.data.seq_length / (time.time() - start)
+            history.append(record)
+            metrics.log_step(state.step, {"lm_loss": record["loss"], "lr": record["lr"],
+                                          "grad_norm": record["grad_norm"], "tokens/s": round(record["tokens_per_s"], 1)})
+            if t.eval_interval and valid_ds is not None and (state.step % t.eval_interval == 0 or state.step == t.steps):
+                record["val_loss"] = evaluate(rt, stage, valid_ds, t.eval_iters)
+                metrics.log_eval(state.step, {"val_loss": record["val_loss"]})
+            if watcher.requested():
+                if cfg.checkpoint.dir:
+                    checkpoint.save(rt, state)
+                raise fault.Preempted()
+            exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0
+            if cfg.checkpoint.dir and (exiting or (save_every and state.step % save_every == 0)) \
+                    and state.step < t.steps:
+                checkpoint.save(rt, state)
+            if exiting:
+                break
+        if cfg.checkpoint.dir and history and state.step == t.steps:
+            checkpoint.save(rt, state)
+    finally:
+        watcher.close()
+        metrics.close()
+    return TrainResult(history, rt, state)

@@ -31,11 +31,16 @@ def main(argv=None) -> int:
     if "--print-config" in flags:
         print(config_yaml(cfg))
         return 0
+    from megatron_ext.checkpoint import CheckpointError
+    from megatron_ext.fault import NonFiniteError
     from megatron_ext.loop import train
     from megatron_ext.pretrain import PretrainStage
 
     try:
         history = train(cfg, PretrainStage()).history
+    except (CheckpointError, NonFiniteError) as e:
+        log.error("%s", e)
+        return 1
     finally:
         dist.destroy()
     if history and history[0]["loss"] is not None:

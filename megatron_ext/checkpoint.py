@@ -1,0 +1,345 @@
+"""Checkpoints that never lose a run: Megatron-Core dist_checkpointing (torch_dist) plus a commit protocol.
+
+Layout under `checkpoint.dir`:
+
+    iter_0000020/          a complete checkpoint (model, optimizer, scheduler, RNG, data position)
+      state/               dist_checkpointing directory (reshardable across TP/PP/EP/DP)
+      rng/rank_00000.pt    per-rank RNG states (restored only when the layout is unchanged)
+      meta.json            step, consumed samples, config, versions, data fingerprint, and a
+                           CRC32 + size of every other file (the manifest)
+    latest                 text file naming the newest complete checkpoint
+
+Commit protocol: every rank writes into `iter_N.tmp/`; after all ranks finished, the files are
+checksummed (spread over ranks), rank 0 writes meta.json (temp + fsync + rename), renames the
+directory to `iter_N` (fsync of the parent), and only then replaces `latest`. A directory named
+`iter_N` is therefore complete by construction, and its manifest catches later corruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from megatron_ext import cpu_backend
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_ITER = re.compile(r"^iter_(\d{7})$")
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file or key."""
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue exactly where it stopped."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+# ---------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via temp file + fsync + rename (+ fsync of the directory)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(root: Path) -> List[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "meta.json")
+
+
+def _spread_over_ranks(items: List[str], fn) -> dict:
+    """Apply fn to items round-robin over all ranks; every rank gets the merged {item: result}."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mine = {item: fn(item) for item in items[rank::world]}
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def iter_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def _sharded_state(rt, is_loading: bool) -> dict:
+    # Keys inside each chunk are global (layer offsets applied), so any VPP/PP split loads.
+    model = {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(rt.model)}
+    return {
+        "model": model,
+        "optimizer": rt.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIM_METADATA),
+    }
+
+
+def _rng_state() -> dict:
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else cpu_backend.cpu_generator().get_state()
+    return {"cpu": torch.get_rng_state(), "cuda": cuda,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    torch.cuda.set_rng_state(state["cuda"])  # the CPU backend routes this to its generator
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    ps = parallel_state
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(), "world": torch.distributed.get_world_size()}
+
+
+def data_fingerprint(cfg) -> dict:
+    """Everything that fixes which samples each step sees (DP size does not: see data.py)."""
+    d, t = cfg.data, cfg.train
+    return {"data.paths": list(d.paths), "data.weights": list(d.weights) if d.weights else None,
+            "data.split": d.split, "data.seq_length": d.seq_length, "data.tokenizer": d.tokenizer,
+            "train.seed": t.seed, "train.global_batch_size": t.global_batch_size}
+
+
+def _versions() -> dict:
+    import megatron.core
+
+    return {"megatron_core": megatron.core.__version__, "torch": torch.__version__, "format": FORMAT_VERSION}
+
+
+# ---------------------------------------------------------------- save
+
+
+def save(rt, state: TrainState) -> Path:
+    """Save a complete checkpoint of step `state.step` (collective; returns its directory)."""
+    cfg = rt.config
+    root = Path(cfg.checkpoint.dir)
+    final, tmp = iter_dir(root, state.step), root / f"iter_{state.step:07d}.tmp"
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed mid-save
+            shutil.rmtree(tmp)
+        (tmp / "state").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    torch.distributed.barrier()
+    dist_checkpointing.save(_sharded_state(rt, is_loading=False), str(tmp / "state"))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    torch.distributed.barrier()  # every rank's files are written
+    manifest = _spread_over_ranks(_files(tmp), lambda rel: [(tmp / rel).stat().st_size, _crc32(tmp / rel)])
+    if rank == 0:
+        from omegaconf import OmegaConf
+
+        meta = {
+            "train_state": asdict(state), "scheduler": rt.scheduler.state_dict(), "layout": _layout(),
+            "data_fingerprint": data_fingerprint(cfg), "versions": _versions(),
+            "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "files": manifest,
+        }
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        if final.exists():  # an older save of the same step is replaced only by a complete one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        write_atomic(root / "latest", final.name + "\n")
+        _apply_retention(root, cfg.checkpoint.keep_last)
+        log.info("saved checkpoint %s (%d files)", final, len(manifest))
+    torch.distributed.barrier()
+    return final
+
+
+def _apply_retention(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- find + verify
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """Committed checkpoint directories, oldest first (not yet verified)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _ITER.match(p.name))
+
+
+def read_meta(ckpt: Path) -> dict:
+    path = ckpt / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a checkpoint directory of this stack?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable or truncated metadata ({e})") from None
+    for key in ("train_state", "scheduler", "layout", "data_fingerprint", "files"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: metadata lacks '{key}' (truncated or foreign file)")
+    return meta
+
+
+def verify(ckpt: Path) -> dict:
+    """Check every file of the manifest (size + CRC32, spread over ranks); return the metadata."""
+    meta = read_meta(ckpt)
+    expected = meta["files"]
+
+    def check(rel: str) -> Optional[str]:
+        path = ckpt / rel
+        if not path.is_file():
+            return f"{path}: missing"
+        size, crc = expected[rel]
+        if path.stat().st_size != size:
+            return f"{path}: size {path.stat().st_size}, expected {size}"
+        if _crc32(path) != crc:
+            return f"{path}: checksum mismatch (corrupted)"
+        return None
+
+    problems = [p for p in _spread_over_ranks(sorted(expected), check).values() if p]
+    extra = sorted(set(_files(ckpt)) - set(expected))
+    problems += [f"{ckpt / rel}: not in the manifest" for rel in extra]
+    if problems:
+        raise CheckpointError("corrupted checkpoint:\n  " + "\n  ".join(problems))
+    return meta
+
+
+def _read_pointer(root: Path) -> Optional[Path]:
+    """The checkpoint `latest` names, or None (with a warning) if it is unreadable."""
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("%s: unreadable (%s); scanning %s instead", pointer, e, root)
+        return None
+    if not _ITER.match(name) or not (root / name).is_dir():
+        log.warning("%s: names %r, which is not a checkpoint here; scanning %s instead", pointer, name[:80], root)
+        return None
+    return root / name
+
+
+def find_resumable(root: Path) -> Optional[tuple]:
+    """Newest checkpoint under `root` that verifies, as (path, meta); corrupted ones are skipped.
+
+    A committed `iter_N` directory may be newer than `latest` (a crash between the rename and
+    the pointer update), so the pointer is only checked, never trusted over the directories.
+    """
+    pointed = _read_pointer(root)
+    candidates = complete_checkpoints(root)
+    if pointed is not None and candidates and pointed != candidates[-1]:
+        log.warning("%s names %s but %s is newer; trying the newest first", root / "latest", pointed.name,
+                    candidates[-1].name)
+    for ckpt in reversed(candidates):
+        try:
+            return ckpt, verify(ckpt)
+        except CheckpointError as e:
+            if torch.distributed.get_rank() == 0:
+                log.warning("skipping %s: %s", ckpt, e)
+    return None
+
+
+# ---------------------------------------------------------------- load
+
+
+def _check_fingerprint(cfg, meta: dict, ckpt: Path) -> None:
+    saved, now = meta["data_fingerprint"], data_fingerprint(cfg)
+    changed = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if changed and not cfg.checkpoint.allow_data_change:
+        raise CheckpointError(
+            f"{ckpt}: the data order would change on resume:\n  " + "\n  ".join(changed)
+            + "\nset checkpoint.allow_data_change=true to accept that")
+
+
+def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
+    """Load model (+ optimizer, scheduler, RNG, data position) from a verified checkpoint."""
+    if load_optimizer:
+        _check_fingerprint(rt.config, meta, ckpt)
+    sharded = _sharded_state(rt, is_loading=True)
+    if not load_optimizer:
+        del sharded["optimizer"]
+    # Strict: a requested key absent from the checkpoint always fails; leftovers in the
+    # checkpoint fail too unless only the weights are wanted.
+    strict = StrictHandling.RAISE_ALL if load_optimizer else StrictHandling.RAISE_UNEXPECTED
+    try:
+        state = dist_checkpointing.load(sharded, str(ckpt / "state"), strict=strict)
+        for i, chunk in enumerate(rt.model):
+            chunk.module.load_state_dict(state["model"][f"chunk{i}"], strict=True)
+    except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
+        raise CheckpointError(f"{ckpt / 'state'}: cannot load into this model: {e}") from e
+    if not load_optimizer:
+        log.info("loaded weights from %s (fresh optimizer and schedule)", ckpt)
+        return TrainState()
+    rt.optimizer.load_state_dict(state["optimizer"])
+    rt.scheduler.num_steps = 0  # load_state_dict *adds* the saved step count
+    rt.scheduler.load_state_dict(meta["scheduler"])
+    if meta["layout"] == _layout():
+        rank = torch.distributed.get_rank()
+        _set_rng_state(torch.load(ckpt / "rng" / f"rank_{rank:05d}.pt", weights_only=False))
+    else:
+        log.warning("layout changed %s -> %s: RNG states not restored", meta["layout"], _layout())
+    state = TrainState(**meta["train_state"])
+    log.info("resumed from %s at step %d (%d samples consumed)", ckpt, state.step, state.consumed_samples)
+    return state
+
+
+def resume(rt) -> TrainState:
+    """Apply `checkpoint.load`: None -> fresh; `auto` -> newest good one in checkpoint.dir (fresh if
+    none); a path -> exactly that checkpoint (a corrupted one is an error)."""
+    c = rt.config.checkpoint
+    if not c.load:
+        return TrainState()
+    if c.load == "auto":
+        if not c.dir:
+            raise CheckpointError("checkpoint.load=auto needs checkpoint.dir")
+        found = find_resumable(Path(c.dir))
+        if found is None:
+            log.info("no usable checkpoint in %s: starting fresh", c.dir)
+            return TrainState()
+        return load(rt, *found, load_optimizer=not c.weights_only)
+    ckpt = Path(c.load)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint.load={c.load}: no such directory")
+    if complete_checkpoints(ckpt) or (ckpt / "latest").exists():  # a root of iter_* directories
+        found = find_resumable(ckpt)
+        if found is None:
+            raise CheckpointError(f"checkpoint.load={c.load}: no complete, uncorrupted checkpoint there")
+        return load(rt, *found, load_optimizer=not c.weights_only)
+    return load(rt, ckpt, verify(ckpt), load_optimizer=not c.weights_only)

@@ -1,0 +1,81 @@
+"""Preemption and non-finite guards, agreed on by every rank at step boundaries."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import List, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "temporary failure, retry"
+# (EX_TEMPFAIL). The Slurm launcher requeues the job on it.
+REQUEUE_EXIT_CODE = 75
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient stopped training; names ranks and step."""
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is saved; exits with REQUEUE_EXIT_CODE."""
+
+    def __init__(self):
+        super().__init__(REQUEUE_EXIT_CODE)
+
+
+class PreemptionWatcher:
+    """Records SIGTERM/SIGUSR1 on this rank; `requested()` tells whether any rank got one."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+        for sig in PREEMPT_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        log.warning("received %s: will save and exit at the next step boundary", signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """Collective: True on every rank if any rank received a preemption signal."""
+        flag = torch.tensor([1 if self.signum is not None else 0], dtype=torch.int32)
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _local_status(model, reports: List[dict]) -> int:
+    """0 ok, 1 non-finite gradient, 2 non-finite loss (on this rank, before reduction)."""
+    if any(not torch.isfinite(r["lm loss"]).all() for r in reports):
+        return 2
+    for chunk in model:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if not torch.isfinite(buffer.grad_data).all():
+                return 1
+    return 0
+
+
+def non_finite(model, reports: List[dict], step: int) -> Optional[str]:
+    """Collective: a message naming the ranks with a non-finite loss/grad at `step`, or None."""
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    status = torch.zeros(world, dtype=torch.int32)
+    status[rank] = _local_status(model, reports)
+    if torch.cuda.is_available():
+        status = status.cuda()
+    torch.distributed.all_reduce(status)
+    status = status.cpu().tolist()
+    if not any(status):
+        return None
+    loss_ranks = [r for r, s in enumerate(status) if s == 2]
+    if loss_ranks:
+        return f"non-finite loss on rank(s) {loss_ranks} at step {step}"
+    return f"non-finite gradients on rank(s) {[r for r, s in enumerate(status) if s]} at step {step}"
