@@ -13,6 +13,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import queue as queue_module
+import time
 import socket
 import traceback
 from typing import Any, Callable, List
@@ -63,14 +65,24 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = DEF
     for p in procs:
         p.start()
     results, failures = {}, {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, payload = queue.get(timeout=timeout)
-            (results if ok else failures)[rank] = payload
-            if failures:
-                break  # other ranks are likely blocked in a collective: don't wait for them
-    except Exception as e:  # queue.Empty on timeout
-        failures[-1] = f"timed out after {timeout}s waiting for ranks ({type(e).__name__})"
+        while len(results) + len(failures) < world_size and not failures:
+            try:
+                rank, ok, payload = queue.get(timeout=1.0)
+                (results if ok else failures)[rank] = payload
+                continue
+            except queue_module.Empty:
+                pass
+            # A rank killed (or crashed hard) reports nothing; the others would wait for it in
+            # a collective until the process-group timeout. Fail fast instead.
+            for rank, p in enumerate(procs):
+                if p.exitcode is not None and rank not in results and rank not in failures:
+                    time.sleep(0.5)  # its result may still be in flight
+                    if queue.empty():
+                        failures[rank] = f"process died with exit code {p.exitcode} without a result"
+            if time.monotonic() > deadline:
+                failures[-1] = f"timed out after {timeout}s waiting for ranks"
     finally:
         for p in procs:
             p.join(timeout=5 if failures else 60)
