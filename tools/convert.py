@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -84,7 +84,7 @@ def fill_rank(hf: HFCheckpoint, chunks, m, entries: List[Entry]) -> set:
                                         f"expected {list(want)} (for Megatron parameter {gname})")
         full = fuse(entry.kind, [hf.get(h) for h in entry.hf], m)
         with torch.no_grad():
-            param.copy_(mc.tp_shard(full, param, name))
+            param.copy_(mc.tp_shard(full, name))
         filled.add(entry.mcore)
         del full
     return filled
@@ -148,38 +148,51 @@ def hf_config_for(m, dtype: torch.dtype, base: Optional[dict]) -> dict:
     return config
 
 
+def _write_hf(m, dtype, base, params: dict, ckpt: str, out: Path, max_shard_bytes: int) -> Tuple[int, int]:
+    """Split every Megatron tensor into its HF tensors and write a complete HF directory."""
+    entries = expand(registry.family(m.family).RULES, m)
+    writer = ShardWriter(out, max_shard_bytes)
+    for entry in tqdm(entries, desc="mcore-to-hf", unit="param", file=sys.stderr):
+        for name, tensor in zip(entry.hf, split(entry.kind, params[entry.mcore].detach(), m)):
+            writer.add(name, tensor)
+    shards = writer.close()
+    (out / "config.json").write_text(json.dumps(hf_config_for(m, dtype, base), indent=2) + "\n")
+    tok = Path(ckpt) / mc.TOKENIZER_DIR
+    for f in tokenizer_files(tok) if tok.is_dir() else []:
+        shutil.copy2(f, out / f.name)
+    return shards, writer.total_bytes
+
+
 def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool) -> dict:
     start = time.time()
     m, dtype, base = mc.read_meta(ckpt)
     entries = expand(registry.family(m.family).RULES, m)
-    chunks = mc.build(mc.layout_config(m, dtype))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
+    # Loaded whole (TP=PP=EP=1); extra ranks, if launched with more, are idle data-parallel replicas.
+    chunks = mc.build(mc.layout_config(m, dtype, world=world))
     mc.load(chunks, ckpt)
     params = dict(chunks[0].named_parameters())
     unmapped = sorted(set(params) - {e.mcore for e in entries})
     if unmapped:
         raise HFCheckpointError(f"Megatron parameter {unmapped[0]} has no HF name in the {m.family} mapping")
     tmp = mc.staging_dir(Path(out))
-    writer = ShardWriter(tmp, max_shard_bytes)
-    for entry in tqdm(entries, desc="mcore-to-hf", unit="param", file=sys.stderr):
-        for name, tensor in zip(entry.hf, split(entry.kind, params[entry.mcore].detach(), m)):
-            writer.add(name, tensor)
-    shards = writer.close()
-    (tmp / "config.json").write_text(json.dumps(hf_config_for(m, dtype, base), indent=2) + "\n")
-    tok = Path(ckpt) / mc.TOKENIZER_DIR
-    for f in tokenizer_files(tok) if tok.is_dir() else []:
-        shutil.copy2(f, tmp / f.name)
-    mc.publish(tmp, Path(out), overwrite)
+    shards = total = 0
+    if _rank0():
+        shards, total = _write_hf(m, dtype, base, params, ckpt, tmp, max_shard_bytes)
+        mc.publish(tmp, Path(out), overwrite)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     mc.release_layout()
     return {"family": m.family, "hf_tensors": sum(len(e.hf) for e in entries), "mcore_tensors": len(entries),
-            "shards": shards, "bytes": writer.total_bytes, "seconds": round(time.time() - start, 2)}
+            "shards": shards, "bytes": total, "seconds": round(time.time() - start, 2)}
 
 
 def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=False) -> dict:
-    """Convert a Megatron checkpoint (any layout) to an HF directory."""
+    """Convert a Megatron checkpoint (written at any layout) to an HF directory."""
     mc.read_meta(ckpt)  # fail early on a non-checkpoint
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    return launch.run(_mcore_to_hf_rank, 1, ckpt, out, parse_size(max_shard_size), overwrite)
+    return launch.run(_mcore_to_hf_rank, None, ckpt, out, parse_size(max_shard_size), overwrite)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ import multiprocessing as mp
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 class RankError(RuntimeError):
@@ -38,14 +38,14 @@ def _child(fn, rank: int, world_size: int, port: int, args, queue) -> None:
         dist.destroy()
 
 
-def run(fn: Callable, world_size: int, *args: Any) -> Any:
-    """fn(*args) on `world_size` ranks; returns rank 0's result."""
+def run(fn: Callable, world_size: Optional[int], *args: Any) -> Any:
+    """fn(*args) on `world_size` ranks (None: the launcher's ranks, else one); returns rank 0's result."""
     env_world = os.environ.get("WORLD_SIZE")
     if env_world is not None:
-        if int(env_world) != world_size:
+        if world_size is not None and int(env_world) != world_size:
             raise ValueError(f"the layout needs {world_size} ranks but WORLD_SIZE={env_world}")
         return fn(*args)
-    if world_size == 1:
+    if world_size in (None, 1):
         return fn(*args)
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()

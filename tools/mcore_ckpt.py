@@ -42,11 +42,12 @@ def precision_for(dtype: torch.dtype) -> str:
     return _PRECISION[dtype]
 
 
-def layout_config(m: ModelConfig, dtype: torch.dtype, tp=1, pp=1, ep=1, etp=None) -> Config:
-    """A validated Config for running model `m` at a parallel layout (world = the layout's ranks)."""
+def layout_config(m: ModelConfig, dtype: torch.dtype, tp=1, pp=1, ep=1, etp=None, world=None) -> Config:
+    """A validated Config for running model `m` at a parallel layout on `world` ranks
+    (default: the fewest the layout needs; more ranks become data-parallel replicas)."""
     cfg = Config(model=m, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp),
                  precision=PrecisionConfig(name=precision_for(dtype)))
-    validate(cfg, world_size(cfg))
+    validate(cfg, world or world_size(cfg))
     return cfg
 
 
@@ -92,33 +93,40 @@ def global_name(chunk: torch.nn.Module, name: str, m: ModelConfig) -> str:
     return name
 
 
-def tp_shard(full: torch.Tensor, param: torch.nn.Parameter, name: str) -> torch.Tensor:
-    """This rank's tensor-parallel piece of a full tensor for `param`."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
+# Tensor-parallel split dimension by parameter name, for the local layer spec. Taken from the
+# names rather than Megatron's `partition_dim` attributes because those are only attached by
+# the weight initialisers, which the converters skip.
+_SPLIT_DIM = {"embedding.word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0,
+              "linear_qkv.bias": 0, "linear_fc1.weight": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
+
+
+def _split(name: str) -> Tuple[Optional[int], int, int]:
+    """(split dim or None, TP size, TP rank) of a parameter; experts use the expert-TP group."""
+    dim = next((d for suffix, d in _SPLIT_DIM.items() if name == suffix or name.endswith("." + suffix)), None)
     if ".mlp.experts." in name:
-        size = parallel_state.get_expert_tensor_parallel_world_size()
-        rank = parallel_state.get_expert_tensor_parallel_rank()
-    else:
-        size = parallel_state.get_tensor_model_parallel_world_size()
-        rank = parallel_state.get_tensor_model_parallel_rank()
-    if size == 1:
+        return (dim, parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_rank())
+    return dim, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_shard(full: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's tensor-parallel piece of the full tensor for parameter `name`."""
+    dim, size, rank = _split(name)
+    if dim is None or size == 1:
         return full
     if name.endswith("linear_fc1.weight"):
         # SwiGLU: each rank holds [its gate rows; its up rows], not a slice of [gate; up].
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]], dim=0)
-    return torch.chunk(full, size, dim=param.partition_dim)[rank]
+    return torch.chunk(full, size, dim=dim)[rank]
 
 
 def full_shape(param: torch.nn.Parameter, name: str) -> Tuple[int, ...]:
     """The unsharded shape of a (possibly tensor-parallel) parameter."""
+    dim, size, _ = _split(name)
     shape = list(param.shape)
-    if getattr(param, "tensor_model_parallel", False):
-        expert = ".mlp.experts." in name
-        size = (parallel_state.get_expert_tensor_parallel_world_size() if expert
-                else parallel_state.get_tensor_model_parallel_world_size())
-        shape[param.partition_dim] *= size
+    if dim is not None:
+        shape[dim] *= size
     return tuple(shape)
 
 
