@@ -330,8 +330,12 @@ def resume(rt) -> TrainState:
         if not c.dir:
             raise CheckpointError("checkpoint.load=auto needs checkpoint.dir")
         found = find_resumable(Path(c.dir))
+        if found is None and complete_checkpoints(Path(c.dir)):
+            # Restarting from scratch would silently throw the run away: fail instead.
+            raise CheckpointError(f"checkpoint.load=auto: every checkpoint in {c.dir} is corrupted "
+                                  "(see the warnings above); remove them to start fresh")
         if found is None:
-            log.info("no usable checkpoint in %s: starting fresh", c.dir)
+            log.info("no checkpoint in %s: starting fresh", c.dir)
             return TrainState()
         return load(rt, *found, load_optimizer=not c.weights_only)
     ckpt = Path(c.load)

@@ -130,3 +130,170 @@ def test_sigterm_on_one_rank_saves_and_requeues(tmp_path):
     for rank in range(2):
         ref_hist, ref_step, ref_params = straight[rank]
         _assert_same_run((ref_hist[2:], ref_step, ref_params), resumed[rank])
+
+
+def _flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _shard(ckpt: Path) -> Path:
+    return sorted((ckpt / "state").glob("*.distcp"))[0]
+
+
+CORRUPTIONS = {
+    "flipped byte in a shard": (lambda c: _flip_byte(_shard(c)), lambda c: _shard(c).name),
+    "deleted shard": (lambda c: _shard(c).unlink(), lambda c: "missing"),
+    "truncated metadata": (lambda c: (c / "meta.json").write_text((c / "meta.json").read_text()[:200]),
+                           lambda c: "meta.json"),
+    "flipped byte in megatron metadata": (lambda c: _flip_byte(c / "state" / ".metadata"), lambda c: ".metadata"),
+}
+
+
+def _corruption_table(rank, world_size, root):
+    import shutil
+
+    from megatron_ext import checkpoint
+    from megatron_ext.checkpoint import CheckpointError
+
+    _, _, _ = _run(rank, world_size, BASE + [f"checkpoint.dir={root}/good", "checkpoint.save_interval=2"])
+    from megatron_ext.cli import load_config
+    from megatron_ext.build import build
+
+    rt = build(load_config(BASE))
+    outcomes = {}
+    for name, (corrupt, expected_in_message) in CORRUPTIONS.items():
+        case = Path(root) / name.replace(" ", "_")
+        shutil.copytree(Path(root) / "good", case)
+        corrupt(case / "iter_0000004")
+        rt.config.checkpoint.dir, rt.config.checkpoint.load = str(case), str(case / "iter_0000004")
+        try:
+            checkpoint.resume(rt)
+            explicit = "loaded"
+        except CheckpointError as e:
+            explicit = str(e)
+        rt.config.checkpoint.load = "auto"
+        auto_step = checkpoint.resume(rt).step
+        outcomes[name] = (explicit, expected_in_message(case / "iter_0000004"), auto_step)
+    # Garbage pointer: scanning still finds the newest good checkpoint.
+    (Path(root) / "good" / "latest").write_bytes(b"\x00\xffgarbage")
+    rt.config.checkpoint.dir, rt.config.checkpoint.load = f"{root}/good", "auto"
+    outcomes["garbage pointer"] = (None, None, checkpoint.resume(rt).step)
+    # Every checkpoint corrupted: auto-resume refuses to start from scratch.
+    case = Path(root) / "flipped_byte_in_a_shard"
+    _flip_byte(_shard(case / "iter_0000002"))
+    rt.config.checkpoint.dir = str(case)
+    try:
+        checkpoint.resume(rt)
+        outcomes["all corrupted"] = "resumed"
+    except CheckpointError as e:
+        outcomes["all corrupted"] = str(e)
+    return outcomes
+
+
+def test_corruption_is_detected_and_skipped(tmp_path):
+    (outcomes,) = run_on_ranks(_corruption_table, 1, str(tmp_path))
+    for name in CORRUPTIONS:
+        explicit, fragment, auto_step = outcomes[name]
+        assert explicit != "loaded" and fragment in explicit, (name, explicit)
+        assert auto_step == 2, f"{name}: auto-resume should fall back to step 2"
+    assert outcomes["garbage pointer"][2] == 4
+    assert "every checkpoint" in outcomes["all corrupted"]
+
+
+def test_cli_never_exits_0_on_a_corrupted_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-m", "megatron_ext.train"] + BASE
+    subprocess.run(args + ["train.steps=2", f"checkpoint.dir={tmp_path}"], cwd=root, check=True,
+                   capture_output=True, timeout=300)
+    _flip_byte(_shard(tmp_path / "iter_0000002"))
+    proc = subprocess.run(args + [f"checkpoint.load={tmp_path}/iter_0000002"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "checksum mismatch" in proc.stderr, proc.stderr[-2000:]
+
+
+def _logits_after_load(rank, world_size, overrides, tokens):
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_ext import checkpoint
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+
+    rt = build(load_config(overrides))
+    checkpoint.resume(rt)
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+
+    def forward_step(data_iterator, model):
+        return model(tokens, positions, attention_mask=None), lambda out, non_loss_data=True: out
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=[None] * len(rt.model) if len(rt.model) > 1 else None,
+        model=rt.model, num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
+        forward_only=True, collect_non_loss_data=True)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return gather_from_tensor_model_parallel_region(outputs[0]).detach()
+
+
+def test_reshard_tp2_to_tp1_and_pp2(tmp_path):
+    save = BASE + ["train.steps=2", f"checkpoint.dir={tmp_path}", "parallel.tp=2"]
+    run_on_ranks(_run, 2, save)
+    tokens = torch.randint(0, 151000, (2, 16), generator=torch.Generator().manual_seed(0))
+    load = BASE + [f"checkpoint.load={tmp_path}/iter_0000002"]
+    ref = run_on_ranks(_logits_after_load, 2, load + ["parallel.tp=2"], tokens)[0]
+    tp1 = run_on_ranks(_logits_after_load, 1, load, tokens)[0]
+    pp2 = run_on_ranks(_logits_after_load, 2, load + ["parallel.pp=2"], tokens)[1]
+    torch.testing.assert_close(tp1, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pp2, ref, rtol=1e-5, atol=1e-5)
+    # Training continues at the new layouts the same way it does at the saved one.
+    cont = BASE + ["train.steps=3", f"checkpoint.load={tmp_path}/iter_0000002"]
+    ref_loss = run_on_ranks(_run, 2, cont + ["parallel.tp=2"])[0][0][0]["loss"]
+    tp1_loss = run_on_ranks(_run, 1, cont)[0][0][0]["loss"]
+    pp2_loss = run_on_ranks(_run, 2, cont + ["parallel.pp=2"])[0][0][0]["loss"]
+    assert tp1_loss == pytest.approx(ref_loss, rel=1e-5) and pp2_loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+class _NanOnRank1AtStep2:
+    def __init__(self):
+        from megatron_ext.pretrain import PretrainStage
+
+        self.stage, self.calls, self.before = PretrainStage(), 0, None
+
+    def datasets(self, *args):
+        return self.stage.datasets(*args)
+
+    def forward_step(self, data_iterator, model):
+        self.calls += 1
+        output, loss_func = self.stage.forward_step(data_iterator, model)
+        if self.calls == 3:  # first micro-batch of step 2: remember the parameters
+            self.model, self.before = model, {k: v.detach().clone() for k, v in model.named_parameters()}
+        if self.calls == 3 and torch.distributed.get_rank() == 1:
+            output = output * float("nan")
+        return output, loss_func
+
+
+def _nan_run(rank, world_size, overrides):
+    from megatron_ext.fault import NonFiniteError
+
+    stage = _NanOnRank1AtStep2()
+    from megatron_ext.cli import load_config
+    from megatron_ext.loop import train
+
+    try:
+        train(load_config(overrides), stage)
+        return "no error", False
+    except NonFiniteError as e:
+        unchanged = all(torch.equal(v, stage.before[k]) for k, v in stage.model.named_parameters())
+        return str(e), unchanged
+
+
+def test_injected_nan_stops_before_the_update():
+    for message, unchanged in run_on_ranks(_nan_run, 2, BASE):
+        assert "non-finite loss on rank(s) [1] at step 2" in message
+        assert unchanged
