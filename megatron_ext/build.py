@@ -130,7 +130,8 @@ def lr_scheduler(optimizer, t: TrainConfig) -> OptimizerParamScheduler:
         max_lr=t.lr,
         min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps,
-        lr_decay_steps=t.steps,
+        # Megatron needs decay to end after warmup; runs shorter than warmup never decay.
+        lr_decay_steps=max(t.steps, t.warmup_steps + 1),
         lr_decay_style={"wsd": "WSD"}.get(t.lr_schedule, t.lr_schedule),
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,

@@ -6,8 +6,9 @@ pinned to the megatron-core version below and has a test in tests/test_cpu_backe
 fails when upstream changes (the call site no longer needs it, or its shape changed).
 
 Interceptions (each a named function below, listed in INTERCEPTIONS):
-- cuda_device: `torch.cuda.current_device()` -> 0, and a TorchFunctionMode that rewrites
-  `device='cuda'` / `device=<int>` / `.cuda()` / `.to('cuda')` to the CPU.
+- cuda_device: `torch.cuda.current_device()` -> the CPU device, and a TorchFunctionMode that
+  rewrites `device='cuda'` / `device=<int>` / `.cuda()` / `.to('cuda')` to the CPU and drops
+  `pin_memory=True` (RoPE's context-parallel slicing pins its index tensor).
 - cuda_streams: `torch.cuda.Stream/Event/current_stream/stream/synchronize` -> no-op stand-ins.
 - cuda_tensor_type: `param.type()` reports `torch.cuda.FloatTensor` etc. for CPU params (the
   optimizers dispatch on that string).
@@ -63,8 +64,10 @@ class _CpuDeviceMode(torch.overrides.TorchFunctionMode):
                 return name
         if not self.rewrite_devices:
             return func(*args, **kwargs)
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
+        if kwargs.get("pin_memory"):  # pinned host memory exists only with an accelerator
+            kwargs["pin_memory"] = False
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = self._CPU
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -1,13 +1,25 @@
-"""Layer-spec choice: Transformer Engine when TE and CUDA are present, Megatron's local spec otherwise."""
+"""Layer-spec choice: Transformer Engine when TE and CUDA are present, Megatron's local spec otherwise.
+
+The local spec gets two substitutions (megatron_ext.local_layers): an RMSNorm that supports
+sequence parallelism, and a core attention that supports context parallelism.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from megatron_ext.local_layers import CoreAttention, RMSNorm
+
+_LOCAL_SUBSTITUTES = {WrappedTorchNorm: RMSNorm, DotProductAttention: CoreAttention}
 
 
 @functools.lru_cache(maxsize=None)
@@ -16,11 +28,21 @@ def use_transformer_engine() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def _substitute(spec):
+    """Copy of a spec tree with the local substitutes swapped in."""
+    if isinstance(spec, type):
+        return _LOCAL_SUBSTITUTES.get(spec, spec)
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_substitute(s) for s in spec)
+    if isinstance(spec, ModuleSpec) or dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: _substitute(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init}
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
 def decoder_block_spec(config: TransformerConfig, vp_stage=None):
     """The decoder block spec for this pipeline stage (dense or MoE layers per moe_layer_freq)."""
-    return get_gpt_decoder_block_spec(
-        config,
-        use_transformer_engine=use_transformer_engine(),
-        normalization="RMSNorm",
-        vp_stage=vp_stage,
-    )
+    te = use_transformer_engine()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
+                                      vp_stage=vp_stage)
+    return spec if te else _substitute(spec)
