@@ -101,6 +101,29 @@ class ParallelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Router and dispatch choices for MoE training (the architecture lives in ModelConfig)."""
+
+    dispatcher: str = "alltoall"
+    """Token dispatcher: `alltoall` or `allgather`."""
+    load_balancing: str = "aux_loss"
+    """`aux_loss` (per micro-batch), `seq_aux_loss` (per sequence), `global_aux_loss` or `none`."""
+    aux_loss_coeff: float = 1e-3
+    """Weight of the load-balancing loss."""
+    z_loss_coeff: Optional[float] = None
+    """Router z-loss weight (None: off)."""
+    expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert routing bias updated from token counts.
+    Megatron-Core requires the sigmoid score function for it, which is then used."""
+    bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update."""
+    capacity_factor: Optional[float] = None
+    """Expert capacity as a multiple of the even share; tokens over it are dropped. None: dropless."""
+    grouped_gemm: bool = False
+    """Grouped GEMM for the experts (needs CUDA: TE or the grouped_gemm package)."""
+
+
+@dataclass
 class PrecisionConfig:
     """Numeric precision."""
 
@@ -202,6 +225,7 @@ class Config:
     stage: str = "pretrain"
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -283,6 +307,17 @@ def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
         etp = p.etp or p.tp
         _check(world_size % (p.ep * etp * p.pp) == 0,
                f"world size {world_size} is not divisible by parallel.ep*etp*pp = {p.ep}*{etp}*{p.pp}", errors)
+    if m.is_moe:
+        e = cfg.moe
+        _check(e.dispatcher in ("alltoall", "allgather"),
+               f"moe.dispatcher={e.dispatcher!r} is not 'alltoall' or 'allgather'", errors)
+        _check(e.load_balancing in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"),
+               f"moe.load_balancing={e.load_balancing!r} is not aux_loss, seq_aux_loss, global_aux_loss or none",
+               errors)
+        _check(e.capacity_factor is None or e.capacity_factor > 0,
+               f"moe.capacity_factor={e.capacity_factor} must be positive (or null for dropless)", errors)
+        _check(e.capacity_factor is None or e.dispatcher == "alltoall",
+               "moe.capacity_factor (token dropping) needs moe.dispatcher=alltoall", errors)
     if m.is_moe and p.tp > 1:
         _check(p.sp, f"MoE with parallel.tp={p.tp} needs parallel.sp=true (Megatron-Core requires it)", errors)
 

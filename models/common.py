@@ -35,10 +35,26 @@ def _moe_kwargs(cfg: Config) -> dict:
         moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=m.moe_shared_expert_gate,
         moe_layer_freq=list(m.moe_layer_freq) if m.moe_layer_freq is not None else 1,
-        moe_token_dispatcher_type="alltoall",
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=1e-3,
         moe_router_dtype="fp32",
+        **_moe_training_kwargs(cfg),
+    )
+
+
+def _moe_training_kwargs(cfg: Config) -> dict:
+    """Router/dispatch choices from the `moe` config group."""
+    e = cfg.moe
+    return dict(
+        moe_token_dispatcher_type=e.dispatcher,
+        moe_router_load_balancing_type=e.load_balancing,
+        moe_aux_loss_coeff=e.aux_loss_coeff if e.load_balancing != "none" else 0.0,
+        moe_z_loss_coeff=e.z_loss_coeff,
+        moe_router_enable_expert_bias=e.expert_bias,
+        moe_router_bias_update_rate=e.bias_update_rate,
+        # Megatron-Core implements expert-bias balancing for sigmoid scores only.
+        moe_router_score_function="sigmoid" if e.expert_bias else "softmax",
+        moe_expert_capacity_factor=e.capacity_factor,
+        moe_token_drop_policy="probs",
+        moe_grouped_gemm=e.grouped_gemm,
     )
 
 
