@@ -1,0 +1,283 @@
+"""Launch one training stage on a Slurm allocation: one srun task per GPU, each task one rank.
+
+Called by `slurm/train.sbatch` inside a job; also runs anywhere as a dry run:
+
+    python slurm/launch.py --dry-run --nodes 2 stage=pretrain model=qwen3_8b parallel.tp=4
+
+It resolves the stage to a module, adds the checkpoint overrides that make requeue work
+(`checkpoint.dir` derived from the job name unless given, `checkpoint.load=auto`), composes and
+validates the config for the allocation's world size with the same code the training entry
+uses, prints the command, the parallel layout per node and the config, and then (unless
+`--dry-run`) replaces itself with `srun`. Its exit code is srun's: 75 means "saved after a
+preemption signal, requeue me" (the sbatch script acts on it), 2 means the config or the layout
+was rejected before anything was launched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere: import the project next to it
+    sys.path.insert(0, str(REPO))
+
+from megatron_ext.cli import config_yaml, load_config  # noqa: E402
+from megatron_ext.config import Config, ConfigError, data_parallel_size, validate  # noqa: E402
+
+# Stage name -> the module srun runs (`python -m MODULE overrides...`). Add a stage here when
+# its entry point exists; every stage takes Hydra overrides and the same checkpoint keys.
+STAGES: Dict[str, str] = {
+    "pretrain": "megatron_ext.train",
+}
+
+DEFAULT_JOB_NAME = "qwen-train"
+CHECKPOINT_ROOT = "runs"  # default checkpoint.dir = runs/<job name>/checkpoints (git-ignored)
+
+
+@dataclass
+class Allocation:
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    job_name: str
+    hosts: Optional[List[str]] = None  # None in a dry run outside a job
+    cpus_per_task: Optional[int] = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+class LaunchError(Exception):
+    """The request cannot be launched on this allocation; the message says why."""
+
+
+def _count(value: str) -> int:
+    """Slurm counts like `8`, `8(x2)` or `8,8` (one entry per node group): the first count."""
+    return int(value.split("(")[0].split(",")[0])
+
+
+def allocation_from_slurm(env: Dict[str, str]) -> Allocation:
+    """The allocation of the job this runs in (srun-native: SLURM_NTASKS ranks, block-placed)."""
+    if "SLURM_NTASKS" not in env:
+        raise LaunchError("the job has no task count: submit with --ntasks-per-node (one task per GPU)")
+    nodes = int(env["SLURM_JOB_NUM_NODES"])
+    ntasks = int(env["SLURM_NTASKS"])
+    if ntasks % nodes:
+        raise LaunchError(f"SLURM_NTASKS={ntasks} is not a multiple of the {nodes} nodes; "
+                          "ask for --ntasks-per-node so every node runs the same number of ranks")
+    gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("SLURM_GPUS_PER_NODE") or "0"
+    gpus = gpus.split(":")[-1]  # --gpus-per-node=h100:8 -> "h100:8"
+    hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+                           check=True, capture_output=True, text=True).stdout.split()
+    cpus = env.get("SLURM_CPUS_PER_TASK")
+    return Allocation(nodes=nodes, tasks_per_node=ntasks // nodes, gpus_per_node=_count(gpus),
+                      job_name=env.get("SLURM_JOB_NAME", DEFAULT_JOB_NAME), hosts=hosts,
+                      cpus_per_task=int(cpus) if cpus else None)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _value(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The value the last `key=value` override gives, or None."""
+    found = None
+    for o in overrides:
+        if "=" in o and _override_key(o) == key:
+            found = o.split("=", 1)[1]
+    return found
+
+
+def _has_checkpoint(directory: str) -> bool:
+    from megatron_ext.checkpoint import complete_checkpoints
+
+    return bool(complete_checkpoints(Path(directory)))
+
+
+def with_checkpoint_overrides(overrides: List[str], job_name: str) -> tuple:
+    """Add the overrides requeue depends on; return (overrides, notes for the log).
+
+    A requeued job runs the same command again, so the command itself must resume: it always
+    names a checkpoint directory (derived from the job name unless given) and loads with
+    `auto`. If the user named a checkpoint to start from (e.g. converted HF weights for CPT),
+    that is used only until this job's own directory holds a checkpoint; after that the job's
+    progress wins, with the full training state.
+    """
+    out, notes = list(overrides), []
+    ckpt_dir = _value(out, "checkpoint.dir")
+    if ckpt_dir in (None, "", "null"):
+        ckpt_dir = f"{CHECKPOINT_ROOT}/{job_name}/checkpoints"
+        out.append(f"checkpoint.dir={ckpt_dir}")
+        notes.append(f"checkpoint.dir={ckpt_dir} (from the job name)")
+    load = _value(out, "checkpoint.load")
+    if load in (None, "", "null"):
+        out.append("checkpoint.load=auto")
+    elif load != "auto" and _has_checkpoint(ckpt_dir):
+        out += ["checkpoint.load=auto", "checkpoint.weights_only=false"]
+        notes.append(f"{ckpt_dir} already holds this job's checkpoints: resuming from them "
+                     f"(checkpoint.load=auto) instead of checkpoint.load={load}")
+    return out, notes
+
+
+def resolve(overrides: List[str], alloc: Allocation) -> tuple:
+    """(module, overrides, config, notes) for this allocation; ConfigError/LaunchError if it doesn't fit."""
+    stage = _value(overrides, "stage") or "pretrain"
+    if stage not in STAGES:
+        raise LaunchError(f"stage={stage} has no launcher entry; known stages: {', '.join(sorted(STAGES))} "
+                          "(add one to STAGES in slurm/launch.py)")
+    if alloc.gpus_per_node and alloc.tasks_per_node > alloc.gpus_per_node:
+        raise LaunchError(f"{alloc.tasks_per_node} tasks per node but {alloc.gpus_per_node} GPUs per node: "
+                          "one rank per GPU needs --ntasks-per-node <= --gpus-per-node")
+    overrides, notes = with_checkpoint_overrides(overrides, alloc.job_name)
+    cfg = load_config(overrides)
+    validate(cfg, alloc.world_size)
+    return STAGES[stage], overrides, cfg, notes
+
+
+def _span(values) -> str:
+    values = sorted(set(values))
+    if len(values) > 1 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def layout_lines(cfg: Config, alloc: Allocation) -> List[str]:
+    """The world layout: sizes, then per node its ranks, pipeline stages and DP replicas, and
+    which communication groups stay inside a node (Megatron-Core's own rank generator, with
+    the default order tp-cp-ep-dp-pp, decides the groups)."""
+    from megatron.core.parallel_state import RankGenerator
+
+    p, world, tpn = cfg.parallel, alloc.world_size, alloc.tasks_per_node
+    dp = data_parallel_size(cfg, world)
+    etp = p.etp or p.tp
+    edp = world // (etp * p.ep * p.pp)
+    dense = RankGenerator(tp=p.tp, ep=1, dp=dp, pp=p.pp, cp=p.cp, order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=etp, ep=p.ep, dp=edp, pp=p.pp, cp=1, order="tp-cp-ep-dp-pp")
+    t = cfg.train
+    lines = [
+        f"world: {alloc.nodes} node(s) x {tpn} ranks = {world} ranks"
+        + (f" (one GPU each, {alloc.gpus_per_node} GPUs per node)" if alloc.gpus_per_node else " (CPU, gloo)"),
+        f"parallel: TP={p.tp} PP={p.pp}" + (f" (VPP={p.vpp})" if p.vpp else "") + f" CP={p.cp} DP={dp}"
+        + f" SP={'on' if p.sp else 'off'}" + (f" | experts: EP={p.ep} ETP={etp} expert-DP={edp}" if cfg.model.is_moe else ""),
+        f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x DP {dp} x "
+        f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches per step, seq {cfg.data.seq_length}",
+    ]
+    node_of = lambda r: r // tpn  # noqa: E731  srun --distribution=block
+    groups = {"TP": dense.get_ranks("tp"), "CP": dense.get_ranks("cp"), "DP": dense.get_ranks("dp"),
+              "PP": dense.get_ranks("pp")}
+    if cfg.model.is_moe:
+        groups["EP"] = expert.get_ranks("ep")
+    coords = {}
+    for kind in ("tp", "cp", "dp", "pp"):
+        for group in dense.get_ranks(kind):
+            for index, rank in enumerate(group):
+                coords.setdefault(rank, {})[kind] = index
+    for node in range(alloc.nodes):
+        ranks = range(node * tpn, (node + 1) * tpn)
+        host = f" {alloc.hosts[node]}" if alloc.hosts else ""
+        lines.append(f"node {node}{host}: ranks {_span(ranks)} | PP stage {_span(coords[r]['pp'] for r in ranks)}"
+                     f" | DP replica {_span(coords[r]['dp'] for r in ranks)}"
+                     f" | TP rank {_span(coords[r]['tp'] for r in ranks)}")
+    inside = [k for k, g in groups.items() if len(g[0]) > 1 and all(len({node_of(r) for r in x}) == 1 for x in g)]
+    across = [k for k, g in groups.items() if len(g[0]) > 1 and k not in inside]
+    lines.append(f"groups inside one node: {', '.join(inside) or '-'}; across nodes: {', '.join(across) or '-'}")
+    for kind in ("TP", "CP", "EP"):
+        if kind in across and alloc.gpus_per_node:
+            lines.append(f"warning: {kind} groups span nodes, so their traffic leaves NVLink "
+                         f"(keep {kind} size within {tpn} ranks per node)")
+    return lines
+
+
+def srun_command(module: str, overrides: List[str], alloc: Allocation) -> List[str]:
+    cmd = ["srun", f"--ntasks={alloc.world_size}", f"--ntasks-per-node={alloc.tasks_per_node}",
+           "--distribution=block",  # ranks 0..n-1 on node 0, ...: TP groups stay on one node
+           "--kill-on-bad-exit=1",  # one crashed rank ends the step instead of hanging the rest
+           "--label"]  # prefix every line with its rank
+    if alloc.cpus_per_task:
+        cmd.append(f"--cpus-per-task={alloc.cpus_per_task}")  # srun 22.05+ no longer inherits it
+    return cmd + [sys.executable, "-m", module] + overrides
+
+
+def rendezvous_env(env: Dict[str, str], alloc: Allocation) -> Dict[str, str]:
+    """MASTER_ADDR/PORT for torch.distributed: the first node, a port fixed per job id (the
+    same after a requeue; --exclusive keeps other jobs off it). Values already set win."""
+    out = {}
+    out["MASTER_ADDR"] = env.get("MASTER_ADDR") or (alloc.hosts[0] if alloc.hosts else "<first node>")
+    job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+    out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + job_id % 20000)
+    # One rank per core budget; torch would otherwise start one thread per core in every rank.
+    out["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS") or str(alloc.cpus_per_task or 1)
+    # Step lines reach the job log as they happen, not when a buffer fills (tail -f works).
+    out["PYTHONUNBUFFERED"] = env.get("PYTHONUNBUFFERED") or "1"
+    return out
+
+
+def parse_args(argv: Sequence[str]):
+    parser = argparse.ArgumentParser(
+        prog="slurm/launch.py", description=__doc__.split("\n\n")[0],
+        epilog="Everything else is a Hydra override (key=value), e.g. stage=pretrain model=qwen3_8b parallel.tp=4.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the command, layout and config; launch nothing")
+    parser.add_argument("--nodes", type=int, help="dry run outside a job: number of nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, help="dry run outside a job: GPUs per node (default 8)")
+    parser.add_argument("--tasks-per-node", type=int, help="dry run outside a job: ranks per node "
+                        "(default: one per GPU)")
+    parser.add_argument("--job-name", help=f"dry run outside a job: job name (default {DEFAULT_JOB_NAME})")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides")
+    return parser.parse_args(list(argv))
+
+
+def _allocation(args, env: Dict[str, str]) -> Allocation:
+    sizing = [f"--{n.replace('_', '-')}" for n in ("nodes", "gpus_per_node", "tasks_per_node", "job_name")
+              if getattr(args, n) is not None]
+    if "SLURM_JOB_ID" in env and not args.dry_run:
+        if sizing:
+            raise LaunchError(f"{', '.join(sizing)} only apply to a dry run; inside a job the allocation "
+                              "decides (sbatch --nodes/--ntasks-per-node/--gpus-per-node)")
+        return allocation_from_slurm(env)
+    if "SLURM_JOB_ID" in env and not sizing:
+        return allocation_from_slurm(env)
+    gpus = 8 if args.gpus_per_node is None else args.gpus_per_node
+    tpn = args.tasks_per_node or gpus
+    if tpn < 1 or (args.nodes is not None and args.nodes < 1):
+        raise LaunchError("--nodes and --tasks-per-node must be >= 1 (give --tasks-per-node with --gpus-per-node 0)")
+    return Allocation(nodes=args.nodes or 1, tasks_per_node=tpn, gpus_per_node=gpus,
+                      job_name=args.job_name or DEFAULT_JOB_NAME)
+
+
+def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ if env is None else env)
+    bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
+    try:
+        if bad:
+            raise LaunchError(f"not a key=value override: {' '.join(bad)}")
+        alloc = _allocation(args, env)
+        module, overrides, cfg, notes = resolve(args.overrides, alloc)
+    except (ConfigError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = srun_command(module, overrides, alloc)
+    rdzv = rendezvous_env(env, alloc)
+    print("command:", " ".join(f"{k}={v}" for k, v in rdzv.items()), shlex.join(cmd))
+    for line in notes:
+        print("note:", line)
+    for line in layout_lines(cfg, alloc):
+        print(line)
+    print("config:\n" + config_yaml(cfg), flush=True)
+    if args.dry_run:
+        return 0
+    os.execvpe(cmd[0], cmd, {**env, **rdzv})  # srun's exit code becomes this process's
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
