@@ -89,7 +89,12 @@ class HFCheckpoint:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        """Read one tensor. A short-lived handle is used so the file's mapped pages are released
+        right away; reading through the cached handles would leave every tensor read so far
+        resident in this process (the whole model's worth by the end)."""
+        self._handle(name)  # validates the name and its file
+        with safe_open(str(self.file_of(name)), framework="pt") as f:
+            return f.get_tensor(name)
 
     def close(self) -> None:
         self._handles.clear()
