@@ -199,7 +199,11 @@ def layout_lines(cfg: Config, alloc: Allocation) -> List[str]:
 def srun_command(module: str, overrides: List[str], alloc: Allocation) -> List[str]:
     cmd = ["srun", f"--ntasks={alloc.world_size}", f"--ntasks-per-node={alloc.tasks_per_node}",
            "--distribution=block",  # ranks 0..n-1 on node 0, ...: TP groups stay on one node
-           "--kill-on-bad-exit=1",  # one crashed rank ends the step instead of hanging the rest
+           # Once one rank has ended, the others get 60 s to end too, then they are killed: a
+           # crashed rank does not leave the rest hanging in a collective. Not
+           # --kill-on-bad-exit: after a preemption save every rank exits 75, and that would
+           # kill the slower ranks and turn srun's 75 into 143 (no requeue).
+           "--wait=60",
            "--label"]  # prefix every line with its rank
     if alloc.cpus_per_task:
         cmd.append(f"--cpus-per-task={alloc.cpus_per_task}")  # srun 22.05+ no longer inherits it

@@ -1,0 +1,214 @@
+"""Slurm launch: the launcher's dry run, and `slurm/train.sbatch` on a real one-node Slurm.
+
+The cluster tests start munged + slurmctld + slurmd on localhost (tests/slurm_cluster.py) and
+submit the real template with CPU settings: 2 tasks, gloo, the debug model, a few steps. They
+skip, saying why, only where Slurm cannot be started (packages missing, not root).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster, unavailable_reason
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "slurm"))
+import launch  # noqa: E402  (slurm/launch.py)
+
+STEP = re.compile(r"step\s+(\d+)/(\d+) \| lm_loss ([0-9.eE+-]+|nan|inf)")
+# Small and fast on 2 shared cores: 2 ranks (DP=2), debug model, short sequences.
+CPU_RUN = ["data.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=1",
+           "train.warmup_steps=1"]
+CPU_SBATCH = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+# ---------------------------------------------------------------- dry run (no Slurm needed)
+
+
+def dry_run(capsys, *args):
+    code = launch.main(["--dry-run", *args], env={})
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_dry_run_qwen3_8b_two_nodes(capsys):
+    code, out, err = dry_run(capsys, "--nodes", "2", "stage=pretrain", "model=qwen3_8b", "parallel.tp=4",
+                             "precision=bf16", "train.global_batch_size=256", "train.micro_batch_size=1",
+                             "data.seq_length=4096")
+    assert code == 0, err
+    assert "world: 2 node(s) x 8 ranks = 16 ranks" in out
+    assert "TP=4 PP=1 CP=1 DP=4" in out
+    assert "micro 1 x DP 4 x 64 micro-batches per step" in out
+    assert "node 0: ranks 0-7 | PP stage 0 | DP replica 0-1 | TP rank 0-3" in out
+    assert "node 1: ranks 8-15 | PP stage 0 | DP replica 2-3 | TP rank 0-3" in out
+    assert "groups inside one node: TP; across nodes: DP" in out
+    command = next(line for line in out.splitlines() if line.startswith("command:"))
+    assert "srun --ntasks=16 --ntasks-per-node=8" in command and "-m megatron_ext.train" in command
+    assert "checkpoint.dir=runs/qwen-train/checkpoints checkpoint.load=auto" in command
+    assert "name: qwen3_8b" in out  # the resolved config follows
+
+
+def test_dry_run_moe_expert_parallel_stays_in_node(capsys):
+    code, out, err = dry_run(capsys, "--nodes", "2", "model=qwen3_30b_a3b", "parallel.ep=8", "parallel.pp=2",
+                             "train.global_batch_size=64", "train.micro_batch_size=1")
+    assert code == 0, err
+    assert "TP=1 PP=2 CP=1 DP=8 SP=off | experts: EP=8 ETP=1 expert-DP=1" in out
+    assert "node 0: ranks 0-7 | PP stage 0" in out and "node 1: ranks 8-15 | PP stage 1" in out
+    assert "groups inside one node: DP, EP; across nodes: PP" in out
+
+
+def test_dry_run_warns_when_tp_leaves_the_node(capsys):
+    code, out, _ = dry_run(capsys, "--nodes", "2", "--gpus-per-node", "4", "model=qwen3_8b", "parallel.tp=8",
+                           "train.global_batch_size=8", "train.micro_batch_size=1")
+    assert code == 0
+    assert "warning: TP groups span nodes" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "1", "parallel.tp=3"], "world size 8 is not divisible by parallel.tp*pp*cp = 3*1*1 = 3"),
+    (["--nodes", "3", "train.global_batch_size=8"], "train.global_batch_size=8 is not divisible by "
+                                                     "train.micro_batch_size*dp = 2*24"),
+    (["--nodes", "1", "model=qwen3_30b_a3b", "parallel.ep=16"], "world size 8 is not divisible by parallel.ep*etp*pp"),
+    (["--tasks-per-node", "16"], "16 tasks per node but 8 GPUs per node"),
+    (["stage=nosuchstage"], "stage=nosuchstage has no launcher entry; known stages: pretrain"),
+    (["parallel.tp"], "not a key=value override: parallel.tp"),
+    (["parallel.nosuchkey=1"], "parallel.nosuchkey"),
+])
+def test_dry_run_rejects_layouts_that_do_not_fit(capsys, args, message):
+    code, out, err = dry_run(capsys, *args)
+    assert code == 2
+    assert message in err
+    assert "command:" not in out  # nothing resolved, nothing printed as launchable
+
+
+def test_requeue_prefers_the_jobs_own_checkpoints(tmp_path):
+    own = tmp_path / "own"
+    overrides = [f"checkpoint.dir={own}", "checkpoint.load=/weights/hf_converted", "checkpoint.weights_only=true"]
+    out, notes = launch.with_checkpoint_overrides(overrides, "job")
+    assert out == overrides and not notes  # first run: start from the given weights
+    (own / "iter_0000010").mkdir(parents=True)
+    out, notes = launch.with_checkpoint_overrides(overrides, "job")
+    assert out[-2:] == ["checkpoint.load=auto", "checkpoint.weights_only=false"]  # requeued: resume
+    assert "resuming from them" in notes[0]
+    out, _ = launch.with_checkpoint_overrides(["train.steps=3"], "myjob")
+    assert out == ["train.steps=3", "checkpoint.dir=runs/myjob/checkpoints", "checkpoint.load=auto"]
+
+
+# ---------------------------------------------------------------- real Slurm
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no local Slurm: {reason}")
+    # Not pytest's tmp_path: its parent is private to root, and munged runs as user munge.
+    root = Path(tempfile.mkdtemp(prefix="slurm-test-"))
+    root.chmod(0o755)
+    c = SlurmCluster(root / "cluster")
+    try:
+        c.start()
+    except Exception as e:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"Slurm is installed but the local cluster did not start: {e}")
+    c.work = root / "work"
+    c.work.mkdir()
+    yield c
+    c.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def submit(cluster, name, args):
+    """sbatch the real template from the repository root, as a user would; return the job id."""
+    env = dict(cluster.env, PYTHON=sys.executable)
+    res = cluster.run(["sbatch", "--parsable", *CPU_SBATCH, f"--job-name={name}",
+                       f"--output={cluster.work}/%x-%j.log", "slurm/train.sbatch", *args], cwd=REPO, env=env)
+    return res.stdout.strip().split(";")[0]
+
+
+def job_log(cluster, name, job_id) -> str:
+    path = cluster.work / f"{name}-{job_id}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def steps(text):
+    return [(int(m.group(1)), float(m.group(3))) for m in STEP.finditer(text)]
+
+
+def test_sbatch_trains_and_checkpoints(cluster):
+    ckpt = cluster.work / "ckpt-train"
+    job = submit(cluster, "train", ["stage=pretrain", "train.steps=4", "checkpoint.save_interval=2",
+                                    f"checkpoint.dir={ckpt}", *CPU_RUN])
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
+    log = job_log(cluster, "train", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "world: 1 node(s) x 2 ranks = 2 ranks (CPU, gloo)" in log
+    assert "process group: backend=gloo rank=0 world_size=2" in log
+    losses = steps(log)
+    assert [s for s, _ in losses] == [1, 2, 3, 4], log[-3000:]
+    assert all(0 < loss < 20 for _, loss in losses)  # finite, near ln(vocab) ~ 11.9 at the start
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    assert (ckpt / "iter_0000002" / "meta.json").is_file() and (ckpt / "iter_0000004" / "meta.json").is_file()
+
+
+def test_preemption_signal_saves_requeues_and_resumes(cluster):
+    ckpt = cluster.work / "ckpt-preempt"
+    total = 12
+    job = submit(cluster, "preempt", ["stage=pretrain", f"train.steps={total}", f"checkpoint.dir={ckpt}", *CPU_RUN])
+    deadline = time.time() + 240
+    while not any(s >= 2 for s, _ in steps(job_log(cluster, "preempt", job))):
+        assert time.time() < deadline, job_log(cluster, "preempt", job)[-3000:]
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), job_log(cluster, "preempt", job)[-3000:]
+        time.sleep(0.25)
+    # What Slurm does 120 s before the time limit (--signal=USR1@120), sent by hand.
+    cluster.run(["scancel", "--signal=USR1", job])
+
+    # The ranks save and exit 75; the batch script requeues; Slurm holds a requeued job for
+    # about two minutes (BeginTime) before it may start again. Wait for that state, check the
+    # saved checkpoint, then let it start now instead of in two minutes.
+    deadline = time.time() + 180
+    while True:
+        info = cluster.job(job)
+        if info["JobState"] == "PENDING" and info["Restarts"] == "1":
+            break
+        assert info["JobState"] in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING"), \
+            (info["JobState"], job_log(cluster, "preempt", job)[-3000:])
+        assert time.time() < deadline, job_log(cluster, "preempt", job)[-3000:]
+        time.sleep(0.5)
+    first = job_log(cluster, "preempt", job)
+    saved_at = max(s for s, _ in steps(first))
+    assert saved_at < total, "the run finished before the signal arrived; nothing was preempted"
+    assert "received SIGUSR1: will save and exit at the next step boundary" in first
+    assert "training saved a checkpoint and exited 75: requeueing job" in first
+    assert (ckpt / "latest").read_text().strip() == f"iter_{saved_at:07d}"
+    assert [p.name for p in ckpt.glob("iter_*")] == [f"iter_{saved_at:07d}"]
+
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
+    log = job_log(cluster, "preempt", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["Restarts"] == "1"
+    assert log.startswith(first)  # --open-mode=append: the first run's log is kept
+    second = log[len(first):]
+    assert f"run 2 on" in second
+    assert f"resumed from {ckpt / f'iter_{saved_at:07d}'} at step {saved_at}" in second
+    assert [s for s, _ in steps(second)] == list(range(saved_at + 1, total + 1)), second[-3000:]
+    assert (ckpt / "latest").read_text().strip() == f"iter_{total:07d}"
+
+
+def test_layout_that_does_not_fit_fails_before_srun(cluster):
+    job = submit(cluster, "badlayout", ["parallel.tp=4", *CPU_RUN])  # 2 tasks cannot hold TP=4
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=180)
+    log = job_log(cluster, "badlayout", job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, log[-2000:])
+    assert "world size 2 is not divisible by parallel.tp*pp*cp = 4*1*1 = 4" in log
+    assert "command:" not in log and "process group" not in log  # no srun step started
+    assert info["Restarts"] == "0"
