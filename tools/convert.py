@@ -148,7 +148,8 @@ def hf_config_for(m, dtype: torch.dtype, base: Optional[dict]) -> dict:
     return config
 
 
-def _write_hf(m, dtype, base, params: dict, ckpt: str, out: Path, max_shard_bytes: int) -> Tuple[int, int]:
+def _write_hf(m, dtype, base, params: dict, tokenizer_dir: Optional[Path], out: Path,
+              max_shard_bytes: int) -> Tuple[int, int]:
     """Split every Megatron tensor into its HF tensors and write a complete HF directory."""
     entries = expand(registry.family(m.family).RULES, m)
     writer = ShardWriter(out, max_shard_bytes)
@@ -157,20 +158,20 @@ def _write_hf(m, dtype, base, params: dict, ckpt: str, out: Path, max_shard_byte
             writer.add(name, tensor)
     shards = writer.close()
     (out / "config.json").write_text(json.dumps(hf_config_for(m, dtype, base), indent=2) + "\n")
-    tok = Path(ckpt) / mc.TOKENIZER_DIR
-    for f in tokenizer_files(tok) if tok.is_dir() else []:
+    for f in tokenizer_files(tokenizer_dir) if tokenizer_dir else []:
         shutil.copy2(f, out / f.name)
     return shards, writer.total_bytes
 
 
 def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool) -> dict:
     start = time.time()
-    m, dtype, base = mc.read_meta(ckpt)
+    src = mc.open_checkpoint(ckpt)
+    m, dtype, base = src.model, src.dtype, src.hf_config
     entries = expand(registry.family(m.family).RULES, m)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
     # Loaded whole (TP=PP=EP=1); extra ranks, if launched with more, are idle data-parallel replicas.
     chunks = mc.build(mc.layout_config(m, dtype, world=world))
-    mc.load(chunks, ckpt)
+    mc.load(chunks, src)
     params = dict(chunks[0].named_parameters())
     unmapped = sorted(set(params) - {e.mcore for e in entries})
     if unmapped:
@@ -178,7 +179,7 @@ def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool
     tmp = mc.staging_dir(Path(out))
     shards = total = 0
     if _rank0():
-        shards, total = _write_hf(m, dtype, base, params, ckpt, tmp, max_shard_bytes)
+        shards, total = _write_hf(m, dtype, base, params, src.tokenizer_dir, tmp, max_shard_bytes)
         mc.publish(tmp, Path(out), overwrite)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -188,8 +189,8 @@ def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool
 
 
 def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=False) -> dict:
-    """Convert a Megatron checkpoint (written at any layout) to an HF directory."""
-    mc.read_meta(ckpt)  # fail early on a non-checkpoint
+    """Convert a Megatron checkpoint (written at any layout, by tools.convert or by training) to HF."""
+    mc.open_checkpoint(ckpt)  # fail early on a non-checkpoint
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     return launch.run(_mcore_to_hf_rank, None, ckpt, out, parse_size(max_shard_size), overwrite)
@@ -205,7 +206,7 @@ def main(argv=None) -> int:
         a.add_argument(f"--{flag}", type=int, default=1)
     a.add_argument("--etp", type=int, default=None)
     b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF directory")
-    b.add_argument("--ckpt", required=True)
+    b.add_argument("--ckpt", required=True, help="a tools.convert checkpoint, or a training checkpoint (iter_N or its root)")
     b.add_argument("--out", required=True)
     b.add_argument("--max-shard-size", default="5GB")
     for p in (a, b):

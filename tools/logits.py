@@ -68,11 +68,12 @@ def _writer() -> bool:
 
 
 def _logits_rank(ckpt: str, tokens: torch.Tensor, out: str, all_positions: bool, layout: dict) -> str:
-    m, dtype, _ = mc.read_meta(ckpt)
+    src = mc.open_checkpoint(ckpt)
+    m = src.model
     if int(tokens.max()) >= m.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"token ids must be in [0, {m.vocab_size}) for {m.name}")
-    chunks = mc.build(mc.layout_config(m, dtype, **layout))
-    mc.load(chunks, ckpt)
+    chunks = mc.build(mc.layout_config(m, src.dtype, **layout))
+    mc.load(chunks, src)
     logits = forward_logits(chunks, tokens)
     if _writer():
         result = logits if all_positions else logits[:, -1, :]
@@ -95,7 +96,7 @@ def dump_logits(ckpt: str, tokens: str, out: str, all_positions=False, tp=1, pp=
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.logits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--ckpt", required=True, help="a tools.convert checkpoint, or a training checkpoint (iter_N or its root)")
     parser.add_argument("--tokens", required=True, help='e.g. "1,2,3" or "1,2,3;4,5,6"')
     parser.add_argument("--out", required=True, help="output .npy file")
     parser.add_argument("--all", action="store_true", help="logits of every position, not just the last")

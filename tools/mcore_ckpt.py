@@ -3,12 +3,14 @@
 A checkpoint directory holds Megatron-Core's distributed checkpoint of the model's
 `sharded_state_dict()` (resharded on load, so it loads at any TP/PP/EP layout), and
 `qwen_checkpoint.json` with the ModelConfig, the parameter dtype, and the HF config and
-tokenizer files it came from (so converting back restores them).
+tokenizer files it came from (so converting back restores them). Training checkpoints written
+by `megatron_ext.checkpoint` are read too (their model weights; the job config names the model).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import math
 import os
@@ -136,15 +138,58 @@ def write_meta(ckpt: Path, m: ModelConfig, dtype: torch.dtype, hf_config: Option
     (ckpt / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def read_meta(ckpt: str) -> Tuple[ModelConfig, torch.dtype, Optional[Dict[str, Any]]]:
-    """(ModelConfig, parameter dtype, source HF config or None) of a checkpoint directory."""
-    path = Path(ckpt) / META_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: {ckpt} is not a checkpoint written by tools.convert")
-    meta = json.loads(path.read_text())
+@dataclass
+class Source:
+    """A readable Megatron checkpoint: where its dist_checkpointing files are and what model they hold."""
+
+    dist_dir: Path
+    model: ModelConfig
+    dtype: torch.dtype
+    hf_config: Optional[Dict[str, Any]] = None
+    """The HF config the checkpoint was converted from (None for training checkpoints)."""
+    tokenizer_dir: Optional[Path] = None
+    nesting: Tuple[str, ...] = ()
+    """Where the model's state dict sits inside the saved state (training: model/chunk0)."""
+
+
+def _converter_source(path: Path) -> Source:
+    meta = json.loads((path / META_FILE).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-    return ModelConfig(**meta["model"]), getattr(torch, meta["dtype"]), meta.get("hf_config")
+        raise CheckpointError(f"{path / META_FILE}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    tok = path / TOKENIZER_DIR
+    return Source(path, ModelConfig(**meta["model"]), getattr(torch, meta["dtype"]), meta.get("hf_config"),
+                  tok if tok.is_dir() else None)
+
+
+def _training_source(path: Path) -> Source:
+    # Written by megatron_ext.checkpoint: iter_N/{state/, meta.json with the whole job config}.
+    config = json.loads((path / "meta.json").read_text()).get("config") or {}
+    if "model" not in config:
+        raise CheckpointError(f"{path / 'meta.json'} has no config.model")
+    precision = (config.get("precision") or {}).get("name", "fp32")
+    # Model weights are kept in bf16 by every non-fp32 recipe (FP8 casts happen inside the GEMMs).
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    return Source(path / "state", ModelConfig(**config["model"]), dtype, nesting=("model", "chunk0"))
+
+
+def open_checkpoint(ckpt: str) -> Source:
+    """A checkpoint written by tools.convert, a training checkpoint `iter_N/`, or a training
+    checkpoint root (its `latest` is used)."""
+    path = Path(ckpt)
+    if (path / META_FILE).is_file():
+        return _converter_source(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if (path / "meta.json").is_file() and (path / "state").is_dir():
+        return _training_source(path)
+    raise CheckpointError(f"{ckpt} is not a checkpoint: no {META_FILE} (tools.convert) and no "
+                          "meta.json + state/ (training)")
+
+
+def read_meta(ckpt: str) -> Tuple[ModelConfig, torch.dtype, Optional[Dict[str, Any]]]:
+    """(ModelConfig, parameter dtype, source HF config or None) of any checkpoint `open_checkpoint` reads."""
+    src = open_checkpoint(ckpt)
+    return src.model, src.dtype, src.hf_config
 
 
 def staging_dir(out: Path) -> Path:
@@ -173,9 +218,16 @@ def save(chunks: List[torch.nn.Module], ckpt_dir: Path) -> None:
     dist_checkpointing.save(chunks[0].sharded_state_dict(), str(ckpt_dir))
 
 
-def load(chunks: List[torch.nn.Module], ckpt: str) -> None:
+def load(chunks: List[torch.nn.Module], src: Source) -> None:
     """Collective: fill this rank's model chunk from a checkpoint written at any layout."""
     if len(chunks) != 1:
         raise ValueError("virtual pipeline stages are not supported by the converter tools")
-    state = dist_checkpointing.load(chunks[0].sharded_state_dict(), str(ckpt))
+    request = chunks[0].sharded_state_dict()
+    for key in reversed(src.nesting):
+        request = {key: request}
+    # Non-tensor state saved beside the model (e.g. a training run's optimizer groups) comes
+    # back merged at the top level; descending into the model's entry leaves it behind.
+    state = dist_checkpointing.load(request, str(src.dist_dir))
+    for key in src.nesting:
+        state = state[key]
     chunks[0].load_state_dict(state, strict=True)
