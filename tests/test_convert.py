@@ -30,7 +30,7 @@ from tools.hf_io import HFCheckpointError
 from tools.logits import dump_logits
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENS = "5,17,200,3,99,42,7;255,0,13,128,64,1,77"
+TOKENS = "5,17,200,3,99,42,7,8;255,0,13,128,64,1,77,9"  # even length: sequence parallel splits it
 TOL = 1e-4
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6)

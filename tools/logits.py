@@ -1,6 +1,6 @@
 """Dump the logits of a Megatron checkpoint's model for given token ids.
 
-    python -m tools.logits --ckpt CKPT --tokens "1,2,3" --out logits.npy [--all] [--tp N --pp N --ep N --etp N]
+    python -m tools.logits --ckpt CKPT --tokens "1,2,3" --out logits.npy [--all] [--tp N --pp N --ep N --etp N --sp]
 
 Several inputs of equal length can be given as "1,2,3;4,5,6". The model runs forward at the
 requested layout (local gloo ranks are spawned when not launched by torchrun) through
@@ -85,11 +85,15 @@ def _logits_rank(ckpt: str, tokens: torch.Tensor, out: str, all_positions: bool,
     return out
 
 
-def dump_logits(ckpt: str, tokens: str, out: str, all_positions=False, tp=1, pp=1, ep=1, etp=None) -> str:
+def dump_logits(ckpt: str, tokens: str, out: str, all_positions=False, tp=1, pp=1, ep=1, etp=None,
+                sp=None) -> str:
     """Run the checkpoint's model at a layout and write its logits to `out` (.npy)."""
     ids = parse_tokens(tokens)
     m, dtype, _ = mc.read_meta(ckpt)
-    layout = dict(tp=tp, pp=pp, ep=ep, etp=etp)
+    layout = dict(tp=tp, pp=pp, ep=ep, etp=etp, sp=sp)
+    if (sp or (sp is None and m.is_moe and tp > 1)) and ids.shape[1] % tp:
+        raise ValueError(f"sequence parallelism splits the {ids.shape[1]} positions over tp={tp} ranks: "
+                         f"give a multiple of {tp} tokens")
     world = mc.world_size(mc.layout_config(m, dtype, **layout))
     return launch.run(_logits_rank, world, ckpt, ids, out, all_positions, layout)
 
@@ -103,9 +107,11 @@ def main(argv=None) -> int:
     for flag in ("tp", "pp", "ep"):
         parser.add_argument(f"--{flag}", type=int, default=1)
     parser.add_argument("--etp", type=int, default=None)
+    parser.add_argument("--sp", action="store_true", default=None,
+                        help="sequence parallelism (default: on only where required, MoE with tp > 1)")
     args = parser.parse_args(argv)
     try:
-        dump_logits(args.ckpt, args.tokens, args.out, args.all, args.tp, args.pp, args.ep, args.etp)
+        dump_logits(args.ckpt, args.tokens, args.out, args.all, args.tp, args.pp, args.ep, args.etp, args.sp)
     except (ValueError, KeyError, FileNotFoundError, launch.RankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

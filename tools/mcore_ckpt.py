@@ -44,10 +44,16 @@ def precision_for(dtype: torch.dtype) -> str:
     return _PRECISION[dtype]
 
 
-def layout_config(m: ModelConfig, dtype: torch.dtype, tp=1, pp=1, ep=1, etp=None, world=None) -> Config:
+def layout_config(m: ModelConfig, dtype: torch.dtype, tp=1, pp=1, ep=1, etp=None, sp=None, world=None) -> Config:
     """A validated Config for running model `m` at a parallel layout on `world` ranks
-    (default: the fewest the layout needs; more ranks become data-parallel replicas)."""
-    cfg = Config(model=m, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp),
+    (default: the fewest the layout needs; more ranks become data-parallel replicas).
+
+    sp=None turns sequence parallelism on exactly where Megatron requires it (MoE with TP>1);
+    it changes activations only, never how weights are laid out.
+    """
+    if sp is None:
+        sp = m.is_moe and tp > 1
+    cfg = Config(model=m, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=sp),
                  precision=PrecisionConfig(name=precision_for(dtype)))
     validate(cfg, world or world_size(cfg))
     return cfg
