@@ -7,7 +7,7 @@ skip, saying why, only where Slurm cannot be started (packages missing, not root
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import re
 import shutil
 import sys
@@ -20,8 +20,10 @@ import pytest
 from tests.slurm_cluster import SlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "slurm"))
-import launch  # noqa: E402  (slurm/launch.py)
+# slurm/ is a folder of scripts, not a package: load slurm/launch.py under its own name.
+_spec = importlib.util.spec_from_file_location("slurm_launch", REPO / "slurm" / "launch.py")
+launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch)
 
 STEP = re.compile(r"step\s+(\d+)/(\d+) \| lm_loss ([0-9.eE+-]+|nan|inf)")
 # Small and fast on 2 shared cores: 2 ranks (DP=2), debug model, short sequences.
@@ -198,7 +200,7 @@ def test_preemption_signal_saves_requeues_and_resumes(cluster):
     assert info["Restarts"] == "1"
     assert log.startswith(first)  # --open-mode=append: the first run's log is kept
     second = log[len(first):]
-    assert f"run 2 on" in second
+    assert "run 2 on" in second
     assert f"resumed from {ckpt / f'iter_{saved_at:07d}'} at step {saved_at}" in second
     assert [s for s, _ in steps(second)] == list(range(saved_at + 1, total + 1)), second[-3000:]
     assert (ckpt / "latest").read_text().strip() == f"iter_{total:07d}"
