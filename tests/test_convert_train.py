@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -15,7 +17,8 @@ def _train_and_export(rank, world_size, root):
     from tools.convert import mcore_to_hf
     from tools.logits import dump_logits
 
-    cfg = load_config(["model=qwen2_moe_debug", "model.vocab_size=256", f"checkpoint.dir={root}/train"])
+    # The full Qwen vocabulary, so the job's tokenizer (data.tokenizer=qwen3) fits and is exported.
+    cfg = load_config(["model=qwen2_moe_debug", "data.tokenizer=qwen3", f"checkpoint.dir={root}/train"])
     rt = build.build(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move every weight off its init value (norms at 1, biases at 0 would hide a drop)
@@ -32,3 +35,10 @@ def test_training_checkpoint_exports_to_transformers(tmp_path):
     reference = hf_logits(tmp_path / "hf")
     assert reference.std() > 0.1
     assert np.abs(np.load(tmp_path / "ours.npy") - reference).max() < TOL
+    # The job's tokenizer travels with the weights and agrees with the one training used.
+    from data_prep.tokenizer import get_tokenizer
+    from transformers import AutoTokenizer
+
+    text = "def f(x):\n    return x ** 2  # 平方"
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == get_tokenizer("qwen3").encode(text)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 151643

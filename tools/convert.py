@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -148,8 +149,29 @@ def hf_config_for(m, dtype: torch.dtype, base: Optional[dict]) -> dict:
     return config
 
 
-def _write_hf(m, dtype, base, params: dict, tokenizer_dir: Optional[Path], out: Path,
-              max_shard_bytes: int) -> Tuple[int, int]:
+def _named_tokenizer(name: str, m, out: Path) -> Optional[dict]:
+    """Write the tokenizer a training job named (Qwen family or HF directory) into `out`.
+
+    Returns the token ids config.json should carry, or None when nothing fits: a tokenizer with
+    more tokens than the model's vocabulary is not this model's tokenizer.
+    """
+    from data_prep.tokenizer import QwenTokenizer, get_tokenizer, write_hf_tokenizer
+
+    if Path(name).is_dir():
+        for f in tokenizer_files(Path(name)):
+            shutil.copy2(f, out / f.name)
+        return None
+    tok = get_tokenizer(name)
+    if not isinstance(tok, QwenTokenizer) or tok.vocab_size > m.vocab_size:
+        print(f"note: tokenizer {name!r} does not fit vocab_size={m.vocab_size}; none written", file=sys.stderr)
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in tokenizer_files(write_hf_tokenizer(tok.family, tmp)):
+            shutil.copy2(f, out / f.name)
+    return {"bos_token_id": tok.eod, "eos_token_id": tok.eod}
+
+
+def _write_hf(m, dtype, src: mc.Source, params: dict, out: Path, max_shard_bytes: int) -> Tuple[int, int]:
     """Split every Megatron tensor into its HF tensors and write a complete HF directory."""
     entries = expand(registry.family(m.family).RULES, m)
     writer = ShardWriter(out, max_shard_bytes)
@@ -157,9 +179,12 @@ def _write_hf(m, dtype, base, params: dict, tokenizer_dir: Optional[Path], out: 
         for name, tensor in zip(entry.hf, split(entry.kind, params[entry.mcore].detach(), m)):
             writer.add(name, tensor)
     shards = writer.close()
-    (out / "config.json").write_text(json.dumps(hf_config_for(m, dtype, base), indent=2) + "\n")
-    for f in tokenizer_files(tokenizer_dir) if tokenizer_dir else []:
+    base = src.hf_config
+    for f in tokenizer_files(src.tokenizer_dir) if src.tokenizer_dir else []:
         shutil.copy2(f, out / f.name)
+    if src.tokenizer_name and base is None:
+        base = _named_tokenizer(src.tokenizer_name, m, out)
+    (out / "config.json").write_text(json.dumps(hf_config_for(m, dtype, base), indent=2) + "\n")
     return shards, writer.total_bytes
 
 
@@ -179,7 +204,7 @@ def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool
     tmp = mc.staging_dir(Path(out))
     shards = total = 0
     if _rank0():
-        shards, total = _write_hf(m, dtype, base, params, src.tokenizer_dir, tmp, max_shard_bytes)
+        shards, total = _write_hf(m, dtype, src, params, tmp, max_shard_bytes)
         mc.publish(tmp, Path(out), overwrite)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

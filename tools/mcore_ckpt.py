@@ -154,6 +154,8 @@ class Source:
     hf_config: Optional[Dict[str, Any]] = None
     """The HF config the checkpoint was converted from (None for training checkpoints)."""
     tokenizer_dir: Optional[Path] = None
+    tokenizer_name: Optional[str] = None
+    """The training job's `data.tokenizer` (a Qwen family name or an HF tokenizer directory)."""
     nesting: Tuple[str, ...] = ()
     """Where the model's state dict sits inside the saved state (training: model/chunk0)."""
 
@@ -175,7 +177,9 @@ def _training_source(path: Path) -> Source:
     precision = (config.get("precision") or {}).get("name", "fp32")
     # Model weights are kept in bf16 by every non-fp32 recipe (FP8 casts happen inside the GEMMs).
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    return Source(path / "state", ModelConfig(**config["model"]), dtype, nesting=("model", "chunk0"))
+    tokenizer = (config.get("data") or {}).get("tokenizer")
+    return Source(path / "state", ModelConfig(**config["model"]), dtype, tokenizer_name=tokenizer,
+                  nesting=("model", "chunk0"))
 
 
 def open_checkpoint(ckpt: str) -> Source:
