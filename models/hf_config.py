@@ -24,6 +24,7 @@ def as_dict(hf: Any) -> Dict[str, Any]:
 
 
 def rope_theta(hf: Dict[str, Any]) -> float:
+    """RoPE base from either spelling; any RoPE scaling is refused (Megatron runs plain RoPE here)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -102,6 +103,7 @@ def moe_layer_freq(hf: Dict[str, Any], num_layers: int) -> Optional[List[int]]:
 
 
 def moe_from_hf(hf: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
+    """Routed-expert ModelConfig fields (shared experts are Qwen2-MoE's own)."""
     experts = hf.get("num_experts", hf.get("num_local_experts"))
     if not experts:
         raise HFConfigError("a MoE config needs num_experts > 0")
@@ -115,6 +117,7 @@ def moe_from_hf(hf: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
 
 
 def moe_to_hf(m: ModelConfig) -> Dict[str, Any]:
+    """Routed-expert config.json fields; dense layers are written as `mlp_only_layers`."""
     freq = m.moe_layer_freq or [1] * m.num_layers
     return {
         "num_experts": m.num_experts,

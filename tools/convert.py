@@ -222,6 +222,7 @@ def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=Fals
 
 
 def main(argv=None) -> int:
+    """Command-line entry; returns the exit status (2 with a one-line message on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron dist checkpoint")

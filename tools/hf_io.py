@@ -111,6 +111,7 @@ class ShardWriter:
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a tensor; the current shard is written first if this one would overflow it."""
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._bytes + size > self.max:
             self._flush()

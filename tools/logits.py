@@ -99,6 +99,7 @@ def dump_logits(ckpt: str, tokens: str, out: str, all_positions=False, tp=1, pp=
 
 
 def main(argv=None) -> int:
+    """Command-line entry; returns the exit status (2 with a one-line message on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m tools.logits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a tools.convert checkpoint, or a training checkpoint (iter_N or its root)")
     parser.add_argument("--tokens", required=True, help='e.g. "1,2,3" or "1,2,3;4,5,6"')
