@@ -8,6 +8,7 @@ skip, saying why, only where Slurm cannot be started (packages missing, not root
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import sys
@@ -22,7 +23,7 @@ from tests.slurm_cluster import SlurmCluster, unavailable_reason
 REPO = Path(__file__).resolve().parent.parent
 # slurm/ is a folder of scripts, not a package: load slurm/launch.py under its own name.
 _spec = importlib.util.spec_from_file_location("slurm_launch", REPO / "slurm" / "launch.py")
-launch = importlib.util.module_from_spec(_spec)
+launch = sys.modules["slurm_launch"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(launch)
 
 STEP = re.compile(r"step\s+(\d+)/(\d+) \| lm_loss ([0-9.eE+-]+|nan|inf)")
@@ -125,7 +126,10 @@ def cluster():
     c.work.mkdir()
     yield c
     c.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    if os.environ.get("SLURM_TEST_KEEP"):  # keep job logs, checkpoints and daemon logs to look at
+        print(f"\nSlurm test files kept in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def submit(cluster, name, args):
