@@ -133,7 +133,7 @@ class SlurmCluster:
         self.conf.write_text(f"""\
 # Generated for a one-node test cluster on localhost.
 ClusterName=localtest
-SlurmctldHost={self.node}
+SlurmctldHost={self.node}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -161,7 +161,7 @@ JobRequeue=1
 KillWait=10
 MinJobAge=300
 InactiveLimit=0
-NodeName={self.node} CPUs={self.cpus} State=UNKNOWN
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
 PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
 

@@ -167,7 +167,7 @@ def test_sbatch_trains_and_checkpoints(cluster):
 
 def test_preemption_signal_saves_requeues_and_resumes(cluster):
     ckpt = cluster.work / "ckpt-preempt"
-    total = 12
+    total = 20  # long enough that the signal, sent once step 2 is logged, lands mid-run
     job = submit(cluster, "preempt", ["stage=pretrain", f"train.steps={total}", f"checkpoint.dir={ckpt}", *CPU_RUN])
     deadline = time.time() + 240
     while not any(s >= 2 for s, _ in steps(job_log(cluster, "preempt", job))):
