@@ -211,10 +211,12 @@ def srun_command(module: str, overrides: List[str], alloc: Allocation) -> List[s
 
 
 def rendezvous_env(env: Dict[str, str], alloc: Allocation) -> Dict[str, str]:
-    """MASTER_ADDR/PORT for torch.distributed: the first node, a port fixed per job id (the
-    same after a requeue; --exclusive keeps other jobs off it). Values already set win."""
+    """MASTER_ADDR/PORT for torch.distributed: the first node of the allocation (never an
+    inherited MASTER_ADDR: sbatch passes the submitting shell's environment on), and a port
+    fixed per job id (the same after a requeue; --exclusive keeps other jobs off the node)
+    unless MASTER_PORT is set."""
     out = {}
-    out["MASTER_ADDR"] = env.get("MASTER_ADDR") or (alloc.hosts[0] if alloc.hosts else "<first node>")
+    out["MASTER_ADDR"] = alloc.hosts[0] if alloc.hosts else "<first node>"
     job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
     out["MASTER_PORT"] = env.get("MASTER_PORT") or str(20000 + job_id % 20000)
     # One rank per core budget; torch would otherwise start one thread per core in every rank.
