@@ -88,7 +88,7 @@ class SlurmCluster:
             self._write_conf()
             self._daemon("slurmctld", ["slurmctld", "-f", str(self.conf)])
             self._daemon("slurmd", ["slurmd", "-f", str(self.conf)])
-            self._wait_node_idle(timeout)
+            self.wait_idle(timeout)
         except BaseException:
             self.stop()
             raise
@@ -178,7 +178,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
                 raise SlurmError(f"{name} wrote no pid file: {self._tail(f'log/{name}.log')}")
             time.sleep(0.1)
 
-    def _wait_node_idle(self, timeout: float) -> None:
+    def wait_idle(self, timeout: float) -> None:
+        """Poll until the node is idle (no job running or completing on it)."""
         deadline = time.time() + timeout
         state = ""
         while time.time() < deadline:

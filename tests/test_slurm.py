@@ -179,7 +179,7 @@ def test_preemption_signal_saves_requeues_and_resumes(cluster):
 
     # The ranks save and exit 75; the batch script requeues; Slurm holds a requeued job for
     # about two minutes (BeginTime) before it may start again. Wait for that state, check the
-    # saved checkpoint, then let it start now instead of in two minutes.
+    # saved checkpoint, then let it start sooner than in two minutes.
     deadline = time.time() + 180
     while True:
         info = cluster.job(job)
@@ -197,6 +197,11 @@ def test_preemption_signal_saves_requeues_and_resumes(cluster):
     assert (ckpt / "latest").read_text().strip() == f"iter_{saved_at:07d}"
     assert [p.name for p in ckpt.glob("iter_*")] == [f"iter_{saved_at:07d}"]
 
+    # Starting it again the moment it is requeued fails ("Job credential revoked": slurmd
+    # revoked this job id's credential at the requeue, with one-second granularity), which is
+    # what Slurm's hold guards against. Wait for the node to be idle and a little more.
+    cluster.wait_idle(60)
+    time.sleep(2)
     cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
     log = job_log(cluster, "preempt", job)
