@@ -19,7 +19,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
-from megatron_ext import cpu_backend, dist
+from megatron_ext import cpu_backend, dist, patches
 from megatron_ext.config import Config, TrainConfig
 from megatron_ext.spec import decoder_block_spec, use_transformer_engine
 from models import transformer_config
@@ -41,6 +41,7 @@ class Runtime:
 def init_parallel(cfg: Config) -> None:
     """Process groups, Megatron's model-parallel groups and the model-parallel RNG."""
     cpu_backend.apply()
+    patches.apply()
     dist.init_process_group()
     p = cfg.parallel
     if not parallel_state.model_parallel_is_initialized():

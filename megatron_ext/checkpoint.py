@@ -103,9 +103,11 @@ def iter_dir(root: Path, step: int) -> Path:
 # ---------------------------------------------------------------- state dicts
 
 
-def _sharded_state(rt, is_loading: bool) -> dict:
+def _sharded_state(rt, is_loading: bool, with_optimizer: bool = True) -> dict:
     # Keys inside each chunk are global (layer offsets applied), so any VPP/PP split loads.
     model = {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(rt.model)}
+    if not with_optimizer:  # asking the optimizer would initialise its state as a side effect
+        return {"model": model}
     return {
         "model": model,
         "optimizer": rt.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIM_METADATA),
@@ -292,9 +294,7 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
     """Load model (+ optimizer, scheduler, RNG, data position) from a verified checkpoint."""
     if load_optimizer:
         _check_fingerprint(rt.config, meta, ckpt)
-    sharded = _sharded_state(rt, is_loading=True)
-    if not load_optimizer:
-        del sharded["optimizer"]
+    sharded = _sharded_state(rt, is_loading=True, with_optimizer=load_optimizer)
     # Strict: a requested key absent from the checkpoint always fails; leftovers in the
     # checkpoint fail too unless only the weights are wanted.
     strict = StrictHandling.RAISE_ALL if load_optimizer else StrictHandling.RAISE_UNEXPECTED

@@ -19,6 +19,9 @@ Interceptions (each a named function below, listed in INTERCEPTIONS):
 - te_general_gemm: `moe_utils.te_general_gemm` is referenced unguarded without TE -> None.
 - moe_split_sizes: the alltoall dispatcher's split sizes stay CPU tensors that gloo's
   `all_to_all_single` cannot take; `maybe_move_tensor_to_cpu(as_numpy=True)` converts them.
+- uneven_collectives: expert-tensor parallelism all-gathers / reduce-scatters token blocks of
+  different sizes per rank; gloo's list collectives need equal sizes, so the blocks are
+  padded to the largest (gather) or reduced whole and sliced (reduce-scatter).
 """
 
 from __future__ import annotations
@@ -166,7 +169,34 @@ def moe_split_sizes() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, te_general_gemm, moe_split_sizes)
+def uneven_collectives() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(blocks, padded.contiguous(), group=group)
+        return torch.cat([b[:n] for b, n in zip(blocks, output_split_sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return torch.split(total, list(input_split_sizes), dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
+INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, te_general_gemm, moe_split_sizes,
+                 uneven_collectives)
 
 
 def cpu_generator() -> torch.Generator:

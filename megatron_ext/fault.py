@@ -32,9 +32,8 @@ class PreemptionWatcher:
 
     def __init__(self):
         self.signum: Optional[int] = None
-        self._previous = {}
         for sig in PREEMPT_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -48,9 +47,18 @@ class PreemptionWatcher:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+
+
+_watcher: Optional[PreemptionWatcher] = None
+
+
+def preemption_watcher() -> PreemptionWatcher:
+    """The process-wide watcher, installed on first use. Entry points call this first thing,
+    so a signal that arrives during imports or model build is not lost."""
+    global _watcher
+    if _watcher is None:
+        _watcher = PreemptionWatcher()
+    return _watcher
 
 
 def _local_status(model, reports: List[dict]) -> int:

@@ -114,6 +114,7 @@ def _train_step(rt: Runtime, stage: Stage, iterators, state: TrainState) -> Opti
 
 def train(cfg: Config, stage: Stage) -> TrainResult:
     """Run (or resume) training up to cfg.train.steps optimizer steps."""
+    watcher = fault.preemption_watcher()
     rt = build(cfg)
     t = cfg.train
     state = checkpoint.resume(rt)
@@ -121,7 +122,7 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
     train_ds, valid_ds = stage.datasets(cfg, t.steps * t.global_batch_size + t.max_skipped_steps * t.global_batch_size,
                                         valid_batches * t.global_batch_size)
     iterators = _iterators(rt, train_ds, state.consumed_samples)
-    metrics, watcher, history = Metrics(cfg), fault.PreemptionWatcher(), []
+    metrics, history = Metrics(cfg), []
     save_every = cfg.checkpoint.save_interval
     try:
         while state.step < t.steps:
@@ -150,6 +151,5 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
         if cfg.checkpoint.dir and history and state.step == t.steps:
             checkpoint.save(rt, state)
     finally:
-        watcher.close()
         metrics.close()
     return TrainResult(history, rt, state)

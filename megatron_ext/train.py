@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from megatron_ext import dist
+from megatron_ext import dist, fault
 from megatron_ext.cli import config_yaml, fail, load_config, split_flags
 from megatron_ext.config import ConfigError, validate
 from megatron_ext.metrics import setup_console_logging
@@ -18,6 +18,7 @@ log = logging.getLogger("megatron_ext.train")
 
 
 def main(argv=None) -> int:
+    fault.preemption_watcher()  # before anything slow: a pre-kill signal must not be lost
     flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
     unknown = [f for f in flags if f not in ("--print-config",)]
     if unknown:

@@ -24,6 +24,8 @@ CASES = [
     ("te_general_gemm", ["model=qwen3_moe_debug"], 1, "name 'te_general_gemm' is not defined"),
     ("moe_split_sizes", ["model=qwen3_moe_debug", "parallel.ep=2"], 2,
      "all_to_all_single(): incompatible function arguments"),
+    ("uneven_collectives", ["model=qwen3_moe_debug", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
+                            "parallel.etp=2"], 4, "ProcessGroupGloo::allgather: invalid tensor size"),
 ]
 
 
