@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -59,8 +59,13 @@ def init_parallel(cfg: Config) -> None:
              p.cp, p.ep, p.etp or p.tp, parallel_state.get_data_parallel_world_size(), p.sp)
 
 
-def build_model(cfg: Config, tcfg: TransformerConfig) -> List[torch.nn.Module]:
-    """One GPTModel per virtual pipeline stage held by this rank (unwrapped)."""
+def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callable] = None) -> List[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage held by this rank (unwrapped).
+
+    `customize(chunk, cfg)` may replace heads or freeze parts (e.g. a reward model's value
+    head) before the chunk is moved to the GPU and wrapped. Set
+    `tcfg.perform_initialization=False` to skip random init when weights will be loaded.
+    """
     m = cfg.model
     chunks = []
     for vp_stage in range(cfg.parallel.vpp or 1):
@@ -77,6 +82,8 @@ def build_model(cfg: Config, tcfg: TransformerConfig) -> List[torch.nn.Module]:
             rotary_base=int(m.rope_theta),
             vp_stage=vp,
         )
+        if customize is not None:
+            customize(chunk, cfg)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
@@ -93,8 +100,7 @@ def wrap_ddp(cfg: Config, tcfg: TransformerConfig, chunks: List[torch.nn.Module]
         check_for_nan_in_grad=False,
     )
     return [
-        # Only the first chunk's buckets may be skipped; Megatron-LM disables bucketing for
-        # later virtual stages so their grads are reduced in one pass.
+        # As Megatron-LM: virtual stages after the first get one bucket, reduced in one pass.
         DistributedDataParallel(tcfg, ddp_config, chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
@@ -145,11 +151,11 @@ def lr_scheduler(optimizer, t: TrainConfig) -> OptimizerParamScheduler:
     return scheduler
 
 
-def build(cfg: Config) -> Runtime:
+def build(cfg: Config, customize: Optional[Callable] = None) -> Runtime:
     """Build everything for training, in order. Assumes `validate(cfg)` already passed."""
     init_parallel(cfg)
     tcfg = transformer_config(cfg)
-    chunks = build_model(cfg, tcfg)
+    chunks = build_model(cfg, tcfg, customize)
     model = wrap_ddp(cfg, tcfg, chunks)
     optimizer, scheduler = build_optimizer(cfg, tcfg, model)
     # Hooks the pipeline schedules call: grad all-reduce + per-token normalisation at the end

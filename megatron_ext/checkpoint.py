@@ -103,9 +103,17 @@ def iter_dir(root: Path, step: int) -> Path:
 # ---------------------------------------------------------------- state dicts
 
 
-def _sharded_state(rt, is_loading: bool, with_optimizer: bool = True) -> dict:
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)  # DDP-wrapped or bare GPTModel
+
+
+def _model_state(chunks) -> dict:
     # Keys inside each chunk are global (layer offsets applied), so any VPP/PP split loads.
-    model = {f"chunk{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(rt.model)}
+    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _sharded_state(rt, is_loading: bool, with_optimizer: bool = True) -> dict:
+    model = _model_state(rt.model)
     if not with_optimizer:  # asking the optimizer would initialise its state as a side effect
         return {"model": model}
     return {
@@ -294,19 +302,11 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
     """Load model (+ optimizer, scheduler, RNG, data position) from a verified checkpoint."""
     if load_optimizer:
         _check_fingerprint(rt.config, meta, ckpt)
-    sharded = _sharded_state(rt, is_loading=True, with_optimizer=load_optimizer)
-    # Strict: a requested key absent from the checkpoint always fails; leftovers in the
-    # checkpoint fail too unless only the weights are wanted.
-    strict = StrictHandling.RAISE_ALL if load_optimizer else StrictHandling.RAISE_UNEXPECTED
-    try:
-        state = dist_checkpointing.load(sharded, str(ckpt / "state"), strict=strict)
-        for i, chunk in enumerate(rt.model):
-            chunk.module.load_state_dict(state["model"][f"chunk{i}"], strict=True)
-    except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
-        raise CheckpointError(f"{ckpt / 'state'}: cannot load into this model: {e}") from e
     if not load_optimizer:
+        load_weights(rt.model, ckpt, verified=True)
         log.info("loaded weights from %s (fresh optimizer and schedule)", ckpt)
         return TrainState()
+    state = _load_state(rt.model, _sharded_state(rt, is_loading=True), ckpt, StrictHandling.RAISE_ALL)
     rt.optimizer.load_state_dict(state["optimizer"])
     rt.scheduler.num_steps = 0  # load_state_dict *adds* the saved step count
     rt.scheduler.load_state_dict(meta["scheduler"])
@@ -318,6 +318,25 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
     state = TrainState(**meta["train_state"])
     log.info("resumed from %s at step %d (%d samples consumed)", ckpt, state.step, state.consumed_samples)
     return state
+
+
+def _load_state(chunks, sharded: dict, ckpt: Path, strict: StrictHandling) -> dict:
+    try:
+        state = dist_checkpointing.load(sharded, str(ckpt / "state"), strict=strict)
+        for i, chunk in enumerate(chunks):
+            _unwrap(chunk).load_state_dict(state["model"][f"chunk{i}"], strict=True)
+    except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
+        raise CheckpointError(f"{ckpt / 'state'}: cannot load into this model: {e}") from e
+    return state
+
+
+def load_weights(chunks, ckpt: Path, verified: bool = False) -> None:
+    """Load only model weights from a training checkpoint into model chunks (DDP-wrapped or
+    bare, any layout), e.g. a frozen reference model. Collective. A requested key missing from
+    the checkpoint is an error; the checkpoint's optimizer state is ignored."""
+    if not verified:
+        verify(ckpt)
+    _load_state(chunks, {"model": _model_state(chunks)}, ckpt, StrictHandling.RAISE_UNEXPECTED)
 
 
 def resume(rt) -> TrainState:

@@ -115,7 +115,7 @@ def _train_step(rt: Runtime, stage: Stage, iterators, state: TrainState) -> Opti
 def train(cfg: Config, stage: Stage) -> TrainResult:
     """Run (or resume) training up to cfg.train.steps optimizer steps."""
     watcher = fault.preemption_watcher()
-    rt = build(cfg)
+    rt = build(cfg, customize=getattr(stage, "customize_model", None))
     t = cfg.train
     state = checkpoint.resume(rt)
     valid_batches = t.eval_iters * (t.steps // t.eval_interval + 1) if t.eval_interval else 0

@@ -16,6 +16,9 @@ from megatron_ext import data
 
 
 class Stage(Protocol):
+    """What a training stage supplies. It may also define `customize_model(chunk, cfg)`,
+    called on each model chunk before wrapping (see megatron_ext.build.build_model)."""
+
     def datasets(self, cfg, train_samples: int, valid_samples: int): ...
 
     def forward_step(self, data_iterator, model): ...
