@@ -1,0 +1,181 @@
+"""Pieces every post-training stage shares: per-step stage metrics, padding, checks, the CLI.
+
+Stage metrics: the one loop reduces and logs the "lm loss" report only. A stage's loss_func
+also reports extra [sum, count] pairs (accuracy, margins, rewards); `StageMetrics` sums them
+over the micro-batches of one global batch, reduces them over data parallelism when the last
+micro-batch of the batch arrives, logs them, and keeps their history for tests and callers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_ext.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+class StageMetrics:
+    """Per-global-batch reduction of a stage's [sum, count] reports (training and validation)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.history: List[Dict[str, float]] = []
+        """One dict of means per training step, on the last pipeline stage's ranks."""
+        self.valid_history: List[Dict[str, float]] = []
+        """One dict of means per evaluation (all its batches)."""
+        self._pending: Dict[str, torch.Tensor] = {}
+        self._seen = 0
+
+    def _micro_batches(self, training: bool) -> int:
+        t = self.cfg.train
+        per_batch = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
+        return per_batch if training else per_batch * t.eval_iters
+
+    def add(self, report: Dict[str, torch.Tensor]) -> None:
+        """Accumulate one micro-batch's report; reduce and log after the batch's last one."""
+        training = torch.is_grad_enabled()  # the loop evaluates under no_grad
+        for key, value in report.items():
+            value = value.detach().float().cpu()
+            self._pending[key] = self._pending.get(key, torch.zeros(2)) + value
+        self._seen += 1
+        if self._seen < self._micro_batches(training):
+            return
+        keys = sorted(self._pending)
+        total = torch.stack([self._pending[k] for k in keys])
+        if torch.cuda.is_available():
+            total = total.cuda()
+        # Every rank of this DP(xCP) group is at the same micro-batch of the same step.
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        means = {k: (total[i, 0] / total[i, 1]).item() if total[i, 1] > 0 else float("nan")
+                 for i, k in enumerate(keys)}
+        self._pending, self._seen = {}, 0
+        (self.history if training else self.valid_history).append(means)
+        if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+            tag = f"step {len(self.history)}" if training else f"eval after step {len(self.history)}"
+            log.info("%s %s: %s", self.cfg.stage, tag, "  ".join(f"{k}={v:.4f}" for k, v in means.items()))
+
+
+def report(pairs: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+    """A loss_func report: {name: tensor([sum, count])} from {name: (sum, count)}."""
+    return {k: torch.stack([s.detach().float().reshape(()).cpu(), torch.as_tensor(float(c))])
+            for k, (s, c) in pairs.items()}
+
+
+class Cycled(torch.utils.data.Dataset):
+    """`items` repeated (each epoch in a fresh seeded order) up to `length` samples.
+
+    The loop asks for steps * global_batch samples; a small dataset is walked in epochs.
+    `unit` keeps groups of consecutive items together (2 for chosen/rejected pairs).
+    """
+
+    def __init__(self, items: Sequence, length: int, seed: int, unit: int = 1):
+        if not items:
+            raise ValueError("empty dataset")
+        self.items, self.unit, self.seed = items, unit, seed
+        self.length = max(length, len(items))
+        self._orders: Dict[int, List[int]] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        groups = len(self.items) // self.unit
+        epoch, pos = divmod(i // self.unit, groups)
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._orders[epoch] = torch.randperm(groups, generator=g).tolist()
+        return self.items[self._orders[epoch][pos] * self.unit + i % self.unit]
+
+
+def pad_to(ids: Sequence[int], length: int, pad: int, what: str) -> List[int]:
+    """Right-pad `ids` to `length`; a sample that does not fit is an error naming it."""
+    if len(ids) > length:
+        raise ValueError(f"{what} has {len(ids)} tokens > data.seq_length={length}; raise data.seq_length")
+    return list(ids) + [pad] * (length - len(ids))
+
+
+def read_jsonl(path) -> List[dict]:
+    """Rows of a jsonl file (errors name the file and line)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    return rows
+
+
+def require(cfg: Config, stage: str, *, pairs: bool = False, no_cp: bool = True, no_pp: bool = False) -> None:
+    """Checks a post-training stage adds to `megatron_ext.config.validate`."""
+    errors = []
+    if pairs and cfg.train.micro_batch_size % 2:
+        errors.append(f"stage {stage}: train.micro_batch_size={cfg.train.micro_batch_size} must be even "
+                      "(a micro-batch holds whole chosen/rejected pairs)")
+    if no_cp and cfg.parallel.cp > 1:
+        errors.append(f"stage {stage}: parallel.cp={cfg.parallel.cp} is not supported (sequence-level losses)")
+    if no_pp and cfg.parallel.pp > 1:
+        errors.append(f"stage {stage}: parallel.pp={cfg.parallel.pp} is not supported (rollouts run the whole model)")
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def token_logps(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[b, s] | tokens[b, :s+1]) per position, [b, s]; exact under TP.
+
+    Megatron's vocab-parallel cross entropy returns -log p(label) without gathering the logits.
+    Returns None on pipeline stages before the last (they hand hidden states on).
+    """
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    out = model(tokens, position_ids, attention_mask=None, labels=labels)
+    return -out
+
+
+def run_cli(stage_name: str, make_stage: Callable[[Config], object], argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m posttrain.<stage> k=v ...`: compose conf/stage/<stage>.yaml + overrides, validate, train."""
+    from megatron_ext import dist, fault
+    from megatron_ext.cli import config_yaml, fail, load_config, split_flags
+    from megatron_ext.config import validate
+    from megatron_ext.metrics import setup_console_logging
+
+    fault.preemption_watcher()  # before anything slow: a pre-kill signal must not be lost
+    flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
+    unknown = [f for f in flags if f != "--print-config"]
+    if unknown:
+        fail(f"unknown flag(s) {unknown}; pass config changes as key=value overrides")
+    setup_console_logging()
+    try:
+        cfg = load_config([f"+stage={stage_name}", *overrides])
+        validate(cfg, dist.launch_env().world_size)
+        stage = make_stage(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    if "--print-config" in flags:
+        print(config_yaml(cfg))
+        return 0
+    from megatron_ext.checkpoint import CheckpointError
+    from megatron_ext.fault import NonFiniteError
+    from megatron_ext.loop import train
+
+    try:
+        history = train(cfg, stage).history
+    except (CheckpointError, NonFiniteError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        dist.destroy()
+    if history and history[0]["loss"] is not None:
+        log.info("done: %s loss %.4f -> %.4f over %d steps", stage_name, history[0]["loss"], history[-1]["loss"],
+                 len(history))
+    return 0

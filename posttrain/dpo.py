@@ -1,0 +1,122 @@
+"""DPO, IPO and SimPO on preference pairs, with reference log-probs precomputed in the run.
+
+`python -m posttrain.dpo [posttrain.dpo_loss=sigmoid|ipo|simpo] [k=v ...]`. Before training,
+the frozen reference model (see `posttrain.reference`) scores every reply once through the
+pipeline; each sample carries its reference log-prob, so training needs no second model in
+memory and works at any TP/PP layout. With pi/ref the summed reply log-probs and
+h = (pi_c - ref_c) - (pi_r - ref_r):
+
+  sigmoid (DPO): -log sigmoid(beta * h)
+  ipo:           (h - 1 / (2 beta))^2
+  simpo:         -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma)   (no reference)
+
+Reported: loss, reward accuracy, and the chosen/rejected implicit rewards and their margin.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from functools import partial
+import torch
+import torch.nn.functional as F
+
+from megatron_ext import data
+from megatron_ext.config import Config, ConfigError
+from posttrain.common import StageMetrics, report, require, run_cli, token_logps
+from posttrain.reference import Reference, forward_only
+from posttrain.rm import preference_datasets
+
+LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+def sequence_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-prob of each reply: output is [b, s] token log-probs."""
+    return (output.float() * loss_mask).sum(-1)
+
+
+def preference_loss(kind: str, beta: float, gamma: float, pi: torch.Tensor, ref: torch.Tensor,
+                    lengths: torch.Tensor):
+    """Per-pair losses and implicit rewards (chosen, rejected) from [2n] interleaved log-probs."""
+    if kind == "simpo":
+        avg = pi / lengths
+        rc, rr = beta * avg[0::2], beta * avg[1::2]
+        return -F.logsigmoid(rc - rr - gamma), rc, rr
+    rc, rr = beta * (pi[0::2] - ref[0::2]), beta * (pi[1::2] - ref[1::2])
+    h = (rc - rr) / beta
+    if kind == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2, rc, rr
+    return -F.logsigmoid(beta * h), rc, rr
+
+
+def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
+    """loss_func for the loop: sum over pairs, count = pairs, metrics as [sum, count]."""
+    pi = sequence_logps(-output, batch["loss_mask"])  # the model returns -log p per token
+    losses, rc, rr = preference_loss(p.dpo_loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"],
+                                     batch["loss_mask"].sum(-1))
+    n = losses.numel()
+    rep = report({"lm loss": (losses.sum(), n), "accuracy": ((rc > rr).float().sum(), n),
+                  "margin": ((rc - rr).sum(), n), "chosen_reward": (rc.sum(), n), "rejected_reward": (rr.sum(), n)})
+    metrics.add(rep)
+    return losses.sum(), torch.tensor(n, dtype=torch.int), rep
+
+
+class DPOStage:
+    """DPO / IPO / SimPO on the one training loop."""
+
+    def __init__(self, cfg: Config):
+        require(cfg, "dpo", pairs=True)
+        if cfg.posttrain.dpo_loss not in LOSSES:
+            raise ConfigError(f"posttrain.dpo_loss={cfg.posttrain.dpo_loss!r} is not one of {LOSSES}")
+        if cfg.posttrain.beta <= 0:
+            raise ConfigError(f"posttrain.beta={cfg.posttrain.beta} must be positive")
+        self.cfg = cfg
+        self.metrics = StageMetrics(cfg)
+        self.reference = Reference(cfg)
+
+    def customize_model(self, chunk, cfg: Config) -> None:
+        self.reference.snapshot(chunk, cfg)
+
+    def reference_logps(self, dataset) -> torch.Tensor:
+        """Reference log-prob of each distinct item of a Cycled pair dataset, indexed like it."""
+        items = dataset.items
+        n = len(items)
+        if self.cfg.posttrain.dpo_loss == "simpo":
+            return torch.zeros(n)
+        bs = 2 * math.gcd(n // 2, 8)  # equal-size batches: the pipeline's p2p shape is fixed
+        batches = [{k: torch.stack([it[k] for it in items[i:i + bs]]) for k in items[0]} for i in range(0, n, bs)]
+
+        def forward(batch, model):
+            batch = data.on_this_rank(batch)
+            out = token_logps(model, batch["tokens"], batch["labels"])
+
+            def loss_func(output):
+                logps = sequence_logps(output, batch["loss_mask"])
+                return logps.sum() * 0, torch.tensor(1, dtype=torch.int), {"logps": logps.detach().cpu()}
+            return out, loss_func
+
+        reports = forward_only(self.reference.build(), batches, forward, self.cfg.data.seq_length)
+        return torch.cat([r["logps"] for r in reports]) if reports else torch.zeros(n)
+
+    def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
+        train, valid = preference_datasets(cfg, train_samples, valid_samples)
+        out = []
+        for ds in (train, valid):
+            if ds is None:
+                out.append(None)
+                continue
+            ref = self.reference_logps(ds)
+            # Cycled maps index -> item; store the reference value on the item itself.
+            ds.items = [{**it, "ref_logp": ref[i]} for i, it in enumerate(ds.items)]
+            out.append(ds)
+        self.reference.chunks = None  # free the reference model: training does not need it
+        return out[0], out[1]
+
+    def forward_step(self, data_iterator, model):
+        batch = data.on_this_rank(next(data_iterator))
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+        return output, partial(dpo_loss_func, batch, self.cfg.posttrain, self.metrics)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("dpo", DPOStage))

@@ -1,0 +1,83 @@
+"""The frozen reference model of DPO and GRPO, and forward-only passes over it.
+
+Which weights: `posttrain.ref_load` if set; else `checkpoint.load` when it names a path (the
+model this run starts from, e.g. an SFT checkpoint); else the policy's initial weights, kept
+as a snapshot when the stage's `customize_model` hook sees each chunk (initialisation is
+deterministic from train.seed, so a resumed run rebuilds the same reference).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class Reference:
+    """Builds the reference chunks on first use, from the configured weights."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.snapshots: List[Dict[str, torch.Tensor]] = []
+        self.chunks: Optional[List[torch.nn.Module]] = None
+
+    def source(self) -> Optional[str]:
+        """The checkpoint to load, or None for the initial-weights snapshot."""
+        load = self.cfg.checkpoint.load
+        return self.cfg.posttrain.ref_load or (load if load and load != "auto" else None)
+
+    def snapshot(self, chunk, cfg: Config) -> None:
+        """Stage hook: remember a chunk's initial weights (only when no checkpoint is named)."""
+        if self.source() is None:
+            self.snapshots.append({k: v.detach().clone() for k, v in chunk.state_dict().items()
+                                   if isinstance(v, torch.Tensor)})
+
+    def build(self) -> List[torch.nn.Module]:
+        """The frozen reference chunks (this rank's pipeline stage(s)), in eval mode."""
+        if self.chunks is not None:
+            return self.chunks
+        from megatron_ext.build import build_model
+        from megatron_ext.checkpoint import load_weights
+        from models import transformer_config
+
+        tcfg = transformer_config(self.cfg)
+        tcfg.perform_initialization = False  # weights come from a checkpoint or the snapshot
+        chunks = build_model(self.cfg, tcfg)
+        src = self.source()
+        if src is not None:
+            load_weights(chunks, Path(src))
+            log.info("reference model: weights from %s", src)
+        else:
+            for chunk, state in zip(chunks, self.snapshots):
+                chunk.load_state_dict(state, strict=False)
+            log.info("reference model: the policy's initial weights")
+        for chunk in chunks:
+            chunk.eval()
+            for p in chunk.parameters():
+                p.requires_grad_(False)
+        self.chunks = chunks
+        return chunks
+
+
+def forward_only(chunks, batches: List[dict], forward: Callable, seq_length: int) -> List[dict]:
+    """Run `forward(batch, model) -> (output, loss_func)` over `batches` through the pipeline.
+
+    Returns the loss_func reports (on the last pipeline stage; empty elsewhere).
+    """
+    it = iter(batches)
+
+    def step(data_iterator, model):
+        return forward(next(data_iterator), model)
+
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=it if len(chunks) == 1 else [iter(batches) for _ in chunks],
+            model=chunks, num_microbatches=len(batches), seq_length=seq_length,
+            micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True)
