@@ -11,7 +11,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import checkpoint, data, fault
+from megatron_ext import checkpoint, data, fault, moe_stats
 from megatron_ext.build import Runtime, build
 from megatron_ext.checkpoint import TrainState
 from megatron_ext.config import Config
@@ -122,19 +122,24 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
     train_ds, valid_ds = stage.datasets(cfg, t.steps * t.global_batch_size + t.max_skipped_steps * t.global_batch_size,
                                         valid_batches * t.global_batch_size)
     iterators = _iterators(rt, train_ds, state.consumed_samples)
-    metrics, history = Metrics(cfg), []
+    metrics, history, router_stats = Metrics(cfg), [], moe_stats.for_model(cfg, rt.model)
     save_every = cfg.checkpoint.save_interval
     try:
         while state.step < t.steps:
             start = time.time()
             record = _train_step(rt, stage, iterators, state)
+            if router_stats is not None:
+                stats = router_stats.collect()  # collective; also clears a skipped step's counts
+                if record is not None:
+                    record.update(stats)
             if record is None:
                 continue
             state.step += 1
             record["tokens_per_s"] = t.global_batch_size * cfg.data.seq_length / (time.time() - start)
             history.append(record)
             metrics.log_step(state.step, {"lm_loss": record["loss"], "lr": record["lr"],
-                                          "grad_norm": record["grad_norm"], "tokens/s": round(record["tokens_per_s"], 1)})
+                                          "grad_norm": record["grad_norm"], "tokens/s": round(record["tokens_per_s"], 1),
+                                          **dict(moe_stats.log_fields(record))})
             if t.eval_interval and valid_ds is not None and (state.step % t.eval_interval == 0 or state.step == t.steps):
                 record["val_loss"] = evaluate(rt, stage, valid_ds, t.eval_iters)
                 metrics.log_eval(state.step, {"val_loss": record["val_loss"]})
