@@ -1,0 +1,156 @@
+"""Model-generated synthesis: pluggable generation backends + rejection sampling via the verifiers.
+
+    backend = OpenAIBackend("http://localhost:8000", model="Qwen/Qwen2.5-Math-7B")   # vLLM, SGLang, ...
+    backend = MegatronBackend(rt_or_chunks, tokenizer, eos_token_id=...)            # tools.generate
+    for rec in rejection_sample(backend, tasks, samples_per_task=4, temperature=0.8, max_tokens=512):
+        ...
+
+A task is {"id", "domain": "math", "problem", "answer"} or {"id", "domain": "code", "prompt",
+"tests"}; every completion is checked (math: `verify_math` of its final answer; code: the last
+fenced code block passes all tests in the sandbox) and only accepted completions become records,
+with provenance (backend, model, task id, sample index, temperature, attempts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from typing import Dict, Iterable, Iterator, List, Optional, Protocol
+
+from data_prep.synth.records import make_record
+from posttrain.verifiers import run_code_tests, verify_math
+
+
+class Backend(Protocol):
+    """Anything that turns prompts into sampled completions."""
+
+    name: str
+
+    def complete(self, prompts: List[str], n: int, temperature: float, max_tokens: int,
+                 seed: int) -> List[List[str]]:
+        """n completions (text after the prompt) for each prompt."""
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server: POST {base_url}/v1/completions (or /v1/chat/completions)."""
+
+    def __init__(self, base_url: str, model: str, api_key: Optional[str] = None, chat: bool = False,
+                 timeout_s: float = 120.0):
+        self.base_url, self.model, self.api_key, self.chat, self.timeout_s = base_url.rstrip("/"), model, api_key, chat, timeout_s
+        self.name = f"openai:{model}"
+
+    def _post(self, path: str, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.base_url + path, json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except OSError as e:
+            raise RuntimeError(f"generation endpoint {self.base_url}{path} failed: {e}") from e
+
+    def complete(self, prompts, n, temperature, max_tokens, seed):
+        out = []
+        for i, prompt in enumerate(prompts):
+            body = {"model": self.model, "n": n, "temperature": temperature, "max_tokens": max_tokens, "seed": seed + i}
+            if self.chat:
+                body["messages"] = [{"role": "user", "content": prompt}]
+                reply = self._post("/v1/chat/completions", body)
+                texts = [c["message"]["content"] for c in reply["choices"]]
+            else:
+                body["prompt"] = prompt
+                reply = self._post("/v1/completions", body)
+                texts = [c["text"] for c in sorted(reply["choices"], key=lambda c: c.get("index", 0))]
+            if len(texts) != n:
+                raise RuntimeError(f"generation endpoint returned {len(texts)} choices for n={n}")
+            out.append(texts)
+        return out
+
+
+class MegatronBackend:
+    """Our own model through `tools.generate.generate` (collective over its model-parallel group)."""
+
+    def __init__(self, model, tokenizer, eos_token_id: Optional[int] = None, top_p: float = 1.0, name: str = "megatron"):
+        self.model, self.tokenizer, self.eos_token_id, self.top_p = model, tokenizer, eos_token_id, top_p
+        self.name = name
+
+    def complete(self, prompts, n, temperature, max_tokens, seed):
+        from tools.generate import generate
+
+        ids = [self.tokenizer.encode(p) for p in prompts for _ in range(n)]
+        out = generate(self.model, ids, max_tokens, temperature=temperature, top_p=self.top_p,
+                       greedy=temperature == 0, seed=seed, eos_token_id=self.eos_token_id)
+        texts = [self.tokenizer.decode([t for t in row if t != self.eos_token_id]) for row in out.tokens]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def extract_code(text: str) -> str:
+    """The last fenced code block of a completion (```python ... ```), else the whole text."""
+    blocks = re.findall(r"```(?:python|py)?\s*\n(.*?)```", text, re.DOTALL)
+    return blocks[-1] if blocks else text
+
+
+def prompt_for(task: dict) -> str:
+    """The text a model is asked to complete for a task."""
+    if task["domain"] == "math":
+        return (f"Problem: {task['problem']}\nSolve step by step and put the final answer in \\boxed{{}}.\n"
+                "Solution:")
+    return f"{task['prompt']}\nAnswer with one ```python code block.\n"
+
+
+def accept(task: dict, completion: str, timeout_s: float = 5.0) -> bool:
+    """Whether a completion solves its task (math answer equivalent / code passes every test)."""
+    if task["domain"] == "math":
+        return verify_math(completion, task["answer"])
+    if task["domain"] == "code":
+        return run_code_tests(extract_code(completion), task["tests"], timeout_s=timeout_s, memory_mb=256).all_passed
+    raise ValueError(f"task {task.get('id')}: unknown domain {task['domain']!r} (math or code)")
+
+
+def _record(task: dict, completion: str, backend: Backend, sample: int, temperature: float, seed: int,
+            attempts: int) -> dict:
+    prompt = prompt_for(task)
+    return make_record(prompt + completion, task["domain"], task.get("kind", "model"), "model", backend.name,
+                       seed, sample, task_id=task["id"], temperature=temperature, attempts=attempts,
+                       prompt=prompt, completion=completion)
+
+
+def rejection_sample(backend: Backend, tasks: Iterable[dict], samples_per_task: int = 4, temperature: float = 0.8,
+                     max_tokens: int = 512, seed: int = 0, batch_tasks: int = 8,
+                     keep_per_task: Optional[int] = None) -> Iterator[dict]:
+    """Sample completions per task, keep those the verifiers accept (distinct texts only)."""
+    tasks = list(tasks)
+    for start in range(0, len(tasks), batch_tasks):
+        batch = tasks[start:start + batch_tasks]
+        outs = backend.complete([prompt_for(t) for t in batch], samples_per_task, temperature, max_tokens,
+                                seed + start)
+        for task, completions in zip(batch, outs):
+            kept: Dict[str, int] = {}
+            for i, text in enumerate(completions):
+                if text in kept or (keep_per_task and len(kept) >= keep_per_task):
+                    continue
+                if accept(task, text):
+                    kept[text] = i
+                    yield _record(task, text, backend, i, temperature, seed + start, samples_per_task)
+
+
+def math_tasks(kind: str, n: int, seed: int) -> List[dict]:
+    """Problems (with answers) from the programmatic generator, for a model to solve in its own words."""
+    from data_prep.synth import math_gen
+
+    return [{"id": f"{kind}-{seed}-{r['index']}", "domain": "math", "kind": kind, "problem": r["problem"],
+             "answer": r["answer"]} for r in math_gen.generate(kind, n, seed)]
+
+
+def code_tasks(n: int, seed: int) -> List[dict]:
+    """Function-writing tasks with tests from the programmatic generator."""
+    from data_prep.synth import code_gen
+
+    tasks = []
+    for index in range(n):
+        kind, task = code_gen.make_task(index, seed)
+        tasks.append({"id": f"code-{seed}-{index}", "domain": "code", "kind": kind,
+                      "prompt": code_gen.prompt_of(task), "tests": task.tests()})
+    return tasks
