@@ -27,8 +27,10 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 class StageMetrics:
     """Per-global-batch reduction of a stage's [sum, count] reports (training and validation)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, derive: Optional[Callable[[dict], dict]] = None):
         self.cfg = cfg
+        self.derive = derive
+        """Optional function adding metrics computed from the reduced means (e.g. an F1)."""
         self.history: List[Dict[str, float]] = []
         """One dict of means per training step, on the last pipeline stage's ranks."""
         self.valid_history: List[Dict[str, float]] = []
@@ -59,6 +61,8 @@ class StageMetrics:
         means = {k: (total[i, 0] / total[i, 1]).item() if total[i, 1] > 0 else float("nan")
                  for i, k in enumerate(keys)}
         self._pending, self._seen = {}, 0
+        if self.derive is not None:
+            means = self.derive(means)
         (self.history if training else self.valid_history).append(means)
         if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
             tag = f"step {len(self.history)}" if training else f"eval after step {len(self.history)}"

@@ -1,0 +1,61 @@
+"""PRM: labels sit on the step separators, the BCE loss equals a direct computation at TP=1 and
+TP=2, and the ProcessBench prediction/F1 follow its definition."""
+
+import math
+
+import torch
+
+from tests.gloo import run_on_ranks
+
+PRM = ["model=qwen3_debug", "data.seq_length=80", "train.micro_batch_size=4", "train.global_batch_size=4",
+       "posttrain.num_samples=8"]
+
+
+def test_step_labels_sit_on_separator_tokens():
+    from data_prep.tokenizer import get_tokenizer
+    from posttrain.prm import step_item
+
+    tok = get_tokenizer("qwen3")
+    row = {"problem": "Add: 1 + 2 + 3", "steps": ["1 + 2 = 3", "3 + 3 = 7"], "label": 1}
+    item = step_item(tok, row, 80, "row")
+    pos = torch.nonzero(item["step_mask"]).flatten().tolist()
+    assert len(pos) == 2 and item["step_label"][pos].tolist() == [1.0, 0.0]
+    assert all(tok.decode([int(item["tokens"][p])]).endswith("\n\n") for p in pos)
+    assert tok.decode(item["tokens"][pos[0] + 1:pos[1] + 1].tolist()) == "3 + 3 = 7\n\n"
+
+
+def test_processbench_prediction_and_f1():
+    from posttrain.prm import earliest_error, processbench_f1
+
+    assert earliest_error([0.9, 0.8, 0.3, 0.1]) == 2 and earliest_error([0.9, 0.6]) == -1
+    assert math.isclose(processbench_f1(0.5, 1.0), 2 / 3) and processbench_f1(0.0, 1.0) == 0.0
+
+
+def _prm_batch(rank, world_size, overrides):
+    from megatron_ext import data
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+    from megatron_ext.config import validate
+    from posttrain.prm import PRMStage
+
+    cfg = load_config(["+stage=prm", *overrides])
+    validate(cfg, world_size)
+    stage = PRMStage(cfg)
+    rt = build(cfg, customize=stage.customize_model)
+    train_ds, _ = stage.datasets(cfg, 4, 0)
+    batch = next(data.loader(train_ds, cfg))
+    out, loss_func = stage.forward_step(iter([batch]), rt.model[0])
+    loss_sum, n, _ = loss_func(out)
+    return loss_sum.item(), int(n), out.detach().squeeze(-1), batch
+
+
+def test_prm_loss_matches_torch_at_tp1_and_tp2():
+    (loss, n, logits, batch), = run_on_ranks(_prm_batch, 1, PRM)
+    hand, count = 0.0, 0
+    for b, s in torch.nonzero(batch["step_mask"]).tolist():
+        z, y = logits[b, s].item(), batch["step_label"][b, s].item()
+        hand += -(y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z))))
+        count += 1
+    assert n == count > 4 and math.isclose(loss, hand, rel_tol=1e-5), (loss, hand)
+    for got, n2, _, _ in run_on_ranks(_prm_batch, 2, PRM + ["parallel.tp=2"]):
+        assert n2 == n and math.isclose(got, hand, rel_tol=1e-5), (got, hand)
