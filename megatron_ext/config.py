@@ -68,6 +68,17 @@ class ModelConfig:
     """Sigmoid gate on the shared expert output (Qwen2-MoE)."""
     moe_layer_freq: Optional[List[int]] = None
     """Per layer, 1 = MoE, 0 = dense MLP (HF `decoder_sparse_step` / `mlp_only_layers`); None: all MoE."""
+    rope_scaling_type: Optional[str] = None
+    """RoPE scaling for context extension: None (plain RoPE at rope_theta) or `yarn` (HF
+    `rope_scaling.rope_type`)."""
+    rope_scaling_factor: float = 1.0
+    """HF `rope_scaling.factor`: how far the context is stretched beyond the original length."""
+    rope_original_max_position_embeddings: Optional[int] = None
+    """HF `rope_scaling.original_max_position_embeddings`: the pretraining context length."""
+    yarn_beta_fast: float = 32.0
+    """HF `rope_scaling.beta_fast`: YaRN ramp boundary (rotations) above which frequencies are kept."""
+    yarn_beta_slow: float = 1.0
+    """HF `rope_scaling.beta_slow`: YaRN ramp boundary below which frequencies are fully interpolated."""
 
     @property
     def kv_channels(self) -> int:
@@ -189,6 +200,12 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     """Saving and resuming (Megatron-Core dist_checkpointing, reshardable)."""
+    mixture_steps: List[int] = field(default_factory=list)
+    """Data-mixture schedule: the optimizer steps (0-based, first must be 0) at which the blend
+    weights change. Empty: no schedule (`data.weights` throughout)."""
+    mixture_weights: List[List[float]] = field(default_factory=list)
+    """One weight list per `mixture_steps` entry, one weight per `data.paths` entry: step s
+    draws its samples with the weights of the last entry whose step is <= s."""
 
     dir: Optional[str] = None
     """Where checkpoints are saved (`iter_NNNNNNN/` + `latest`); None disables saving."""
@@ -396,9 +413,33 @@ def validate(cfg: Config, world_size: int) -> None:
     _check(not (c.save_interval and not c.dir), "checkpoint.save_interval needs checkpoint.dir", errors)
     _check(c.load != "auto" or bool(c.dir), "checkpoint.load=auto needs checkpoint.dir", errors)
     _validate_model(cfg.model, errors)
+def _validate_mixture_and_rope(cfg: Config, errors: List[str]) -> None:
+    d, m = cfg.data, cfg.model
+    if d.mixture_steps or d.mixture_weights:
+        steps = list(d.mixture_steps)
+        _check(len(steps) == len(d.mixture_weights),
+               f"data.mixture_steps has {len(steps)} entries but data.mixture_weights has {len(d.mixture_weights)}",
+               errors)
+        _check(bool(steps) and steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:])),
+               f"data.mixture_steps={steps} must start at 0 and increase", errors)
+        _check(len(d.paths) >= 1, "data.mixture_steps needs explicit data.paths", errors)
+        for i, w in enumerate(d.mixture_weights):
+            _check(len(w) == len(d.paths) and all(x >= 0 for x in w) and sum(w) > 0,
+                   f"data.mixture_weights[{i}]={list(w)} needs {len(d.paths)} non-negative weights "
+                   "(one per data.paths entry) with a positive sum", errors)
+    _check(m.rope_scaling_type in (None, "yarn"),
+           f"model.rope_scaling_type={m.rope_scaling_type!r} is not null or 'yarn'", errors)
+    if m.rope_scaling_type == "yarn":
+        _check(m.rope_scaling_factor >= 1.0 and bool(m.rope_original_max_position_embeddings),
+               f"model.rope_scaling_type=yarn needs model.rope_scaling_factor >= 1 (got {m.rope_scaling_factor}) "
+               f"and model.rope_original_max_position_embeddings (got {m.rope_original_max_position_embeddings})",
+               errors)
+
+
     if not errors:
         _validate_parallel(cfg, world_size, errors)
     if not errors:
         _validate_train(cfg, world_size, errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    _validate_mixture_and_rope(cfg, errors)

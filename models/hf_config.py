@@ -3,7 +3,7 @@
 Each family module composes these with its own flags. Reading accepts both the published
 `config.json` spelling (`rope_theta`, `num_experts`) and transformers 5's (`rope_parameters`,
 `num_local_experts`), and accepts a transformers config object as well as a dict. Anything
-the Megatron model cannot reproduce (another activation, RoPE scaling, sliding-window
+the Megatron model cannot reproduce (another activation, RoPE scaling other than YaRN, sliding-window
 attention switched on) is refused with the field named, never silently dropped.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from megatron_ext.config import ModelConfig
+from models import rope
 
 
 class HFConfigError(ValueError):
@@ -24,12 +25,9 @@ def as_dict(hf: Any) -> Dict[str, Any]:
 
 
 def rope_theta(hf: Dict[str, Any]) -> float:
-    """RoPE base from either spelling; any RoPE scaling is refused (Megatron runs plain RoPE here)."""
+    """RoPE base from either spelling; RoPE scaling other than YaRN is refused (models.rope)."""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise HFConfigError(f"rope scaling type {rope_type!r} is not supported (only plain RoPE)")
+    rope_scaling_fields(hf)  # refuses scaling types other than YaRN
     # 10000 is transformers' default when a config names no theta.
     return float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
 
@@ -58,7 +56,16 @@ def dense_from_hf(hf: Dict[str, Any], family: str, name: str) -> Dict[str, Any]:
         use_sliding_window=False,
         sliding_window=hf.get("sliding_window"),
         max_window_layers=hf.get("max_window_layers"),
+        **rope_scaling_fields(hf),
     )
+
+
+def rope_scaling_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
+    """ModelConfig RoPE-scaling fields (YaRN) of an HF config; {} for plain RoPE."""
+    try:
+        return rope.from_hf(hf)
+    except rope.RopeScalingError as e:
+        raise HFConfigError(str(e)) from None
 
 
 def dense_to_hf(m: ModelConfig, model_type: str, architecture: str) -> Dict[str, Any]:
@@ -81,6 +88,7 @@ def dense_to_hf(m: ModelConfig, model_type: str, architecture: str) -> Dict[str,
         "sliding_window": m.sliding_window,
         "max_window_layers": m.max_window_layers,
         "attention_dropout": 0.0,
+        "rope_scaling": rope.to_hf(m),
     }
     # Unset optional fields are left out so transformers applies its own defaults.
     return {k: v for k, v in config.items() if v is not None}
