@@ -99,6 +99,11 @@ class ParallelConfig:
     """Pipeline parallel size."""
     vpp: Optional[int] = None
     """Virtual pipeline stages per rank (interleaved 1F1B); None = plain 1F1B."""
+    first_stage_layers: Optional[int] = None
+    """Layers on the first pipeline stage when it should differ (it also holds the embedding);
+    None: an even split."""
+    last_stage_layers: Optional[int] = None
+    """Layers on the last pipeline stage when it should differ (it also holds the output layer)."""
     ep: int = 1
     """Expert parallel size (MoE)."""
     etp: Optional[int] = None
@@ -195,17 +200,17 @@ class DataConfig:
     """Where tokenized sample data and Megatron's dataset indices are cached."""
     num_workers: int = 0
     """DataLoader worker processes."""
-
-
-@dataclass
-class CheckpointConfig:
-    """Saving and resuming (Megatron-Core dist_checkpointing, reshardable)."""
     mixture_steps: List[int] = field(default_factory=list)
     """Data-mixture schedule: the optimizer steps (0-based, first must be 0) at which the blend
     weights change. Empty: no schedule (`data.weights` throughout)."""
     mixture_weights: List[List[float]] = field(default_factory=list)
     """One weight list per `mixture_steps` entry, one weight per `data.paths` entry: step s
     draws its samples with the weights of the last entry whose step is <= s."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming (Megatron-Core dist_checkpointing, reshardable)."""
 
     dir: Optional[str] = None
     """Where checkpoints are saved (`iter_NNNNNNN/` + `latest`); None disables saving."""
@@ -333,6 +338,8 @@ def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
            f"{p.tp}*{p.pp}*{p.cp} = {model_parallel}", errors)
     _check(m.num_attention_heads % p.tp == 0,
            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}", errors)
+    _check(m.vocab_size % p.tp == 0,
+           f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}", errors)
     _check(m.num_query_groups % p.tp == 0,
            f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}", errors)
     _check(not p.sp or p.tp > 1, f"parallel.sp=true needs parallel.tp > 1 (got tp={p.tp})", errors)
@@ -343,10 +350,20 @@ def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
     if p.cp > 1:
         _check(cfg.data.seq_length % (2 * p.cp) == 0,
                f"data.seq_length={cfg.data.seq_length} is not divisible by 2*parallel.cp={2 * p.cp}", errors)
-    layers_per_stage = m.num_layers / (p.pp * (p.vpp or 1))
-    _check(m.num_layers % (p.pp * (p.vpp or 1)) == 0,
-           f"model.num_layers={m.num_layers} is not divisible by parallel.pp*vpp="
-           f"{p.pp}*{p.vpp or 1} ({layers_per_stage:g} layers per stage)", errors)
+    uneven = p.first_stage_layers is not None or p.last_stage_layers is not None
+    if uneven:
+        _check(p.pp > 1 and p.vpp is None, "parallel.first_stage_layers/last_stage_layers need "
+               "parallel.pp > 1 and no parallel.vpp", errors)
+        ends = [n for n in (p.first_stage_layers, p.last_stage_layers) if n is not None]
+        rest, stages = m.num_layers - sum(ends), p.pp - len(ends)
+        _check(all(n >= 1 for n in ends) and rest >= 0 and (rest == 0 if stages == 0 else rest % stages == 0),
+               f"model.num_layers={m.num_layers} minus parallel.first_stage_layers={p.first_stage_layers} "
+               f"and last_stage_layers={p.last_stage_layers} leaves {rest} layers for {stages} other "
+               "stage(s): not an even split", errors)
+    else:
+        _check(m.num_layers % (p.pp * (p.vpp or 1)) == 0,
+               f"model.num_layers={m.num_layers} is not divisible by parallel.pp*vpp="
+               f"{p.pp}*{p.vpp or 1} ({m.num_layers / (p.pp * (p.vpp or 1)):g} layers per stage)", errors)
     if p.vpp is not None:
         _check(p.pp > 1 and p.vpp > 1, f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp > 1", errors)
     if p.ep > 1:
@@ -398,21 +415,6 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
                f"({n_micro}) to be a multiple of parallel.pp={p.pp}", errors)
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Check every cross-field rule; raise ConfigError listing all violations."""
-    errors: List[str] = []
-    _check(cfg.precision.name in PRECISIONS,
-           f"precision.name={cfg.precision.name!r} is not one of {PRECISIONS}", errors)
-    _check(cfg.data.seq_length > 0, f"data.seq_length={cfg.data.seq_length} must be positive", errors)
-    if cfg.data.weights is not None:
-        _check(len(cfg.data.weights) == len(cfg.data.paths),
-               f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}",
-               errors)
-    c = cfg.checkpoint
-    _check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be >= 0", errors)
-    _check(not (c.save_interval and not c.dir), "checkpoint.save_interval needs checkpoint.dir", errors)
-    _check(c.load != "auto" or bool(c.dir), "checkpoint.load=auto needs checkpoint.dir", errors)
-    _validate_model(cfg.model, errors)
 def _validate_mixture_and_rope(cfg: Config, errors: List[str]) -> None:
     d, m = cfg.data, cfg.model
     if d.mixture_steps or d.mixture_weights:
@@ -436,10 +438,25 @@ def _validate_mixture_and_rope(cfg: Config, errors: List[str]) -> None:
                errors)
 
 
+def validate(cfg: Config, world_size: int) -> None:
+    """Check every cross-field rule; raise ConfigError listing all violations."""
+    errors: List[str] = []
+    _check(cfg.precision.name in PRECISIONS,
+           f"precision.name={cfg.precision.name!r} is not one of {PRECISIONS}", errors)
+    _check(cfg.data.seq_length > 0, f"data.seq_length={cfg.data.seq_length} must be positive", errors)
+    if cfg.data.weights is not None:
+        _check(len(cfg.data.weights) == len(cfg.data.paths),
+               f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}",
+               errors)
+    c = cfg.checkpoint
+    _check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be >= 0", errors)
+    _check(not (c.save_interval and not c.dir), "checkpoint.save_interval needs checkpoint.dir", errors)
+    _check(c.load != "auto" or bool(c.dir), "checkpoint.load=auto needs checkpoint.dir", errors)
+    _validate_model(cfg.model, errors)
+    _validate_mixture_and_rope(cfg, errors)
     if not errors:
         _validate_parallel(cfg, world_size, errors)
     if not errors:
         _validate_train(cfg, world_size, errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
-    _validate_mixture_and_rope(cfg, errors)

@@ -57,6 +57,9 @@ def test_global_batch_not_divisible():
 
 def test_layer_and_layout_rules():
     _rejects(["parallel.pp=3"], 3, "model.num_layers=4", "parallel.pp*vpp")
+    _rejects(["parallel.pp=2", "parallel.first_stage_layers=3", "parallel.last_stage_layers=2"], 2,
+             "leaves -1 layers for 0 other stage(s)")
+    _rejects(["parallel.pp=3", "parallel.first_stage_layers=1"], 3, "leaves 3 layers for 2 other stage(s)")
     _rejects(["parallel.sp=true"], 1, "parallel.sp=true needs parallel.tp > 1")
     _rejects(["parallel.ep=2"], 2, "parallel.ep=2 needs a MoE model")
     _rejects(["model=qwen3_moe_debug", "parallel.ep=3"], 3, "model.num_experts=4", "parallel.ep=3")

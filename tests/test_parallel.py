@@ -79,7 +79,7 @@ class Reference:
                                        msg=lambda m, key=key: f"{name}: {key}: {m}")
 
 
-BASES = {"dense": DENSE, "moe": MOE, "moe_seq_aux": MOE + ["moe.load_balancing=seq_aux_loss"]}
+BASES = {"dense": DENSE, "qwen2_tied": COMMON + ["model=qwen2_debug"], "moe": MOE, "moe_seq_aux": MOE + ["moe.load_balancing=seq_aux_loss"]}
 
 LAYOUTS = {
     # name: (reference model, ranks, overrides)
@@ -89,6 +89,8 @@ LAYOUTS = {
     "pp2": ("dense", 2, ["parallel.pp=2"]),
     "pp2_vpp2": ("dense", 2, ["parallel.pp=2", "parallel.vpp=2"]),
     "cp2": ("dense", 2, ["parallel.cp=2"]),
+    "pp2_uneven_1_3": ("dense", 2, ["parallel.pp=2", "parallel.first_stage_layers=1"]),
+    "qwen2_tied_embeddings_pp2": ("qwen2_tied", 2, ["parallel.pp=2"]),
     "tp2_pp2": ("dense", 4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp2_sp_cp2": ("dense", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.cp=2"]),
     "moe_ep2_alltoall": ("moe", 2, ["parallel.ep=2"]),
