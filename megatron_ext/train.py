@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Callable, Sequence
 
 from megatron_ext import dist, fault
 from megatron_ext.cli import config_yaml, fail, load_config, split_flags
@@ -17,7 +18,13 @@ from megatron_ext.metrics import setup_console_logging
 log = logging.getLogger("megatron_ext.train")
 
 
-def main(argv=None) -> int:
+def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequence[str] = ()) -> int:
+    """The shared entry of every stage: compose + validate the config (before any process
+    group), build the stage with `make_stage(cfg)` (may raise ConfigError), train, exit code.
+
+    Exit codes: 0 done, 1 a checkpoint or non-finite error (logged), 2 a bad config or flag,
+    75 preempted after saving (megatron_ext.fault.REQUEUE_EXIT_CODE).
+    """
     fault.preemption_watcher()  # before anything slow: a pre-kill signal must not be lost
     flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
     unknown = [f for f in flags if f not in ("--print-config",)]
@@ -25,28 +32,34 @@ def main(argv=None) -> int:
         fail(f"unknown flag(s) {unknown}; pass config changes as key=value overrides")
     setup_console_logging()
     try:
-        cfg = load_config(overrides)
+        cfg = load_config([*base_overrides, *overrides])
         validate(cfg, dist.launch_env().world_size)
+        stage = make_stage(cfg)
     except ConfigError as e:
         fail(str(e))
     if "--print-config" in flags:
         print(config_yaml(cfg))
         return 0
     from megatron_ext.checkpoint import CheckpointError
-    from megatron_ext.fault import NonFiniteError
     from megatron_ext.loop import train
-    from megatron_ext.pretrain import PretrainStage
 
     try:
-        history = train(cfg, PretrainStage()).history
-    except (CheckpointError, NonFiniteError) as e:
+        history = train(cfg, stage).history
+    except (CheckpointError, fault.NonFiniteError) as e:
         log.error("%s", e)
         return 1
     finally:
         dist.destroy()
     if history and history[0]["loss"] is not None:
-        log.info("done: loss %.4f -> %.4f over %d steps", history[0]["loss"], history[-1]["loss"], len(history))
+        log.info("done: %s loss %.4f -> %.4f over %d steps", name, history[0]["loss"], history[-1]["loss"],
+                 len(history))
     return 0
+
+
+def main(argv=None) -> int:
+    from megatron_ext.pretrain import PretrainStage
+
+    return run(argv, lambda cfg: PretrainStage())
 
 
 if __name__ == "__main__":
