@@ -49,7 +49,8 @@ class Metrics:
         self._write(step, scalars)
 
     def log_eval(self, step: int, scalars: Dict[str, float]) -> None:
-        if not dist.is_rank0():
+        scalars = {k: v for k, v in scalars.items() if v is not None}  # e.g. no loss tokens
+        if not dist.is_rank0() or not scalars:
             return
         log.info("eval at step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
         self._write(step, scalars)
