@@ -304,6 +304,7 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
         _check_fingerprint(rt.config, meta, ckpt)
     if not load_optimizer:
         load_weights(rt.model, ckpt, verified=True)
+        _reload_main_params(rt)
         log.info("loaded weights from %s (fresh optimizer and schedule)", ckpt)
         return TrainState()
     state = _load_state(rt.model, _sharded_state(rt, is_loading=True), ckpt, StrictHandling.RAISE_ALL)
@@ -339,6 +340,47 @@ def load_weights(chunks, ckpt: Path, verified: bool = False) -> None:
     _load_state(chunks, {"model": _model_state(chunks)}, ckpt, StrictHandling.RAISE_UNEXPECTED)
 
 
+# Written by tools.convert (hf-to-mcore): the model's sharded state dict at the top level of a
+# dist_checkpointing directory, plus this metadata file with the ModelConfig it holds.
+CONVERTED_META = "qwen_checkpoint.json"
+# ModelConfig fields that decide parameter shapes; the others (name, RoPE base and scaling,
+# max positions, norm eps) may change between the converted model and the job, e.g. for
+# long-context training.
+_SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "head_dim", "vocab_size", "qkv_bias", "qk_norm", "tie_word_embeddings", "num_experts",
+                 "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+                 "moe_layer_freq")
+
+
+def load_converted_weights(chunks, ckpt: Path, model_cfg) -> None:
+    """Load a tools.convert checkpoint's weights into model chunks (any layout). Collective.
+
+    The converted ModelConfig must match the job's model in every shape-deciding field."""
+    meta = json.loads((Path(ckpt) / CONVERTED_META).read_text())
+    saved = meta.get("model") or {}
+    job = asdict(model_cfg)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs job {job.get(k)!r}" for k in _SHAPE_FIELDS
+             if saved.get(k) != job.get(k)]
+    if diffs:
+        raise CheckpointError(f"{ckpt}: the converted model does not match model={model_cfg.name}:\n  "
+                              + "\n  ".join(diffs))
+    try:
+        for chunk in chunks:
+            module = _unwrap(chunk)
+            state = dist_checkpointing.load(module.sharded_state_dict(), str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED)
+            module.load_state_dict(state, strict=True)
+    except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
+        raise CheckpointError(f"{ckpt}: cannot load the converted weights into this model: {e}") from e
+
+
+def _reload_main_params(rt) -> None:
+    """Optimizers that keep their own fp32 copy of the weights (bf16, distributed optimizer)
+    made it at build time, from the random init: refresh it from the loaded weights."""
+    reload = getattr(rt.optimizer, "reload_model_params", None)
+    if reload is not None:
+        reload()
+
+
 def resume(rt) -> TrainState:
     """Apply `checkpoint.load`: None -> fresh; `auto` -> newest good one in checkpoint.dir (fresh if
     none); a path -> exactly that checkpoint (a corrupted one is an error)."""
@@ -360,6 +402,14 @@ def resume(rt) -> TrainState:
     ckpt = Path(c.load)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint.load={c.load}: no such directory")
+    if (ckpt / CONVERTED_META).is_file():  # `python -m tools.convert hf-to-mcore` output
+        if not c.weights_only:
+            raise CheckpointError(f"checkpoint.load={c.load} is a converted model (weights only): "
+                                  "set checkpoint.weights_only=true")
+        load_converted_weights(rt.model, ckpt, rt.config.model)
+        _reload_main_params(rt)
+        log.info("loaded converted weights from %s (fresh optimizer and schedule)", ckpt)
+        return TrainState()
     if complete_checkpoints(ckpt) or (ckpt / "latest").exists():  # a root of iter_* directories
         found = find_resumable(ckpt)
         if found is None:

@@ -1,0 +1,162 @@
+"""Continued pretraining (math / code CPT, long-context extension) on the one training loop.
+
+    python -m posttrain.cpt +stage=cpt_math checkpoint.load=BASE checkpoint.weights_only=true \\
+        'data.paths=[general,math_web,math_synth]' [key=value ...]
+
+What differs from pretraining is data and starting point, not the loop:
+- `checkpoint.load` names an HF-converted model (`tools.convert hf-to-mcore`) or a training
+  checkpoint, loaded as weights only: the optimizer and LR schedule start fresh, so
+  `train.warmup_steps` re-warms the LR from 0 before it decays to `train.min_lr`.
+- `data.mixture_steps` / `data.mixture_weights` change the blend at given steps (e.g. more
+  math later in the run). Sample s of the global stream belongs to step s // global_batch_size
+  and is drawn from the dataset whose share in that step's phase is furthest behind its weight,
+  so every step's batch follows its phase's weights exactly, for any DP/PP layout, and a resumed
+  run sees the same sequence. Validation mixes the paths' validation splits with the last
+  phase's weights.
+- RoPE scaling (YaRN, `model.rope_scaling_type`) is applied to each model chunk as it is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron_ext import data
+from megatron_ext.config import Config
+from megatron_ext.pretrain import PretrainStage
+from models.rope import apply_rope_scaling
+
+log = logging.getLogger(__name__)
+
+
+def mixture_plan(phases: Sequence[Tuple[int, Sequence[float]]], global_batch_size: int,
+                 total_samples: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(dataset id, index within that dataset) for each global sample under a phase schedule.
+
+    Within a phase, each sample goes to the dataset with the largest deficit
+    weight * drawn_in_phase - drawn_from_it_in_phase (Megatron's blending rule), so the realised
+    shares track the weights at every prefix of the phase.
+    """
+    n_sets = len(phases[0][1])
+    which = np.zeros(total_samples, dtype=np.int64)
+    index = np.zeros(total_samples, dtype=np.int64)
+    used = np.zeros(n_sets, dtype=np.int64)
+    starts = [step * global_batch_size for step, _ in phases] + [total_samples]
+    for (step, weights), begin, end in zip(phases, starts, starts[1:]):
+        w = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        drawn = np.zeros(n_sets, dtype=np.int64)
+        for s in range(begin, min(end, total_samples)):
+            k = int(np.argmax(w * (s - begin + 1) - drawn))
+            which[s], index[s] = k, used[k]
+            drawn[k] += 1
+            used[k] += 1
+    return which, index
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Samples drawn from several datasets by a precomputed plan (see `mixture_plan`)."""
+
+    def __init__(self, datasets: List, which: np.ndarray, index: np.ndarray):
+        self.datasets, self.which, self.index = datasets, which, index
+
+    def __len__(self) -> int:
+        return len(self.which)
+
+    def __getitem__(self, i: int) -> dict:
+        ds = self.datasets[self.which[i]]
+        return ds[int(self.index[i]) % len(ds)]
+
+    def share(self, begin: int, end: int) -> np.ndarray:
+        """Fraction of samples [begin, end) drawn from each dataset (for logs and tests)."""
+        counts = np.bincount(self.which[begin:end], minlength=len(self.datasets))
+        return counts / max(1, end - begin)
+
+
+def _single_path_cfg(cfg: Config, path: str) -> Config:
+    d = dataclasses.replace(cfg.data, paths=[path], weights=None, mixture_steps=[], mixture_weights=[])
+    return dataclasses.replace(cfg, data=d)
+
+
+def scheduled_datasets(cfg: Config, train_samples: int, valid_samples: int):
+    """Train: the scheduled mixture; valid: the paths' validation splits at the last phase's weights."""
+    d, gbs = cfg.data, cfg.train.global_batch_size
+    phases = list(zip(d.mixture_steps, d.mixture_weights))
+    which, index = mixture_plan(phases, gbs, train_samples)
+    v_which, v_index = mixture_plan([(0, phases[-1][1])], gbs, max(valid_samples, 0))
+    train_sets, valid_sets = [], []
+    for k, path in enumerate(d.paths):
+        n_train = max(1, int((which == k).sum()))
+        n_valid = max(1, int((v_which == k).sum())) if valid_samples else 0
+        tr, va = data.build_datasets(_single_path_cfg(cfg, path), n_train, n_valid)
+        if tr is None:
+            raise ValueError(f"data.paths[{k}]={path}: no training split (data.split={d.split})")
+        train_sets.append(tr)
+        valid_sets.append(va)
+    for (step, weights) in phases:
+        log.info("data mixture from step %d: %s", step, dict(zip(d.paths, weights)))
+    train = MixtureDataset(train_sets, which, index)
+    valid = None
+    if valid_samples and all(v is not None for v in valid_sets):
+        valid = MixtureDataset(valid_sets, v_which, v_index)
+    return train, valid
+
+
+class CPTStage(PretrainStage):
+    """Next-token prediction with a scheduled data mixture and RoPE scaling."""
+
+    def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
+        if cfg.data.mixture_steps:
+            return scheduled_datasets(cfg, train_samples, valid_samples)
+        return data.build_datasets(cfg, train_samples, valid_samples)
+
+    def customize_model(self, chunk, cfg: Config) -> None:
+        apply_rope_scaling(chunk, cfg.model)
+
+
+def stage_overrides(overrides: Sequence[str], default: str = "cpt_math") -> List[str]:
+    """Select a stage config group (`stage=X` or `+stage=X`; default cpt_math) plus the rest."""
+    chosen = [o for o in overrides if o.split("=", 1)[0] in ("stage", "+stage")]
+    rest = [o for o in overrides if o not in chosen]
+    name = chosen[-1].split("=", 1)[1] if chosen else default
+    return [f"+stage={name}", *rest]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m posttrain.cpt [key=value ...]`: like megatron_ext.train, with the CPT stage."""
+    from megatron_ext import dist, fault
+    from megatron_ext.checkpoint import CheckpointError
+    from megatron_ext.cli import fail, load_config, split_flags
+    from megatron_ext.config import ConfigError, validate
+    from megatron_ext.metrics import setup_console_logging
+
+    fault.preemption_watcher()
+    flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
+    if flags:
+        fail(f"unknown flag(s) {flags}; pass config changes as key=value overrides")
+    setup_console_logging()
+    try:
+        cfg = load_config(stage_overrides(overrides))
+        validate(cfg, dist.launch_env().world_size)
+    except ConfigError as e:
+        fail(str(e))
+    from megatron_ext.loop import train
+
+    try:
+        history = train(cfg, CPTStage()).history
+    except (CheckpointError, fault.NonFiniteError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        dist.destroy()
+    if history and history[0]["loss"] is not None:
+        log.info("done: loss %.4f -> %.4f over %d steps", history[0]["loss"], history[-1]["loss"], len(history))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
