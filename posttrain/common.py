@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -147,39 +146,7 @@ def token_logps(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def run_cli(stage_name: str, make_stage: Callable[[Config], object], argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m posttrain.<stage> k=v ...`: compose conf/stage/<stage>.yaml + overrides, validate, train."""
-    from megatron_ext import dist, fault
-    from megatron_ext.cli import config_yaml, fail, load_config, split_flags
-    from megatron_ext.config import validate
-    from megatron_ext.metrics import setup_console_logging
+    """`python -m posttrain.<stage> k=v ...`: conf/stage/<stage>.yaml + overrides, on the shared entry."""
+    from megatron_ext.train import run
 
-    fault.preemption_watcher()  # before anything slow: a pre-kill signal must not be lost
-    flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
-    unknown = [f for f in flags if f != "--print-config"]
-    if unknown:
-        fail(f"unknown flag(s) {unknown}; pass config changes as key=value overrides")
-    setup_console_logging()
-    try:
-        cfg = load_config([f"+stage={stage_name}", *overrides])
-        validate(cfg, dist.launch_env().world_size)
-        stage = make_stage(cfg)
-    except ConfigError as e:
-        fail(str(e))
-    if "--print-config" in flags:
-        print(config_yaml(cfg))
-        return 0
-    from megatron_ext.checkpoint import CheckpointError
-    from megatron_ext.fault import NonFiniteError
-    from megatron_ext.loop import train
-
-    try:
-        history = train(cfg, stage).history
-    except (CheckpointError, NonFiniteError) as e:
-        log.error("%s", e)
-        return 1
-    finally:
-        dist.destroy()
-    if history and history[0]["loss"] is not None:
-        log.info("done: %s loss %.4f -> %.4f over %d steps", stage_name, history[0]["loss"], history[-1]["loss"],
-                 len(history))
-    return 0
+    return run(argv, make_stage, name=stage_name, base_overrides=[f"+stage={stage_name}"])
