@@ -120,6 +120,10 @@ def build_optimizer(cfg: Config, tcfg: TransformerConfig, model: List[Distribute
         bf16=tcfg.bf16,
         params_dtype=tcfg.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        # Host-side Adam (HybridDeviceOptimizer) goes through the precision-aware code path.
+        optimizer_cpu_offload=t.optimizer_cpu_offload,
+        optimizer_offload_fraction=t.optimizer_offload_fraction,
+        use_precision_aware_optimizer=t.optimizer_cpu_offload,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
     return optimizer, lr_scheduler(optimizer, cfg.train)

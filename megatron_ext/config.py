@@ -144,7 +144,18 @@ class PrecisionConfig:
     """Numeric precision."""
 
     name: str = "fp32"
-    """`fp32` (CPU default), `bf16`, `fp8_delayed`, `fp8_current`, `fp8_blockwise`."""
+    """`fp32` (CPU default), `bf16`, `fp8_delayed`, `fp8_current`, `fp8_blockwise`. The FP8
+    recipes keep bf16 weights and run the linear layers' GEMMs in FP8 through Transformer
+    Engine (CUDA only): `fp8_delayed` scales by an amax history (TE DelayedScaling),
+    `fp8_current` by each tensor's current amax (Float8CurrentScaling), `fp8_blockwise` by
+    1x128 / 128x128 blocks (Float8BlockScaling; Hopper GPUs)."""
+    fp8_format: Optional[str] = None
+    """`hybrid` (E4M3 forward, E5M2 gradients) or `e4m3` (everywhere); None: the recipe's
+    default (hybrid for fp8_delayed/fp8_current, e4m3 for fp8_blockwise, which needs it)."""
+    fp8_amax_history_len: int = 1024
+    """fp8_delayed: amax history window the scaling factors are computed from."""
+    fp8_amax_compute_algo: str = "max"
+    """fp8_delayed: `max` (largest amax in the window) or `most_recent`."""
 
 
 @dataclass
@@ -181,6 +192,14 @@ class TrainConfig:
     eval_iters: int = 2
     """Global batches per evaluation."""
     init_method_std: float = 0.02
+    recompute: str = "none"
+    """Activation recomputation: `none`, `selective` (recompute core attention in the backward
+    pass) or `full` (keep only each layer's input and rerun the whole layer)."""
+    optimizer_cpu_offload: bool = False
+    """Keep (a fraction of) the Adam state in host memory and step it there (Megatron-Core's
+    HybridDeviceOptimizer). GPU only; needs parallel.distributed_optimizer=true."""
+    optimizer_offload_fraction: float = 1.0
+    """With optimizer_cpu_offload: the fraction of the optimizer state kept on the host."""
 
 
 @dataclass
@@ -200,6 +219,10 @@ class DataConfig:
     """Where tokenized sample data and Megatron's dataset indices are cached."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    document_mask: bool = False
+    """Attention never crosses documents: each sample's EOD-separated documents become one
+    packed (thd) sequence with positions restarting per document (padded to 2*CP multiples).
+    Needs parallel.pp=1 (packed lengths vary per micro-batch). Used by the CPT/long-context stage."""
     mixture_steps: List[int] = field(default_factory=list)
     """Data-mixture schedule: the optimizer steps (0-based, first must be 0) at which the blend
     weights change. Empty: no schedule (`data.weights` throughout)."""
@@ -288,6 +311,7 @@ class Config:
 
 
 PRECISIONS = ("fp32", "bf16", "fp8_delayed", "fp8_current", "fp8_blockwise")
+RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
 FAMILIES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 
@@ -397,6 +421,12 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
     _check(t.lr_schedule in SCHEDULES, f"train.lr_schedule={t.lr_schedule!r} is not one of {SCHEDULES}", errors)
     _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0", errors)
     _check(t.nan_policy in ("stop", "skip"), f"train.nan_policy={t.nan_policy!r} is not 'stop' or 'skip'", errors)
+    _check(t.recompute in RECOMPUTE, f"train.recompute={t.recompute!r} is not one of {RECOMPUTE}", errors)
+    if t.optimizer_cpu_offload:
+        _check(cfg.parallel.distributed_optimizer and 0 < t.optimizer_offload_fraction <= 1,
+               "train.optimizer_cpu_offload=true needs parallel.distributed_optimizer=true and "
+               f"0 < train.optimizer_offload_fraction <= 1 (got {cfg.parallel.distributed_optimizer}, "
+               f"{t.optimizer_offload_fraction})", errors)
     if t.lr_schedule == "wsd":
         _check(t.wsd_decay_steps is not None and 0 < t.wsd_decay_steps <= t.steps - t.warmup_steps,
                f"train.lr_schedule=wsd needs 0 < train.wsd_decay_steps <= steps - warmup_steps "
@@ -429,6 +459,8 @@ def _validate_mixture_and_rope(cfg: Config, errors: List[str]) -> None:
             _check(len(w) == len(d.paths) and all(x >= 0 for x in w) and sum(w) > 0,
                    f"data.mixture_weights[{i}]={list(w)} needs {len(d.paths)} non-negative weights "
                    "(one per data.paths entry) with a positive sum", errors)
+    _check(not d.document_mask or cfg.parallel.pp == 1,
+           f"data.document_mask=true needs parallel.pp=1 (got {cfg.parallel.pp}): packed lengths vary", errors)
     _check(m.rope_scaling_type in (None, "yarn"),
            f"model.rope_scaling_type={m.rope_scaling_type!r} is not null or 'yarn'", errors)
     if m.rope_scaling_type == "yarn":
@@ -438,11 +470,37 @@ def _validate_mixture_and_rope(cfg: Config, errors: List[str]) -> None:
                errors)
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Check every cross-field rule; raise ConfigError listing all violations."""
+def _validate_precision(cfg: Config, check_device: bool, errors: List[str]) -> None:
+    p = cfg.precision
+    _check(p.name in PRECISIONS, f"precision.name={p.name!r} is not one of {PRECISIONS}", errors)
+    _check(p.fp8_format in (None, "hybrid", "e4m3"),
+           f"precision.fp8_format={p.fp8_format!r} is not null, 'hybrid' or 'e4m3'", errors)
+    _check(p.name != "fp8_blockwise" or p.fp8_format in (None, "e4m3"),
+           f"precision.name=fp8_blockwise needs precision.fp8_format=e4m3 (got {p.fp8_format})", errors)
+    _check(p.fp8_amax_compute_algo in ("max", "most_recent") and p.fp8_amax_history_len >= 1,
+           f"precision.fp8_amax_compute_algo={p.fp8_amax_compute_algo!r} must be 'max' or 'most_recent' and "
+           f"precision.fp8_amax_history_len={p.fp8_amax_history_len} >= 1", errors)
+    if not check_device:
+        return
+    if p.name.startswith("fp8_"):
+        from megatron_ext.precision import fp8_support
+
+        ok, why = fp8_support(p.name)
+        _check(ok, f"precision.name={p.name} {why}", errors)
+    import torch
+
+    _check(not cfg.train.optimizer_cpu_offload or torch.cuda.is_available(),
+           "train.optimizer_cpu_offload=true moves optimizer state off the GPU, but no CUDA GPU is "
+           "visible: on CPU the optimizer already runs in host memory; unset it", errors)
+
+
+def validate(cfg: Config, world_size: int, check_device: bool = True) -> None:
+    """Check every cross-field rule; raise ConfigError listing all violations.
+
+    `check_device=False` skips the checks that this machine can run the config (FP8 needs CUDA
+    + Transformer Engine, optimizer offload needs CUDA), e.g. to plan a GPU job on a laptop."""
     errors: List[str] = []
-    _check(cfg.precision.name in PRECISIONS,
-           f"precision.name={cfg.precision.name!r} is not one of {PRECISIONS}", errors)
+    _validate_precision(cfg, check_device, errors)
     _check(cfg.data.seq_length > 0, f"data.seq_length={cfg.data.seq_length} must be positive", errors)
     if cfg.data.weights is not None:
         _check(len(cfg.data.weights) == len(cfg.data.paths),

@@ -58,11 +58,48 @@ def _moe_training_kwargs(cfg: Config) -> dict:
     )
 
 
+# Our precision names -> Megatron-Core's `fp8_recipe` and the recipe's default `fp8` format.
+FP8_RECIPES = {
+    "fp8_delayed": ("delayed", "hybrid"),
+    "fp8_current": ("tensorwise", "hybrid"),  # per-tensor current scaling
+    "fp8_blockwise": ("blockwise", "e4m3"),  # TE's Float8BlockScaling takes E4M3 only
+}
+
+
+def precision_kwargs(cfg: Config) -> dict:
+    """TransformerConfig fields for `precision.*`: dtypes, and the FP8 recipe TE runs the GEMMs in.
+
+    fp32/bf16 set no FP8 field; FP8 recipes keep bf16 parameters and set `fp8` (format),
+    `fp8_recipe`, and for delayed scaling the amax history length and reduction."""
+    p = cfg.precision
+    dtype = params_dtype(p.name)
+    out = dict(params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16)
+    if p.name in FP8_RECIPES:
+        recipe, default_format = FP8_RECIPES[p.name]
+        out.update(fp8=p.fp8_format or default_format, fp8_recipe=recipe)
+        if recipe == "delayed":
+            out.update(fp8_amax_history_len=p.fp8_amax_history_len,
+                       fp8_amax_compute_algo=p.fp8_amax_compute_algo)
+    return out
+
+
+def recompute_kwargs(cfg: Config) -> dict:
+    """TransformerConfig fields for `train.recompute`.
+
+    `selective` recomputes core attention (Megatron's default recompute module); `full`
+    checkpoints every layer's input and reruns each layer (uniform method, one layer per unit)."""
+    mode = cfg.train.recompute
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
+
+
 def transformer_config(cfg: Config) -> TransformerConfig:
     """Build the TransformerConfig for `cfg` on this machine (CPU: fusions off, CPU init)."""
     m, p = cfg.model, cfg.parallel
     on_gpu = torch.cuda.is_available()
-    dtype = params_dtype(cfg.precision.name)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -90,9 +127,8 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp or p.tp,
         sequence_parallel=p.sp,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
+        **precision_kwargs(cfg),
+        **recompute_kwargs(cfg),
         use_cpu_initialization=not on_gpu,
         # Fused kernels are CUDA-only; on GPU Megatron picks them per spec.
         bias_activation_fusion=on_gpu,

@@ -1,0 +1,278 @@
+"""Training throughput of a named model: tokens/s/GPU, model TFLOP/s/GPU, MFU, peak memory.
+
+    python -m tools.bench model=qwen2_5_1_5b precision=bf16 data.seq_length=4096 \
+        train.micro_batch_size=1 train.global_batch_size=8 [--layers N] [--steps 20] \
+        [--warmup 5] [--data synthetic|corpus] [--json OUT]
+
+Runs `--warmup` + `--steps` optimizer steps of the one training loop (any parallel/precision
+overrides apply; launch under torchrun for several GPUs) and reports over the timed steps only.
+`--layers N` keeps the first N layers of the model (and of a MoE model's dense/MoE layer pattern)
+so that a large model fits one GPU. `--data synthetic` (default) feeds seeded Zipf-distributed
+token ids whose second half repeats the first, so no tokenizer or corpus is needed and the loss
+still falls; `--data corpus` uses the configured data (the bundled sample by default).
+
+Model FLOPs (training = forward + backward = 3 x forward), per token of sequence length s:
+
+    6 * N_active + 12 * L * h_attn * s
+
+N_active counts the matmul weights a token passes through: per layer the QKV projection
+h*(a+2g)*d and the output projection a*d*h, then a dense SwiGLU MLP 3*h*f, or in a MoE layer
+the router h*E, only the top-k routed experts k*3*h*f_e, and the shared expert 3*h*f_s (+ h for
+its gate); plus the output layer h*V (counted even when tied to the embedding). The embedding
+lookup, norms and biases are excluded. The attention term counts QK^T and AV (4*s*h_attn
+forward per token and layer, h_attn = a*d heads x head dim) over the full s x s score matrix,
+as PaLM and llm-foundry do (no causal-mask discount). Model TFLOP/s/GPU = FLOPs per token x
+tokens/s / GPUs; MFU divides it by the GPU's dense peak (table below: BF16 for bf16, FP8 for
+the FP8 recipes; no peak for fp32 or unknown devices, where MFU is reported as n/a). Recompute
+does not change these model FLOPs. Peak memory is torch.cuda.max_memory_allocated on GPU and
+the process's peak RSS on CPU, the maximum over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import resource
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from megatron_ext import dist
+from megatron_ext.cli import fail, load_config
+from megatron_ext.config import Config, ConfigError, validate
+from megatron_ext.pretrain import PretrainStage
+
+log = logging.getLogger("tools.bench")
+
+FLOP_FORMULA = ("model FLOPs/token = 6*N_active + 12*L*h_attn*s  (N_active: matmul weights a token uses: "
+                "QKV + out proj, dense MLP or router + top-k experts + shared expert, output layer; "
+                "no embedding lookup, norms or biases; attention over the full s x s scores)")
+
+# Dense (no sparsity) peak TFLOP/s per GPU by device-name pattern: (bf16, fp8).
+PEAK_TFLOPS = {
+    "H100 SXM / H100 80GB HBM3": (("H100",), ("PCIe", "NVL"), 989.0, 1979.0),
+    "H200": (("H200",), (), 989.0, 1979.0),
+}
+SYNTHETIC_VOCAB = 16384  # synthetic ids come from the first 16k of the vocabulary
+
+
+# ---------------------------------------------------------------- model FLOPs
+
+def active_params(cfg: Config) -> Dict[str, int]:
+    """Matmul weights one token passes through, by part (see the module docstring)."""
+    from tools.estimate_memory import is_moe_layer
+
+    m = cfg.model
+    h, a, g, d = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels
+    parts = dict(attention=0, mlp=0, router=0, experts=0, shared_expert=0, output_layer=h * m.vocab_size)
+    for layer in range(m.num_layers):
+        parts["attention"] += h * (a + 2 * g) * d + a * d * h
+        if not is_moe_layer(cfg, layer):
+            parts["mlp"] += 3 * h * m.ffn_hidden_size
+            continue
+        parts["router"] += h * m.num_experts
+        parts["experts"] += m.moe_router_topk * 3 * h * (m.moe_ffn_hidden_size or m.ffn_hidden_size)
+        if m.moe_shared_expert_intermediate_size:
+            parts["shared_expert"] += 3 * h * m.moe_shared_expert_intermediate_size
+            parts["shared_expert"] += h if m.moe_shared_expert_gate else 0
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def flops_per_token(cfg: Config) -> float:
+    """Training model FLOPs per token: 6*N_active + 12*L*h_attn*s."""
+    m = cfg.model
+    attention = 12 * m.num_layers * m.num_attention_heads * m.kv_channels * cfg.data.seq_length
+    return 6 * active_params(cfg)["total"] + attention
+
+
+def peak_tflops(device_name: str, precision: str) -> Optional[float]:
+    """Dense peak TFLOP/s of a GPU for a precision, or None when not in the table."""
+    if precision not in ("bf16",) and not precision.startswith("fp8_"):
+        return None
+    for include, exclude, bf16, fp8 in PEAK_TFLOPS.values():
+        if any(k in device_name for k in include) and not any(k in device_name for k in exclude):
+            return fp8 if precision.startswith("fp8_") else bf16
+    return None
+
+
+# ---------------------------------------------------------------- config and data
+
+def cut_layers(cfg: Config, layers: int) -> None:
+    """Keep the first `layers` layers (and the matching prefix of a MoE layer pattern)."""
+    m = cfg.model
+    if not 1 <= layers <= m.num_layers:
+        raise ConfigError(f"--layers={layers} must be in [1, model.num_layers={m.num_layers}]")
+    m.num_layers = layers
+    if m.moe_layer_freq is not None:
+        m.moe_layer_freq = list(m.moe_layer_freq)[:layers]
+    if m.max_window_layers is not None:
+        m.max_window_layers = min(m.max_window_layers, layers)
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Seeded token ids, Zipf-distributed over SYNTHETIC_VOCAB ids; the second half of each
+    sequence repeats the first, so a model can learn both the unigram law and copying."""
+
+    def __init__(self, samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.samples, self.seq, self.seed = samples, seq_length, seed
+        self.vocab = min(vocab_size, SYNTHETIC_VOCAB)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, idx))
+        half = (self.seq + 2) // 2
+        first = (rng.zipf(1.2, size=half) - 1) % self.vocab
+        ids = torch.from_numpy(np.concatenate([first, first])[: self.seq + 1].astype(np.int64))
+        return dict(tokens=ids[:-1], labels=ids[1:], loss_mask=torch.ones(self.seq),
+                    position_ids=torch.arange(self.seq))
+
+
+class SyntheticStage(PretrainStage):
+    """Pretraining on SyntheticDataset (no tokenizer or corpus needed)."""
+
+    def datasets(self, cfg, train_samples: int, valid_samples: int):
+        return SyntheticDataset(train_samples, cfg.data.seq_length, cfg.model.vocab_size, cfg.train.seed), None
+
+
+# ---------------------------------------------------------------- measurement
+
+def peak_memory_bytes() -> Tuple[int, str]:
+    """This process's peak memory and how it was measured."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (CPU)"
+
+
+def _max_over_ranks(value: float) -> float:
+    if not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = t.cuda() if torch.cuda.is_available() else t
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def summarize(cfg: Config, history: List[dict], warmup: int, world: int, spec: str) -> Dict:
+    """Bench result over the steps after `warmup` (loop records carry global tokens/s)."""
+    timed = history[warmup:]
+    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    seconds = [tokens / r["tokens_per_s"] for r in timed]
+    tps_gpu = tokens * len(timed) / sum(seconds) / world
+    fpt = flops_per_token(cfg)
+    tflops = fpt * tps_gpu / 1e12
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = peak_tflops(device, cfg.precision.name) if device != "cpu" else None
+    memory, memory_kind = peak_memory_bytes()
+    p = cfg.parallel
+    return dict(
+        model=cfg.model.name, num_layers=cfg.model.num_layers, precision=cfg.precision.name, spec=spec,
+        device=device, world_size=world,
+        layout=dict(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp or p.tp, sp=p.sp,
+                    dp=world // (p.tp * p.pp * p.cp), distributed_optimizer=p.distributed_optimizer),
+        recompute=cfg.train.recompute, seq_length=cfg.data.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
+        warmup_steps=warmup, timed_steps=len(timed), step_time_s=sum(seconds) / len(seconds),
+        tokens_per_s_per_gpu=tps_gpu, active_params=active_params(cfg), model_flops_per_token=fpt,
+        flop_formula=FLOP_FORMULA, model_tflops_per_gpu=tflops, peak_tflops=peak,
+        mfu=tflops / peak if peak else None, peak_memory_bytes=int(_max_over_ranks(memory)),
+        peak_memory_kind=memory_kind, losses=[r["loss"] for r in history],
+    )
+
+
+def format_report(r: Dict) -> str:
+    lay = r["layout"]
+    peak = (f"{r['peak_tflops']:.0f} TFLOP/s dense {r['precision']}" if r["peak_tflops"]
+            else f"no peak known for {r['device']} at {r['precision']}")
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    spec = r["spec"] + (" (unfused attention; not a Transformer Engine number)"
+                        if r["spec"] == "local" and r["device"] != "cpu" else "")
+    return "\n".join([
+        f"bench: {r['model']} ({r['num_layers']} layers), precision={r['precision']}, spec={spec}, "
+        f"recompute={r['recompute']}",
+        f"  device: {r['device']} x {r['world_size']}; tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} "
+        f"ep={lay['ep']} dp={lay['dp']} sp={lay['sp']} distributed_optimizer={lay['distributed_optimizer']}",
+        f"  seq={r['seq_length']} micro_batch={r['micro_batch_size']} global_batch={r['global_batch_size']}; "
+        f"{r['timed_steps']} timed steps after {r['warmup_steps']} warmup",
+        f"  step time          {r['step_time_s']:.4f} s",
+        f"  tokens/s/GPU       {r['tokens_per_s_per_gpu']:,.1f}",
+        f"  active params      {r['active_params']['total']:,} (matmul weights per token)",
+        f"  FLOPs/token        {r['model_flops_per_token']:.4e}",
+        f"  model TFLOP/s/GPU  {r['model_tflops_per_gpu']:.4f}",
+        f"  peak               {peak}",
+        f"  MFU                {mfu}",
+        f"  peak memory        {r['peak_memory_bytes'] / 2**30:.3f} GiB ({r['peak_memory_kind']})",
+        f"  losses             {' '.join(f'{x:.4f}' for x in r['losses'])}",
+        f"  formula: {r['flop_formula']}",
+    ])
+
+
+# ---------------------------------------------------------------- CLI
+
+def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None, help="keep the first N layers")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON ('-': stdout)")
+    args, rest = parser.parse_known_args(list(argv))
+    bad = [a for a in rest if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"need --steps >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    return args, rest
+
+
+def bench_config(args: argparse.Namespace, overrides: List[str], world: int) -> Config:
+    """The validated config of a bench run: the overrides, cut layers, warmup + timed steps."""
+    cfg = load_config(overrides)
+    if args.layers is not None:
+        cut_layers(cfg, args.layers)
+    cfg.train.steps = args.warmup + args.steps
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.steps - 1)
+    cfg.train.eval_interval = cfg.train.exit_interval = 0
+    validate(cfg, world)
+    return cfg
+
+
+def main(argv=None) -> int:
+    from megatron_ext.metrics import setup_console_logging
+
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_console_logging()
+    world = dist.launch_env().world_size
+    try:
+        cfg = bench_config(args, overrides, world)
+    except ConfigError as e:
+        fail(str(e))
+    from megatron_ext.loop import train
+    from megatron_ext.spec import use_transformer_engine
+
+    try:
+        result = train(cfg, SyntheticStage() if args.data == "synthetic" else PretrainStage())
+        spec = "transformer-engine" if use_transformer_engine() else "local"
+        summary = summarize(cfg, result.history, args.warmup, world, spec)
+    finally:
+        dist.destroy()
+    if dist.launch_env().rank == 0:
+        bad = [x for x in summary["losses"] if x is None or not math.isfinite(x)]
+        print(format_report(summary) + (f"\n  WARNING: non-finite losses {bad}" if bad else ""))
+        if args.json == "-":
+            print(json.dumps(summary, indent=2))
+        elif args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
