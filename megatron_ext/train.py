@@ -32,7 +32,8 @@ def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequ
         fail(f"unknown flag(s) {unknown}; pass config changes as key=value overrides")
     setup_console_logging()
     try:
-        cfg = load_config([*base_overrides, *overrides])
+        given = {o.split("=", 1)[0] for o in overrides}
+        cfg = load_config([o for o in base_overrides if o.split("=", 1)[0] not in given] + list(overrides))
         validate(cfg, dist.launch_env().world_size)
         stage = make_stage(cfg)
     except ConfigError as e:

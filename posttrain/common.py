@@ -149,4 +149,4 @@ def run_cli(stage_name: str, make_stage: Callable[[Config], object], argv: Optio
     """`python -m posttrain.<stage> k=v ...`: conf/stage/<stage>.yaml + overrides, on the shared entry."""
     from megatron_ext.train import run
 
-    return run(argv, make_stage, name=stage_name, base_overrides=[f"+stage={stage_name}"])
+    return run(argv, make_stage, name=stage_name, base_overrides=[f"stage={stage_name}"])

@@ -33,7 +33,7 @@ def _dpo_batch(rank, world_size, overrides):
     from megatron_ext.config import validate
     from posttrain.dpo import DPOStage
 
-    cfg = load_config(["+stage=dpo", *overrides])
+    cfg = load_config(["stage=dpo", *overrides])
     validate(cfg, world_size)
     stage = DPOStage(cfg)
     rt = build(cfg, customize=stage.customize_model)
@@ -85,7 +85,7 @@ def _lengths(args):
     from megatron_ext.cli import load_config
     from posttrain.rm import preference_datasets
 
-    cfg = load_config(["+stage=dpo", *args])
+    cfg = load_config(["stage=dpo", *args])
     train, _ = preference_datasets(cfg, 4, 0)
     return [train[i]["loss_mask"].sum().item() for i in range(4)]
 
@@ -96,7 +96,7 @@ def _dpo_train(rank, world_size, overrides):
     from megatron_ext.loop import train
     from posttrain.dpo import DPOStage
 
-    cfg = load_config(["+stage=dpo", *overrides])
+    cfg = load_config(["stage=dpo", *overrides])
     validate(cfg, world_size)
     stage = DPOStage(cfg)
     train(cfg, stage)

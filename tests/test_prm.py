@@ -38,7 +38,7 @@ def _prm_batch(rank, world_size, overrides):
     from megatron_ext.config import validate
     from posttrain.prm import PRMStage
 
-    cfg = load_config(["+stage=prm", *overrides])
+    cfg = load_config(["stage=prm", *overrides])
     validate(cfg, world_size)
     stage = PRMStage(cfg)
     rt = build(cfg, customize=stage.customize_model)

@@ -20,7 +20,7 @@ def _rm_batch(rank, world_size, overrides, export_dir=None):
     from megatron_ext.config import validate
     from posttrain.rm import RewardModelStage, export_hf
 
-    cfg = load_config(["+stage=rm", *overrides])
+    cfg = load_config(["stage=rm", *overrides])
     validate(cfg, world_size)
     stage = RewardModelStage(cfg)
     rt = build(cfg, customize=stage.customize_model)
@@ -63,7 +63,7 @@ def _rm_train(rank, world_size, overrides):
     from megatron_ext.loop import train
     from posttrain.rm import RewardModelStage
 
-    cfg = load_config(["+stage=rm", *overrides])
+    cfg = load_config(["stage=rm", *overrides])
     validate(cfg, world_size)
     stage = RewardModelStage(cfg)
     result = train(cfg, stage)

@@ -41,7 +41,7 @@ def _sft_batch_loss(rank, world_size, overrides):
     from megatron_ext.config import validate
     from posttrain.sft import SFTStage
 
-    cfg = load_config(["+stage=sft", *overrides])
+    cfg = load_config(["stage=sft", *overrides])
     validate(cfg, world_size)
     stage = SFTStage(cfg)
     rt = build(cfg)
