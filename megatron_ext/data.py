@@ -105,6 +105,32 @@ def on_this_rank(batch: dict) -> dict:
     return batch
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    """Megatron PackedSeqParams (thd) for one packed sequence with document boundaries
+    `cu_seqlens` (int32, [docs + 1], each length a multiple of 2*CP, padding included)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def packed_on_this_rank(batch: dict, cu_seqlens: torch.Tensor) -> dict:
+    """A packed micro-batch ([1, T] tensors) on this rank: moved to the device and, under CP,
+    cut document by document (each document split like a whole sequence, chunks r and
+    2*CP-1-r on rank r), the layout the packed attention and Megatron's thd RoPE expect."""
+    from megatron_ext.local_layers import thd_token_positions
+
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    _, _, index = thd_token_positions(cu_seqlens, parallel_state.get_context_parallel_rank(), cp)
+    return {k: v.index_select(1, index.to(v.device)) if v.dim() >= 2 else v for k, v in batch.items()}
+
+
 class MicroBatchSampler:
     """Yields this DP rank's index list for each micro-batch, from `consumed_samples` on."""
 

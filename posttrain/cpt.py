@@ -1,6 +1,6 @@
 """Continued pretraining (math / code CPT, long-context extension) on the one training loop.
 
-    python -m posttrain.cpt +stage=cpt_math checkpoint.load=BASE checkpoint.weights_only=true \\
+    python -m posttrain.cpt stage=cpt_math checkpoint.load=BASE checkpoint.weights_only=true \\
         'data.paths=[general,math_web,math_synth]' [key=value ...]
 
 What differs from pretraining is data and starting point, not the loop:
@@ -14,6 +14,9 @@ What differs from pretraining is data and starting point, not the loop:
   run sees the same sequence. Validation mixes the paths' validation splits with the last
   phase's weights.
 - RoPE scaling (YaRN, `model.rope_scaling_type`) is applied to each model chunk as it is built.
+- `data.document_mask=true` (long context): each micro-batch's EOD-separated documents are
+  packed into one thd sequence (`pack_documents`), so attention never crosses a document and
+  RoPE positions restart per document; works with context parallelism.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,7 +32,7 @@ import torch
 
 from megatron_ext import data
 from megatron_ext.config import Config
-from megatron_ext.pretrain import PretrainStage
+from megatron_ext.pretrain import PretrainStage, masked_token_loss
 from models.rope import apply_rope_scaling
 
 log = logging.getLogger(__name__)
@@ -106,10 +110,58 @@ def scheduled_datasets(cfg: Config, train_samples: int, valid_samples: int):
     return train, valid
 
 
+def pack_documents(batch: dict, eod: int, multiple: int) -> Tuple[dict, torch.Tensor]:
+    """[b, s] GPT micro-batch -> one packed [1, T] sequence of its documents + cu_seqlens.
+
+    Documents end after each EOD token (and at each sample's end). The EOD token's label is the
+    next document's first token, which a document-masked model cannot see: its loss is masked.
+    Each document is padded with EOD tokens (loss-masked) to a multiple of `multiple` (2*CP).
+    """
+    pieces = {k: [] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    bounds = [0]
+    for row in range(batch["tokens"].shape[0]):
+        tokens = batch["tokens"][row]
+        ends = (tokens == eod).nonzero().squeeze(-1).tolist()
+        cuts = sorted({e + 1 for e in ends if e + 1 < len(tokens)} | {len(tokens)})
+        start = 0
+        for end in cuts:
+            length = end - start
+            pad = -length % multiple
+            mask = batch["loss_mask"][row, start:end].clone().float()
+            if tokens[end - 1] == eod:
+                mask[-1] = 0.0
+            fill = torch.full((pad,), eod, dtype=tokens.dtype)
+            pieces["tokens"].append(torch.cat([tokens[start:end], fill]))
+            pieces["labels"].append(torch.cat([batch["labels"][row, start:end], fill]))
+            pieces["loss_mask"].append(torch.cat([mask, torch.zeros(pad)]))
+            pieces["position_ids"].append(torch.arange(length + pad))
+            bounds.append(bounds[-1] + length + pad)
+            start = end
+    packed = {k: torch.cat(v).unsqueeze(0) for k, v in pieces.items()}
+    return packed, torch.tensor(bounds, dtype=torch.int32)
+
+
 class CPTStage(PretrainStage):
-    """Next-token prediction with a scheduled data mixture and RoPE scaling."""
+    """Next-token prediction with a scheduled data mixture, RoPE scaling and document masking."""
+
+    def __init__(self):
+        self._packing: Optional[Tuple[int, int]] = None  # (eod id, length multiple) when masking
+
+    def forward_step(self, data_iterator, model):
+        if self._packing is None:
+            return super().forward_step(data_iterator, model)
+        eod, multiple = self._packing
+        packed, cu = pack_documents(next(data_iterator), eod, multiple)
+        batch = data.packed_on_this_rank(packed, cu)
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"],
+                       packed_seq_params=data.packed_seq_params(cu))
+        return output, partial(masked_token_loss, batch["loss_mask"])
 
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
+        if cfg.data.document_mask:
+            from data_prep.tokenizer import get_tokenizer
+
+            self._packing = (get_tokenizer(cfg.data.tokenizer).eod, 2 * cfg.parallel.cp)
         if cfg.data.mixture_steps:
             return scheduled_datasets(cfg, train_samples, valid_samples)
         return data.build_datasets(cfg, train_samples, valid_samples)
@@ -123,39 +175,15 @@ def stage_overrides(overrides: Sequence[str], default: str = "cpt_math") -> List
     chosen = [o for o in overrides if o.split("=", 1)[0] in ("stage", "+stage")]
     rest = [o for o in overrides if o not in chosen]
     name = chosen[-1].split("=", 1)[1] if chosen else default
-    return [f"+stage={name}", *rest]
+    return [f"stage={name}", *rest]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m posttrain.cpt [key=value ...]`: like megatron_ext.train, with the CPT stage."""
-    from megatron_ext import dist, fault
-    from megatron_ext.checkpoint import CheckpointError
-    from megatron_ext.cli import fail, load_config, split_flags
-    from megatron_ext.config import ConfigError, validate
-    from megatron_ext.metrics import setup_console_logging
+    """`python -m posttrain.cpt [stage=cpt_math|cpt_code|long_context] [key=value ...]`."""
+    from megatron_ext.train import run
 
-    fault.preemption_watcher()
-    flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
-    if flags:
-        fail(f"unknown flag(s) {flags}; pass config changes as key=value overrides")
-    setup_console_logging()
-    try:
-        cfg = load_config(stage_overrides(overrides))
-        validate(cfg, dist.launch_env().world_size)
-    except ConfigError as e:
-        fail(str(e))
-    from megatron_ext.loop import train
-
-    try:
-        history = train(cfg, CPTStage()).history
-    except (CheckpointError, fault.NonFiniteError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 1
-    finally:
-        dist.destroy()
-    if history and history[0]["loss"] is not None:
-        log.info("done: loss %.4f -> %.4f over %d steps", history[0]["loss"], history[-1]["loss"], len(history))
-    return 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    return run(stage_overrides(args), lambda cfg: CPTStage(), name="cpt")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def _pipeline(rank, world, root):
     hf_to_mcore(f"{root}/hf_base", f"{root}/mcore_base")
     general = str(data.build_sample_corpus(Path(root) / "general", "qwen3"))
     cfg = load_config(base + [
-        "+stage=cpt_math", f"checkpoint.load={root}/mcore_base", f"checkpoint.dir={root}/cpt", "checkpoint.save_interval=0",
+        "stage=cpt_math", f"checkpoint.load={root}/mcore_base", f"checkpoint.dir={root}/cpt", "checkpoint.save_interval=0",
         f"data.paths=[{general},{_prepare_math(root)}]", "data.mixture_steps=[0,4]",
         "data.mixture_weights=[[0.5,0.5],[0.2,0.8]]", f"train.steps={STEPS}", "train.micro_batch_size=2",
         f"train.global_batch_size={GBS}", "train.lr=5e-3", "train.min_lr=5e-4", "train.warmup_steps=3",
