@@ -54,6 +54,16 @@ def _cli_args(ckpt, tmp_path, world=1, extra=()):
             *extra] + (["--tp", str(world)] if world > 1 else [])
 
 
+class _ByteTokenizer:
+    """Bytes as token ids: fits the 256-entry vocabulary of the test model."""
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode("latin-1")
+
+
 def _api_variants(rank, world, ckpt):
     """Load once, then generate with each sampling setting through the Python API."""
     from tools import mcore_ckpt as mc
@@ -66,6 +76,12 @@ def _api_variants(rank, world, ckpt):
             "c": dict(temperature=1.5, seed=4), "nucleus": dict(temperature=1.5, top_p=1e-6, seed=5)}
     out = {k: generate(chunks, PROMPTS, NEW, **kw).tokens for k, kw in runs.items()}
     out["one_by_one"] = [generate(chunks, [p], NEW, greedy=True).tokens[0] for p in PROMPTS]
+    # The synthesis backend over the same model: text in, text out through a byte tokenizer.
+    from data_prep.synth.backends import MegatronBackend
+
+    backend = MegatronBackend(chunks, _ByteTokenizer())
+    texts = backend.complete(["ab", "xyz"], 2, temperature=0, max_tokens=NEW, seed=0)
+    out["backend"] = (texts, [generate(chunks, [list(p.encode())], NEW, greedy=True).tokens[0] for p in ("ab", "xyz")])
     eos = out["greedy"][0][2]
     stopped = generate(chunks, PROMPTS[:1], NEW, greedy=True, eos_token_id=eos)
     out["eos"] = (stopped.tokens[0], stopped.finished[0], eos)
@@ -110,6 +126,8 @@ def test_api_batching_sampling_and_eos(converted):
     assert out["a"] == out["b"]
     assert out["a"] != out["c"]  # 18 draws at temperature 1.5 from a near-uniform tiny model
     assert out["nucleus"] == out["greedy"]
+    texts, ids = out["backend"]
+    assert texts == [[bytes(i).decode("latin-1")] * 2 for i in ids]  # greedy: both samples equal generate()
     ids, finished, eos = out["eos"]
     assert finished and ids == out["greedy"][0][:ids.index(eos) + 1]
 
