@@ -30,6 +30,13 @@ MATH_TABLE = [
     (r"\boxed{\frac{\pi}{2}}", "pi/2", True),
     (r"\boxed{x^2+2x+1}", "(x+1)^2", True),
     (r"\boxed{x^2+2x}", "(x+1)^2", False),
+    (r"\boxed{\frac{x}{2}}", "0.5x", True),
+    (r"\boxed{xy}", "yx", True),
+    (r"\boxed{2x}", "2", False),  # a single letter is a variable, not a unit
+    (r"\boxed{12cm}", "12", True),
+    (r"\boxed{3\pi}", "3pi", True),
+    (r"\boxed{(x+1)^{999}}", "x", False),  # decided at sample points, no slow simplify()
+    (r"\boxed{\text{no}}", "yes", False),
     (r"\boxed{x = 5}", "5", True),
     (r"\boxed{(1, 2)}", "(1,2)", True),
     (r"\boxed{(2, 1)}", "(1,2)", False),

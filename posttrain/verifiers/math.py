@@ -5,10 +5,11 @@
 number in the text) and compares it with the reference by value, not by string:
 
 - LaTeX forms are rewritten into sympy syntax (`\\frac`, `\\dfrac`, `\\sqrt[n]{}`, `\\cdot`,
-  `\\times`, `^`, `\\pi`, `\\left(`...), then parsed with `sympy.parse_expr`; two expressions are
-  equal when their difference simplifies to 0 (symbolic) or their values agree to a relative
-  1e-6 (numbers, so `0.5 == 1/2 == \\frac{1}{2}`, but a rounded `0.33 != 1/3`).
-- Units and decoration are ignored: `$`, `\\text{cm}`, trailing unit words, degrees,
+  `\\times`, `^`, `\\pi`, `\\left(`...), then parsed with `sympy.parse_expr`; numbers are equal
+  when their values agree to a relative 1e-6 (so `0.5 == 1/2 == \\frac{1}{2}`, but a rounded
+  `0.33 != 1/3`), expressions when they agree at three fixed rational points (`xy == yx`,
+  `(x+1)^2 == x^2+2x+1`), which stays fast where `simplify()` can take seconds.
+- Units and decoration are ignored: `$`, `\\text{cm}`, trailing unit words of 2+ letters, degrees,
   thousands separators (`1,000`), and a leading `x =`.
 - Percent: `50\\%` equals both `50` and `0.5`; an answer without `%` is compared as written.
 - Tuples/coordinates compare element-wise in order; anything that does not parse falls back
@@ -93,8 +94,10 @@ def _strip_decoration(s: str) -> str:
     m = re.fullmatch(r"\s*[A-Za-z]\w*\s*=\s*(.+)", s)  # "x = 5" -> "5"
     if m and "=" not in m.group(1):
         s = m.group(1)
-    m = re.fullmatch(r"([-+]?[\d.,/\s]*\d%?)\s*[A-Za-z][A-Za-z\s.]*", s)  # "12 cm", "5 dollars"
-    if m:
+    # "12 cm", "5 dollars": trailing words of two or more letters are units; a single letter
+    # ("2x") is a variable and stays.
+    m = re.fullmatch(r"([-+]?[\d.,/\s]*\d%?)\s*([A-Za-z][A-Za-z\s.]*)", s)
+    if m and len(re.sub(r"[\s.]", "", m.group(2))) >= 2 and m.group(2).strip() not in _FUNCS:
         s = m.group(1)
     s = s.strip().rstrip(".").strip()
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?%?", s.replace("\\%", "%")):
@@ -144,9 +147,12 @@ def _parse(s: str):
         return None
     if "\\" in py or not re.fullmatch(r"[0-9A-Za-z+\-*/().\s]*", py) or not py.strip():
         return None
+    # Runs of up to three letters that are not functions are products of variables ("xy");
+    # longer ones are words, not math: the string comparison decides those.
+    if any(len(n) > 3 and n not in _FUNCS for n in re.findall(r"[A-Za-z]+", py)):
+        return None
+    py = re.sub(r"[A-Za-z]+", lambda w: w.group(0) if w.group(0) in _FUNCS else "*".join(w.group(0)), py)
     names = set(re.findall(r"[A-Za-z]+", py))
-    if any(len(n) > 1 and n not in _FUNCS for n in names):
-        return None  # words, not math: let the string comparison decide
     local = dict(_FUNCS)
     local.update({n: sympy.Symbol(n) for n in names if len(n) == 1})
     try:
@@ -167,13 +173,25 @@ def _values(s: str) -> List:
     return [expr, expr / 100] if percent else [expr]
 
 
+def _close(a, b) -> bool:
+    fa, fb = complex(sympy.N(a, 30)), complex(sympy.N(b, 30))
+    return abs(fa - fb) <= _REL_TOL * max(1.0, abs(fb))
+
+
 def _expr_equal(a, b) -> bool:
+    """Numbers: equal values. Expressions: equal at several fixed non-special points, a
+    Schwartz-Zippel style identity test that stays fast where simplify() can take seconds
+    (e.g. (x+1)^999); two different answer expressions agreeing at all of them is vanishingly rare."""
     try:
-        if a.free_symbols or b.free_symbols:
-            return sympy.simplify(a - b) == 0
-        fa, fb = complex(sympy.N(a, 30)), complex(sympy.N(b, 30))
-        return abs(fa - fb) <= _REL_TOL * max(1.0, abs(fb))
-    except (TypeError, ValueError, AttributeError, OverflowError):
+        symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+        if not symbols:
+            return _close(a, b)
+        for k in range(3):
+            point = {s: sympy.Rational(37 + 17 * k + 5 * j, 23) for j, s in enumerate(symbols)}
+            if not _close(a.subs(point), b.subs(point)):
+                return False
+        return True
+    except (TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError):
         return False
 
 
