@@ -89,6 +89,11 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = DEF
             if p.is_alive():
                 p.kill()
                 p.join()
+            elif failures and p.exitcode not in (0, None):
+                # A rank that died on its own is the root cause; the others' collective errors
+                # (connection closed/reset) are consequences. Always name it.
+                rank = procs.index(p)
+                failures.setdefault(rank, f"process died with exit code {p.exitcode} without a result")
     if failures:
         report = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
         raise RankFailure(f"{len(failures)} rank(s) failed:\n{report}")

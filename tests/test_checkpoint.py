@@ -80,8 +80,8 @@ class _KillDuringSecondSave:
 def test_kill_during_save_resumes_from_previous(tmp_path):
     ckpt = ["checkpoint.dir=" + str(tmp_path), "checkpoint.save_interval=2"]
     straight = run_on_ranks(_run, 2, BASE)
-    # Rank 1 dies; rank 0 fails in the next collective (or the harness sees the dead rank first).
-    with pytest.raises(RankFailure, match="died with exit code -9|Connection closed by peer"):
+    # Rank 1 dies; rank 0 fails in the next collective; the harness names the dead rank either way.
+    with pytest.raises(RankFailure, match="died with exit code -9"):
         run_on_ranks(_run, 2, BASE + ckpt, _KillDuringSecondSave)
     assert (tmp_path / "iter_0000004.tmp").exists() and not (tmp_path / "iter_0000004").exists()
     assert (tmp_path / "latest").read_text().strip() == "iter_0000002"
