@@ -53,9 +53,6 @@ def init_parallel(cfg: Config) -> None:
             expert_model_parallel_size=p.ep,
             expert_tensor_parallel_size=p.etp or p.tp,
         )
-    if p.vpp:
-        log.warning("parallel.vpp=%d: the interleaved pipeline does not yet reproduce single-process "
-                    "training in tests/test_parallel.py; prefer plain 1F1B until that is fixed", p.vpp)
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
     log.info("parallel layout: tp=%d pp=%d vpp=%s cp=%d ep=%d etp=%d dp=%d sp=%s", p.tp, p.pp, p.vpp,

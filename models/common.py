@@ -127,6 +127,12 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp or p.tp,
         sequence_parallel=p.sp,
+        # The interleaved schedule sends activations and gradients to the same peer at once
+        # (with pp=2, both neighbours are one rank). Batched isend/irecv posts them in an order
+        # the receiver does not mirror, so same-shaped tensors can swap; Megatron-LM's default
+        # for vpp, overlapped individual isend/irecv, keeps them matched.
+        overlap_p2p_comm=p.vpp is not None,
+        batch_p2p_comm=p.vpp is None,
         **precision_kwargs(cfg),
         **recompute_kwargs(cfg),
         use_cpu_initialization=not on_gpu,

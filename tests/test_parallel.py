@@ -114,15 +114,7 @@ def references(tmp_path_factory):
     return get
 
 
-KNOWN_DIFFERENT = {
-    # The first step's loss already differs (11.9420 vs 11.9395): either the weights loaded
-    # into the virtual stages or the interleaved forward differs. Open; see the pipeline notes.
-    "pp2_vpp2": "interleaved pipeline (vpp=2) does not yet match one process",
-}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_DIFFERENT[n], strict=True))
-                                  if n in KNOWN_DIFFERENT else n for n in LAYOUTS])
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(references, name):
     base, ranks, overrides = LAYOUTS[name]
     references(base).check(name, ranks, overrides)
