@@ -273,6 +273,9 @@ class PostTrainConfig:
     """Size of a generated synthetic task (pairs for RM/DPO, problems for PRM/GRPO)."""
     task_seed: int = 0
     """Seed of the synthetic task generator (held-out data uses a different stream)."""
+    sft_packing: bool = False
+    """SFT: pack several conversations per sequence with document-masked attention (thd),
+    each padded to a multiple of 2*CP; needs parallel.pp=1. False: one padded conversation each."""
     ref_load: Optional[str] = None
     """Checkpoint holding the frozen reference model (DPO, GRPO). None: checkpoint.load when it
     names a path, else the policy's initial weights (deterministic from train.seed)."""
