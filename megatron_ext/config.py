@@ -294,7 +294,9 @@ class PostTrainConfig:
     clip_eps: float = 0.2
     """GRPO: PPO ratio clipping range."""
     kl_coef: float = 0.02
-    """GRPO: weight of the k3 KL estimate to the reference model."""
+    """GRPO: weight of the k3 KL estimate to the reference model (0: no reference model)."""
+    scale_rewards: bool = True
+    """GRPO: divide group-centred rewards by the group's std (False: centring only, as Dr. GRPO)."""
 
 
 @dataclass

@@ -140,10 +140,17 @@ class MicroBatchSampler:
         self.mbs, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
 
     def __iter__(self) -> Iterator[List[int]]:
-        step = self.mbs * self.dp_size
-        for start in range(self.consumed, self.total - step + 1, step):
-            first = start + self.dp_rank * self.mbs
-            yield list(range(first, first + self.mbs))
+        yield from micro_batch_indices(self.consumed, self.total - self.consumed, self.mbs, self.dp_rank, self.dp_size)
+
+
+def micro_batch_indices(start: int, samples: int, micro_batch_size: int, dp_rank: int,
+                        dp_size: int) -> Iterator[List[int]]:
+    """Sample indices of this DP rank's micro-batches among `samples` samples from `start`:
+    each group of mbs*dp consecutive samples gives rank r its r-th block of mbs."""
+    step = micro_batch_size * dp_size
+    for begin in range(start, start + samples - step + 1, step):
+        first = begin + dp_rank * micro_batch_size
+        yield list(range(first, first + micro_batch_size))
 
 
 def loader(dataset, cfg: Config, consumed_samples: int = 0) -> Optional[Iterator[dict]]:

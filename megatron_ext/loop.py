@@ -91,6 +91,9 @@ class TrainResult:
 def _train_step(rt: Runtime, stage: Stage, iterators, state: TrainState) -> Optional[dict]:
     """Forward/backward over the global batch and one optimizer update (skipped if non-finite)."""
     t = rt.config.train
+    before_step = getattr(stage, "before_step", None)
+    if before_step is not None:
+        before_step(rt, state)
     for chunk in rt.model:
         chunk.zero_grad_buffer()
     rt.optimizer.zero_grad()

@@ -17,7 +17,9 @@ from megatron_ext import data
 
 class Stage(Protocol):
     """What a training stage supplies. It may also define `customize_model(chunk, cfg)`,
-    called on each model chunk before wrapping (see megatron_ext.build.build_model)."""
+    called on each model chunk before wrapping (see megatron_ext.build.build_model), and
+    `before_step(rt, state)`, called on every rank before each step's forward/backward (where
+    collective work such as RL rollouts with the current weights can run)."""
 
     def datasets(self, cfg, train_samples: int, valid_samples: int): ...
 

@@ -6,7 +6,8 @@
   model must learn which words make a reply better (held-out pairs are new combinations).
 - `step_rows`: step-by-step arithmetic solutions, some with an injected wrong step, labelled
   per step and with the earliest wrong step (PRM training data and the ProcessBench format).
-- `arithmetic_prompts`: one-digit sums for GRPO, answered as a number.
+- `arithmetic_prompts`: one-digit sums for GRPO, answered as a number; `arithmetic_chat_rows`:
+  the same sums as SFT conversations (a warm start, so that GRPO's first rollouts earn rewards).
 
 `python -m posttrain.synthetic` rewrites the bundled samples under `posttrain/data/`.
 """
@@ -79,21 +80,28 @@ def step_rows(n: int, seed: int) -> List[Dict]:
     return rows
 
 
-def arithmetic_prompts(n: int, seed: int) -> List[dict]:
-    """Rows {"prompt", "answer"} of one-digit sums."""
+def arithmetic_prompts(n: int, seed: int, max_operand: int = 4) -> List[dict]:
+    """Rows {"prompt", "answer"} of sums of two integers in [0, max_operand]."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        a, b = rng.randint(0, 4), rng.randint(0, 4)
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
     return rows
+
+
+def arithmetic_chat_rows(n: int, seed: int, max_operand: int = 4) -> List[dict]:
+    """The same sums as SFT conversations (user: "a+b=", assistant: the sum), to warm-start GRPO."""
+    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
+            for r in arithmetic_prompts(n, seed, max_operand)]
 
 
 def write_samples() -> None:
     """Regenerate the bundled sample files."""
     DATA_DIR.mkdir(exist_ok=True)
     for name, rows in (("sft_sample.jsonl", chat_rows(64, 1)),
-                       ("processbench_sample.jsonl", step_rows(40, 7))):
+                       ("processbench_sample.jsonl", step_rows(40, 7)),
+                       ("arithmetic_sft.jsonl", arithmetic_chat_rows(400, 3))):
         with open(DATA_DIR / name, "w", encoding="utf-8") as f:
             for row in rows:
                 if "step_labels" in row:
