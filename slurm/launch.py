@@ -35,7 +35,17 @@ from megatron_ext.config import Config, ConfigError, data_parallel_size, validat
 # its entry point exists; every stage takes Hydra overrides and the same checkpoint keys.
 STAGES: Dict[str, str] = {
     "pretrain": "megatron_ext.train",
+    "cpt_math": "posttrain.cpt",
+    "cpt_code": "posttrain.cpt",
+    "long_context": "posttrain.cpt",
+    "sft": "posttrain.sft",
+    "rm": "posttrain.rm",
+    "prm": "posttrain.prm",
+    "dpo": "posttrain.dpo",
+    "grpo": "posttrain.grpo",
 }
+REFERENCE_STAGES = ("dpo", "grpo")
+"""Stages with a frozen reference model: by default the model the job started from."""
 
 DEFAULT_JOB_NAME = "qwen-train"
 CHECKPOINT_ROOT = "runs"  # default checkpoint.dir = runs/<job name>/checkpoints (git-ignored)
@@ -120,7 +130,13 @@ def with_checkpoint_overrides(overrides: List[str], job_name: str) -> tuple:
     load = _value(out, "checkpoint.load")
     if load in (None, "", "null"):
         out.append("checkpoint.load=auto")
-    elif load != "auto" and _has_checkpoint(ckpt_dir):
+        return out, notes
+    if load != "auto" and (_value(out, "stage") or "pretrain") in REFERENCE_STAGES \
+            and _value(out, "posttrain.ref_load") in (None, "", "null"):
+        # After a requeue checkpoint.load becomes `auto`; the reference must stay the start model.
+        out.append(f"posttrain.ref_load={load}")
+        notes.append(f"posttrain.ref_load={load} (the reference model is the model the job starts from)")
+    if load != "auto" and _has_checkpoint(ckpt_dir):
         out += ["checkpoint.load=auto", "checkpoint.weights_only=false"]
         notes.append(f"{ckpt_dir} already holds this job's checkpoints: resuming from them "
                      f"(checkpoint.load=auto) instead of checkpoint.load={load}")

@@ -81,7 +81,7 @@ def test_dry_run_warns_when_tp_leaves_the_node(capsys):
                                                      "train.micro_batch_size*dp = 2*24"),
     (["--nodes", "1", "model=qwen3_30b_a3b", "parallel.ep=16"], "world size 8 is not divisible by parallel.ep*etp*pp"),
     (["--tasks-per-node", "16"], "16 tasks per node but 8 GPUs per node"),
-    (["stage=nosuchstage"], "stage=nosuchstage has no launcher entry; known stages: pretrain"),
+    (["stage=nosuchstage"], "stage=nosuchstage has no launcher entry; known stages: cpt_code, cpt_math, dpo, grpo, long_context, pretrain, prm, rm, sft"),
     (["parallel.tp"], "not a key=value override: parallel.tp"),
     (["parallel.nosuchkey=1"], "parallel.nosuchkey"),
 ])
@@ -103,6 +103,26 @@ def test_requeue_prefers_the_jobs_own_checkpoints(tmp_path):
     assert "resuming from them" in notes[0]
     out, _ = launch.with_checkpoint_overrides(["train.steps=3"], "myjob")
     assert out == ["train.steps=3", "checkpoint.dir=runs/myjob/checkpoints", "checkpoint.load=auto"]
+
+
+def test_requeued_preference_and_rl_stages_keep_their_start_model_as_reference(tmp_path):
+    own = tmp_path / "own"
+    overrides = ["stage=grpo", f"checkpoint.dir={own}", "checkpoint.load=/ckpt/sft", "checkpoint.weights_only=true"]
+    out, _ = launch.with_checkpoint_overrides(overrides, "job")
+    assert out == overrides + ["posttrain.ref_load=/ckpt/sft"]
+    (own / "iter_0000010").mkdir(parents=True)
+    out, _ = launch.with_checkpoint_overrides(overrides, "job")
+    assert out[-3:] == ["posttrain.ref_load=/ckpt/sft", "checkpoint.load=auto", "checkpoint.weights_only=false"]
+    out, _ = launch.with_checkpoint_overrides(["stage=sft", "checkpoint.load=/ckpt/base", f"checkpoint.dir={tmp_path}/x"], "j")
+    assert not any(o.startswith("posttrain.ref_load") for o in out)  # no reference model in SFT
+
+
+@pytest.mark.parametrize("stage", sorted(launch.STAGES))
+def test_every_stage_has_an_importable_entry_module(stage):
+    import importlib
+
+    module = importlib.import_module(launch.STAGES[stage])
+    assert hasattr(module, "main") or "__main__" in open(module.__file__).read()
 
 
 # ---------------------------------------------------------------- real Slurm
