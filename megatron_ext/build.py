@@ -23,6 +23,7 @@ from megatron_ext import cpu_backend, dist, patches
 from megatron_ext.config import Config, TrainConfig
 from megatron_ext.spec import decoder_block_spec, use_transformer_engine
 from models import transformer_config
+from models.rope import apply_rope_scaling
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callab
             rotary_base=int(m.rope_theta),
             vp_stage=vp,
         )
+        apply_rope_scaling(chunk, m)  # YaRN when model.rope_scaling_type says so; else nothing
         if customize is not None:
             customize(chunk, cfg)
         if torch.cuda.is_available():

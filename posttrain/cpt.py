@@ -33,7 +33,6 @@ import torch
 from megatron_ext import data
 from megatron_ext.config import Config
 from megatron_ext.pretrain import PretrainStage, masked_token_loss
-from models.rope import apply_rope_scaling
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +164,6 @@ class CPTStage(PretrainStage):
         if cfg.data.mixture_steps:
             return scheduled_datasets(cfg, train_samples, valid_samples)
         return data.build_datasets(cfg, train_samples, valid_samples)
-
-    def customize_model(self, chunk, cfg: Config) -> None:
-        apply_rope_scaling(chunk, cfg.model)
 
 
 def stage_overrides(overrides: Sequence[str], default: str = "cpt_math") -> List[str]:

@@ -62,6 +62,37 @@ def test_yarn_logits_equal_transformers(tmp_path):
         assert np.abs(back(ids).logits.numpy() - reference).max() < 1e-5
 
 
+def _training_runtime_logits(rank, world, ckpt, ids):
+    from megatron_ext import checkpoint
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+    from tools import mcore_ckpt as mc
+    from tools.logits import forward_logits
+
+    cfg = load_config([f"checkpoint.load={ckpt}", "checkpoint.weights_only=true"])
+    cfg.model = mc.read_meta(ckpt)[0]
+    rt = build(cfg)
+    checkpoint.resume(rt)
+    return forward_logits(rt.model, ids).numpy()
+
+
+def test_training_build_applies_yarn_once(tmp_path):
+    """The runtime every stage trains (megatron_ext.build) has YaRN exactly as transformers."""
+    model = _yarn_hf(tmp_path / "hf")
+    ids = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    run_on_ranks(_convert_only, 1, str(tmp_path / "hf"), str(tmp_path / "mcore"))
+    ours = run_on_ranks(_training_runtime_logits, 1, str(tmp_path / "mcore"), ids)[0]
+    with torch.no_grad():
+        reference = model(ids).logits.numpy()
+    assert np.abs(ours - reference).max() < 1e-4
+
+
+def _convert_only(rank, world, hf, out):
+    from tools.convert import hf_to_mcore
+
+    hf_to_mcore(hf, out)
+
+
 DOC_LENGTHS = [8, 12, 4, 8]  # multiples of 2*CP=4; 32 tokens in the pack
 
 

@@ -25,7 +25,6 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron_ext.build import build_model, init_parallel
 from megatron_ext.config import Config, ModelConfig, ParallelConfig, PrecisionConfig, validate
 from models import transformer_config
-from models.rope import apply_rope_scaling
 
 META_FILE = "qwen_checkpoint.json"
 TOKENIZER_DIR = "hf_tokenizer"
@@ -76,8 +75,7 @@ def build(cfg: Config) -> List[torch.nn.Module]:
     init_parallel(cfg)
     tcfg = transformer_config(cfg)
     tcfg.perform_initialization = False
-    # RoPE scaling (YaRN) is applied to each chunk as it is built, as in training (posttrain.cpt).
-    chunks = build_model(cfg, tcfg, customize=lambda chunk, c: apply_rope_scaling(chunk, c.model))
+    chunks = build_model(cfg, tcfg)  # applies RoPE scaling (YaRN) as in training
     for chunk in chunks:
         chunk.eval()
     return chunks
