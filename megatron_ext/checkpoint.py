@@ -13,10 +13,13 @@ Commit protocol: every rank writes into `iter_N.tmp/`; after all ranks finished,
 checksummed (spread over ranks), rank 0 writes meta.json (temp + fsync + rename), renames the
 directory to `iter_N` (fsync of the parent), and only then replaces `latest`. A directory named
 `iter_N` is therefore complete by construction, and its manifest catches later corruption.
+With `checkpoint.async_save` the files under `state/` are written by a background process and the
+same commit runs when every rank's writer finished (`Saver`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ from typing import List, Optional
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_ext import cpu_backend
@@ -158,41 +162,108 @@ def _versions() -> dict:
 # ---------------------------------------------------------------- save
 
 
-def save(rt, state: TrainState) -> Path:
-    """Save a complete checkpoint of step `state.step` (collective; returns its directory)."""
+@dataclass
+class _Save:
+    """A save in progress: its directories and the metadata of its step (rank 0 only)."""
+
+    root: Path
+    tmp: Path
+    final: Path
+    meta: Optional[dict]
+    keep_last: int
+
+
+def _begin(rt, state: TrainState) -> _Save:
+    """Create an empty `iter_N.tmp/` (collective) and capture what meta.json records of this
+    step now: with an async save the scheduler moves on before the commit."""
     cfg = rt.config
     root = Path(cfg.checkpoint.dir)
-    final, tmp = iter_dir(root, state.step), root / f"iter_{state.step:07d}.tmp"
-    rank = torch.distributed.get_rank()
-    if rank == 0:
+    tmp, meta = root / f"iter_{state.step:07d}.tmp", None
+    if torch.distributed.get_rank() == 0:
+        from omegaconf import OmegaConf
+
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():  # left by a run killed mid-save
             shutil.rmtree(tmp)
         (tmp / "state").mkdir(parents=True)
         (tmp / "rng").mkdir()
+        meta = {"train_state": asdict(state), "scheduler": copy.deepcopy(rt.scheduler.state_dict()),
+                "layout": _layout(), "data_fingerprint": data_fingerprint(cfg), "versions": _versions(),
+                "config": OmegaConf.to_container(OmegaConf.structured(cfg))}
     torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state(rt, is_loading=False), str(tmp / "state"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    torch.distributed.barrier()  # every rank's files are written
-    manifest = _spread_over_ranks(_files(tmp), lambda rel: [(tmp / rel).stat().st_size, _crc32(tmp / rel)])
-    if rank == 0:
-        from omegaconf import OmegaConf
+    return _Save(root, tmp, iter_dir(root, state.step), meta, cfg.checkpoint.keep_last)
 
-        meta = {
-            "train_state": asdict(state), "scheduler": rt.scheduler.state_dict(), "layout": _layout(),
-            "data_fingerprint": data_fingerprint(cfg), "versions": _versions(),
-            "config": OmegaConf.to_container(OmegaConf.structured(cfg)), "files": manifest,
-        }
-        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+
+def _write_rng(save: _Save) -> None:
+    rank = torch.distributed.get_rank()
+    torch.save(_rng_state(), save.tmp / "rng" / f"rank_{rank:05d}.pt")
+
+
+def _commit(save: _Save) -> Path:
+    """Run once every rank's files are written (collective): manifest, meta.json, rename to
+    `iter_N`, `latest`, retention."""
+    tmp, final, root = save.tmp, save.final, save.root
+    manifest = _spread_over_ranks(_files(tmp), lambda rel: [(tmp / rel).stat().st_size, _crc32(tmp / rel)])
+    if torch.distributed.get_rank() == 0:
+        write_atomic(tmp / "meta.json", json.dumps({**save.meta, "files": manifest}, indent=1))
         if final.exists():  # an older save of the same step is replaced only by a complete one
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         write_atomic(root / "latest", final.name + "\n")
-        _apply_retention(root, cfg.checkpoint.keep_last)
+        _apply_retention(root, save.keep_last)
         log.info("saved checkpoint %s (%d files)", final, len(manifest))
     torch.distributed.barrier()
     return final
+
+
+def save(rt, state: TrainState) -> Path:
+    """Save a complete checkpoint of step `state.step` (collective; returns its directory)."""
+    pending = _begin(rt, state)
+    dist_checkpointing.save(_sharded_state(rt, is_loading=False), str(pending.tmp / "state"))
+    _write_rng(pending)
+    torch.distributed.barrier()  # every rank's files are written
+    return _commit(pending)
+
+
+class Saver:
+    """What the training loop saves through: synchronous `save`, or with `checkpoint.async_save`
+    Megatron-Core's own async machinery, as Megatron-LM's training loop drives it.
+
+    `start` plans the save on the training thread and hands the write to a background process;
+    `finalize` commits it (the same `_commit` as `save`) after every rank's writer finished. At
+    most one save is in flight: `start` finalizes the previous one first.
+
+    Snapshot: the save must hold the tensors of its step, not later ones. On GPU the request's
+    preload copies them to host before the writer starts. On CPU that copy is a no-op
+    (`.to("cpu")` returns the same tensor; the torch_dist writer clones only views), so the
+    snapshot is the fork itself: the non-persistent `AsyncCallsQueue` forks one writer process
+    per save, which sees the parameters and optimizer state as they were at the fork
+    (copy-on-write), whatever the optimizer does afterwards. Megatron's persistent worker would
+    instead receive the CPU tensors through shared memory and see later updates: not used.
+    """
+
+    def __init__(self, async_save: bool):
+        self.async_save = async_save
+        self._calls = AsyncCallsQueue(persistent=False)
+
+    def start(self, rt, state: TrainState) -> None:
+        """Save step `state.step`: synchronously, or start an async save (collective)."""
+        self.finalize()
+        if not self.async_save:
+            save(rt, state)
+            return
+        pending = _begin(rt, state)
+        request = dist_checkpointing.save(_sharded_state(rt, is_loading=False), str(pending.tmp / "state"),
+                                          async_sharded_save=True)
+        _write_rng(pending)
+        request.add_finalize_fn(lambda: _commit(pending))  # after Megatron's own metadata finalizers
+        self._calls.schedule_async_request(request)  # forks the writer: the snapshot point
+
+    def finalize(self, blocking: bool = True) -> None:
+        """Commit the save in flight if every rank's writer finished; with `blocking`, wait for
+        them. Collective whenever a save is in flight (all ranks have one or none)."""
+        self._calls.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _apply_retention(root: Path, keep_last: int) -> None:

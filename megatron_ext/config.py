@@ -248,6 +248,9 @@ class CheckpointConfig:
     """Keep the newest N checkpoints (0: keep all)."""
     allow_data_change: bool = False
     """Accept a resume whose data config (paths, split, seq length, seed, global batch) changed."""
+    async_save: bool = False
+    """Write the tensors of a save in the background while training continues; the checkpoint is
+    committed (manifest, rename, `latest`) once every rank finished writing it."""
 
 
 @dataclass
@@ -515,6 +518,7 @@ def validate(cfg: Config, world_size: int, check_device: bool = True) -> None:
     _check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be >= 0", errors)
     _check(not (c.save_interval and not c.dir), "checkpoint.save_interval needs checkpoint.dir", errors)
     _check(c.load != "auto" or bool(c.dir), "checkpoint.load=auto needs checkpoint.dir", errors)
+    _check(not (c.async_save and not c.dir), "checkpoint.async_save needs checkpoint.dir", errors)
     _validate_model(cfg.model, errors)
     _validate_mixture_and_rope(cfg, errors)
     if not errors:

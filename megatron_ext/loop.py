@@ -127,6 +127,7 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
     iterators = _iterators(rt, train_ds, state.consumed_samples)
     metrics, history, router_stats = Metrics(cfg), [], moe_stats.for_model(cfg, rt.model)
     save_every = cfg.checkpoint.save_interval
+    saver = checkpoint.Saver(cfg.checkpoint.async_save)
     try:
         while state.step < t.steps:
             start = time.time()
@@ -146,18 +147,21 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
             if t.eval_interval and valid_ds is not None and (state.step % t.eval_interval == 0 or state.step == t.steps):
                 record["val_loss"] = evaluate(rt, stage, valid_ds, t.eval_iters)
                 metrics.log_eval(state.step, {"val_loss": record["val_loss"]})
+            saver.finalize(blocking=False)  # commit an async save once every rank wrote it
             if watcher.requested():
                 if cfg.checkpoint.dir:
-                    checkpoint.save(rt, state)
+                    saver.start(rt, state)
+                saver.finalize()
                 raise fault.Preempted()
             exiting = bool(t.exit_interval) and state.step % t.exit_interval == 0
             if cfg.checkpoint.dir and (exiting or (save_every and state.step % save_every == 0)) \
                     and state.step < t.steps:
-                checkpoint.save(rt, state)
+                saver.start(rt, state)
             if exiting:
                 break
         if cfg.checkpoint.dir and history and state.step == t.steps:
-            checkpoint.save(rt, state)
+            saver.start(rt, state)
+        saver.finalize()
     finally:
         metrics.close()
     return TrainResult(history, rt, state)

@@ -297,3 +297,124 @@ def test_injected_nan_stops_before_the_update():
     for message, unchanged in run_on_ranks(_nan_run, 2, BASE):
         assert "non-finite loss on rank(s) [1] at step 2" in message
         assert unchanged
+
+
+# ---------------------------------------------------------------- async save (checkpoint.async_save)
+
+ASYNC = ["checkpoint.async_save=true"]
+
+
+@pytest.fixture(scope="module")
+def sync_reference(tmp_path_factory):
+    """4 steps on 2 ranks with a synchronous save after every step: (per-rank results, root)."""
+    root = tmp_path_factory.mktemp("sync_reference")
+    return run_on_ranks(_run, 2, BASE + [f"checkpoint.dir={root}", "checkpoint.save_interval=1"]), root
+
+
+def _saved_tensors(ckpt: Path, scratch: Path) -> dict:
+    """Every tensor (model and optimizer) of a checkpoint's torch_dist directory, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = scratch / f"{ckpt.parent.name}_{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt / "state", out)
+    return {k: v for k, v in torch.load(out, weights_only=False).items() if torch.is_tensor(v)}
+
+
+def _assert_same_checkpoint(got: Path, ref: Path, scratch: Path):
+    import json
+
+    saved, expected = _saved_tensors(got, scratch), _saved_tensors(ref, scratch)
+    assert sorted(saved) == sorted(expected) and any(k.startswith("optimizer.") for k in saved)
+    for key, tensor in expected.items():
+        assert torch.equal(saved[key], tensor), f"{got}: {key} differs from {ref}"
+    meta, ref_meta = (json.loads((c / "meta.json").read_text()) for c in (got, ref))
+    assert (meta["train_state"], meta["scheduler"]) == (ref_meta["train_state"], ref_meta["scheduler"])
+
+
+def test_async_save_resume_is_bit_identical(tmp_path, sync_reference):
+    straight, ref_root = sync_reference
+    ckpt = ["checkpoint.dir=" + str(tmp_path)] + ASYNC
+    first = run_on_ranks(_run, 2, BASE + ckpt + ["train.exit_interval=2"])
+    assert first[0][1] == 2 and (tmp_path / "latest").read_text().strip() == "iter_0000002"
+    resumed = run_on_ranks(_run, 2, BASE + ckpt + ["checkpoint.load=auto"])
+    for rank in range(2):
+        ref_hist, ref_step, ref_params = straight[rank]
+        _assert_same_run((ref_hist[2:], ref_step, ref_params), resumed[rank])
+    _assert_same_checkpoint(tmp_path / "iter_0000004", ref_root / "iter_0000004", tmp_path)
+
+
+class _SlowStep2Writer:
+    """The background writer of the step-2 save waits until this rank has run the optimizer
+    update of step 3 (marked by the first micro-batch of step 4), so the save can only hold the
+    step-2 tensors if they were snapshotted when it started."""
+
+    def __init__(self, gate: str):
+        import time
+
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+        from megatron_ext.pretrain import PretrainStage
+
+        self.stage, self.calls, self.gate = PretrainStage(), 0, Path(gate)
+        original = FileSystemWriterAsync.write_preloaded_data_multiproc
+
+        def write(transform_list, use_msc, rank, write_buckets, results_queue):  # runs in the forked writer
+            if any("iter_0000002.tmp" in str(bucket[0]) for bucket in write_buckets):
+                deadline = time.monotonic() + 120
+                while not (self.gate / f"rank{rank}").exists():
+                    assert time.monotonic() < deadline, "training did not reach step 4 during the step-2 write"
+                    time.sleep(0.05)
+            original(transform_list, use_msc, rank, write_buckets, results_queue)
+
+        FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write)
+
+    def datasets(self, *args):
+        return self.stage.datasets(*args)
+
+    def forward_step(self, data_iterator, model):
+        self.calls += 1
+        if self.calls == 7:  # first micro-batch of step 4 (2 per step): step 3's update is done
+            self.gate.mkdir(exist_ok=True)
+            (self.gate / f"rank{torch.distributed.get_rank()}").touch()
+        return self.stage.forward_step(data_iterator, model)
+
+
+def test_async_save_holds_the_tensors_of_its_step(tmp_path, sync_reference):
+    import functools
+
+    straight, ref_root = sync_reference
+    root = tmp_path / "ckpt"
+    stage = functools.partial(_SlowStep2Writer, str(tmp_path / "gate"))
+    got = run_on_ranks(_run, 2, BASE + [f"checkpoint.dir={root}", "checkpoint.save_interval=2"] + ASYNC, stage)
+    assert all((tmp_path / "gate" / f"rank{r}").exists() for r in range(2))
+    for rank in range(2):
+        _assert_same_run(straight[rank], got[rank])
+    # Byte-equal to the synchronous save of step 2, although steps 3 and 4 ran while it was written.
+    _assert_same_checkpoint(root / "iter_0000002", ref_root / "iter_0000002", tmp_path)
+    _assert_same_checkpoint(root / "iter_0000004", ref_root / "iter_0000004", tmp_path)
+    step2, step4 = (_saved_tensors(root / name, tmp_path) for name in ("iter_0000002", "iter_0000004"))
+    assert not torch.equal(step2["output_layer.weight"], step4["output_layer.weight"])
+
+
+def test_async_save_every_step_keeps_the_newest(tmp_path, sync_reference):
+    _, ref_root = sync_reference
+    root = tmp_path / "ckpt"
+    overrides = BASE + [f"checkpoint.dir={root}", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
+    assert run_on_ranks(_run, 2, overrides + ASYNC)[0][1] == 4
+    # Returning from train means the last save is committed and retention has run.
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000003", "iter_0000004", "latest"]
+    assert (root / "latest").read_text().strip() == "iter_0000004"
+    for name in ("iter_0000003", "iter_0000004"):
+        _assert_same_checkpoint(root / name, ref_root / name, tmp_path)
+
+
+def test_async_save_on_preemption_is_committed_before_exit(tmp_path, sync_reference):
+    from megatron_ext.fault import REQUEUE_EXIT_CODE
+
+    _, ref_root = sync_reference
+    root = tmp_path / "ckpt"
+    codes = run_on_ranks(_run_until_preempted, 2, BASE + [f"checkpoint.dir={root}"] + ASYNC)
+    assert codes == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "latest"]
+    assert (root / "latest").read_text().strip() == "iter_0000002"
+    _assert_same_checkpoint(root / "iter_0000002", ref_root / "iter_0000002", tmp_path)
