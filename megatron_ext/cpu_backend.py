@@ -16,12 +16,14 @@ Interceptions (each a named function below, listed in INTERCEPTIONS):
   (not the default one: the tracker's `fork()` checks the default CPU state is unchanged).
   Note: ops inside `fork()` still draw from the default CPU generator, so dropout masks in
   tensor-parallel regions are not decorrelated across TP ranks on CPU (Qwen uses no dropout).
-- te_general_gemm: `moe_utils.te_general_gemm` is referenced unguarded without TE -> None.
 - moe_split_sizes: the alltoall dispatcher's split sizes stay CPU tensors that gloo's
   `all_to_all_single` cannot take; `maybe_move_tensor_to_cpu(as_numpy=True)` converts them.
 - uneven_collectives: expert-tensor parallelism all-gathers / reduce-scatters token blocks of
   different sizes per rank; gloo's list collectives need equal sizes, so the blocks are
   padded to the largest (gather) or reduced whole and sliced (reduce-scatter).
+
+(The MoE router's `te_general_gemm` is undefined wherever Transformer Engine is absent, GPUs
+included, so its fix is a patch in megatron_ext/patches.py, applied on every machine.)
 """
 
 from __future__ import annotations
@@ -147,13 +149,6 @@ def cuda_rng() -> None:
     torch.cuda.manual_seed_all = manual_seed
 
 
-def te_general_gemm() -> None:
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def moe_split_sizes() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
@@ -195,8 +190,7 @@ def uneven_collectives() -> None:
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
-INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, te_general_gemm, moe_split_sizes,
-                 uneven_collectives)
+INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, moe_split_sizes, uneven_collectives)
 
 
 def cpu_generator() -> torch.Generator:

@@ -11,6 +11,11 @@
   length instead of the micro-batch token count (its gradient shrinks with micro-batch size;
   fixed upstream after 0.16.1). The patch scales by the micro-batch's tokens across the
   TP x CP group. tests/test_parallel.py's MoE TP+SP layouts fail without it.
+- te_general_gemm: the MoE router's gating GEMM (`moe_utils.RouterGatingLinearFunction`)
+  tests the module global `te_general_gemm`, which `moe_utils` binds only when its Transformer
+  Engine import succeeds, so every MoE forward without TE, on GPUs as on CPU, stops with
+  `NameError: name 'te_general_gemm' is not defined`. The patch binds it to None, which selects
+  the function's own torch.mm path.
 """
 
 from __future__ import annotations
@@ -39,8 +44,16 @@ def moe_aux_loss_token_scale() -> None:
     TopKRouter.attach_and_log_load_balancing_loss = attach_and_log_load_balancing_loss
 
 
+def te_general_gemm() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
+    from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.router import TopKRouter
 
     scaler = inspect.getsource(getattr(TopKRouter.attach_and_log_load_balancing_loss, "__wrapped__",
@@ -48,10 +61,18 @@ def upstream_call_sites() -> dict:
     return {
         "moe_aux_loss_token_scale": "activation = MoEAuxLossAutoScaler.apply(activation, aux_loss * num_tokens)"
         in scaler and "num_tokens = valid_token_count if valid_token_count is not None" in scaler,
+        # The gating GEMM reads the global; the import's fallback branch leaves it undefined.
+        "te_general_gemm": "te_general_gemm is not None" in inspect.getsource(moe_utils.RouterGatingLinearFunction)
+        and "te_general_gemm" not in _import_fallback(inspect.getsource(moe_utils)),
     }
 
 
-PATCHES = (moe_aux_loss_token_scale,)
+def _import_fallback(source: str) -> str:
+    """The first `except ImportError:` block of a module's source."""
+    return source.split("except ImportError:", 1)[1].split("\n\n", 1)[0]
+
+
+PATCHES = (moe_aux_loss_token_scale, te_general_gemm)
 
 
 def apply() -> None:

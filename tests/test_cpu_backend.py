@@ -21,7 +21,6 @@ CASES = [
     ("cuda_tensor_type", ["parallel.distributed_optimizer=true"], 1,
      "Wrapped parameters must be one of torch.cuda.FloatTensor"),
     ("cuda_streams", ["model=qwen3_moe_debug"], 1, "torch.cuda.Stream requires CUDA support"),
-    ("te_general_gemm", ["model=qwen3_moe_debug"], 1, "name 'te_general_gemm' is not defined"),
     ("moe_split_sizes", ["model=qwen3_moe_debug", "parallel.ep=2"], 2,
      "all_to_all_single(): incompatible function arguments"),
     ("uneven_collectives", ["model=qwen3_moe_debug", "parallel.tp=2", "parallel.sp=true", "parallel.ep=2",
