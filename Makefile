@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup train test test-all clean-venv
+.PHONY: setup train test test-all clean-venv wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m '' $(ARGS)
+
+# Offline installs for GPU nodes without internet (README: GPU nodes without internet).
+# `make wheelhouse PY=3.12` names the nodes' Python version (PY is the venv's python otherwise).
+WHEEL_PY = $(if $(filter command line,$(origin PY)),$(PY),3.12)
+wheelhouse:
+	PY=$(WHEEL_PY) PYTHON=$(PYTHON) tools/wheelhouse.sh wheelhouse
 
 clean-venv:
 	rm -rf $(VENV)

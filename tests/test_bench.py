@@ -53,9 +53,10 @@ def _built_active_params(rank, world_size, models):
         (chunk,) = build_model(cfg, transformer_config(cfg))
         m, total = cfg.model, 0.0
         for pname, p in chunk.named_parameters():
-            if p.dim() != 2 or pname == "embedding.word_embeddings.weight":
+            if p.dim() < 2 or pname == "embedding.word_embeddings.weight":
                 continue  # norms and biases are 1-D; the embedding is a lookup
-            total += p.numel() * (m.moe_router_topk / m.num_experts if ".local_experts." in pname else 1)
+            # Routed experts, one matrix each or stacked [experts, out, in] for grouped GEMMs.
+            total += p.numel() * (m.moe_router_topk / m.num_experts if ".experts." in pname else 1)
         if m.tie_word_embeddings:
             total += m.vocab_size * m.hidden_size  # the output GEMM reuses the embedding
         out[name] = (total, sum(p.numel() for p in chunk.parameters()))
@@ -188,3 +189,63 @@ def test_recompute_same_training():
     for mode in ("selective", "full"):
         for (loss, gn), (ref_loss, ref_gn) in zip(runs[mode][0], runs["none"][0]):
             assert math.isclose(loss, ref_loss, rel_tol=1e-5) and math.isclose(gn, ref_gn, rel_tol=1e-4), mode
+
+
+def test_synthetic_documents_end_with_eod():
+    ds = bench.SyntheticDataset(2, 256, 151936, seed=1, eod=bench.QWEN_EOD)
+    ids = list(ds[0]["tokens"]) + [ds[0]["labels"][-1]]
+    ends = [i for i, x in enumerate(ids) if x == bench.QWEN_EOD]
+    assert len(ends) >= 2 and all(257 // 8 <= b - a <= 257 // 2 for a, b in zip([-1] + ends, ends))
+    doc = ids[ends[0] + 1:ends[1]]  # a whole document: its second half repeats its first
+    half = (len(doc) + 1) // 2
+    assert doc[half:] == doc[:len(doc) - half]
+    assert bench.SyntheticDataset(2, 256, 151936, seed=1)[0]["tokens"].max() < bench.SYNTHETIC_VOCAB
+
+
+def test_compare_refused_where_the_peer_cannot_match():
+    args, overrides = bench.parse_args(["--compare", "transformers"])
+    with pytest.raises(ConfigError, match="--compare runs the transformers peer in one process; got world size 2"):
+        bench.bench_config(args, overrides + ["parallel.tp=2"], 2)
+    with pytest.raises(ConfigError, match="data.document_mask"):
+        bench.bench_config(args, ["data.document_mask=true"], 1)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--compare", "transformers", "--data", "corpus"])
+    # A long-context stage needs no data.paths with synthetic data.
+    args, overrides = bench.parse_args(["stage=long_context", "parallel.cp=1", "train.global_batch_size=1"])
+    assert bench.bench_config(args, overrides, 1).data.document_mask
+
+
+def _compare_runs(rank, world_size, tmp, runs):
+    out = {}
+    for name, argv in runs.items():
+        path = f"{tmp}/{name}.json"
+        assert bench.main(argv + ["--json", path]) == 0
+        out[name] = json.loads(Path(path).read_text())
+    return out
+
+
+def test_bench_compare_transformers_cpu(tmp_path):
+    """Ours and the transformers peer in one run, dense and MoE, plus a document-masked run."""
+    from tools.estimate_memory import estimate
+
+    common = ["data.seq_length=64", "train.micro_batch_size=1", "train.global_batch_size=2",
+              "--steps", "2", "--warmup", "1"]
+    runs = {m: [f"model={m}", *common, "--compare", "transformers"] for m in ("qwen3_debug", "qwen2_moe_debug")}
+    runs["documents"] = ["stage=long_context", "parallel.cp=1", "data.seq_length=128", "train.global_batch_size=2",
+                         "train.micro_batch_size=1", "--steps", "1", "--warmup", "0"]
+    (results,) = run_on_ranks(_compare_runs, 1, str(tmp_path), runs)
+    for model in ("qwen3_debug", "qwen2_moe_debug"):
+        r, p = results[model], results[model]["transformers"]
+        cfg = load_config([f"model={model}"])
+        assert p["params"] == estimate(cfg, 1)["stages"][0]["params"], model  # the same architecture
+        assert (p["attn_implementation"], p["precision"], p["optimizer"]) == ("sdpa", "fp32", "torch.optim.AdamW(fused=False)")
+        assert len(p["losses"]) == len(r["losses"]) == 3 and all(math.isfinite(x) for x in p["losses"])
+        # Different random inits: both start near ln(vocab) and learn, neither equal to the other.
+        for losses in (r["losses"], p["losses"]):
+            assert abs(losses[0] - math.log(cfg.model.vocab_size)) < 0.3 and losses[-1] < losses[0], (model, losses)
+        assert p["tokens_per_s_per_gpu"] > 0 and p["mfu"] is None
+        assert math.isclose(p["model_tflops_per_gpu"], r["model_flops_per_token"] * p["tokens_per_s_per_gpu"] / 1e12)
+        assert math.isclose(r["ours_over_transformers"], r["tokens_per_s_per_gpu"] / p["tokens_per_s_per_gpu"])
+    assert results["qwen2_moe_debug"]["transformers"]["experts_implementation"] is not None
+    docs = results["documents"]
+    assert docs["seq_length"] == 128 and math.isfinite(docs["losses"][0]) and "transformers" not in docs

@@ -2,14 +2,26 @@
 
     python -m tools.bench model=qwen2_5_1_5b precision=bf16 data.seq_length=4096 \
         train.micro_batch_size=1 train.global_batch_size=8 [--layers N] [--steps 20] \
-        [--warmup 5] [--data synthetic|corpus] [--json OUT]
+        [--warmup 5] [--data synthetic|corpus] [--compare transformers] [--json OUT]
 
 Runs `--warmup` + `--steps` optimizer steps of the one training loop (any parallel/precision
 overrides apply; launch under torchrun for several GPUs) and reports over the timed steps only.
 `--layers N` keeps the first N layers of the model (and of a MoE model's dense/MoE layer pattern)
 so that a large model fits one GPU. `--data synthetic` (default) feeds seeded Zipf-distributed
 token ids whose second half repeats the first, so no tokenizer or corpus is needed and the loss
-still falls; `--data corpus` uses the configured data (the bundled sample by default).
+still falls; `--data corpus` uses the configured data (the bundled sample by default). With
+`data.document_mask=true` (e.g. `stage=long_context`) the synthetic samples are documents
+separated by EOD tokens, trained document-masked as the CPT stage does.
+
+`--compare transformers` then trains the same architecture with Hugging Face transformers in
+the same process, as a peer: the HF config of our model config (after `--layers`), the same
+synthetic samples in the same order, sequence length, micro-batch and global batch (gradient
+accumulation), SDPA attention, bf16 autocast over fp32 master weights on CUDA (fp32 on CPU),
+torch.optim.AdamW (fused on CUDA) with our lr schedule, betas, eps, weight decay (not on
+biases and norms, as Megatron) and gradient clipping, timed the same way over the same
+warmup/timed steps. Our model is freed before the peer is built; on GPU each run's peak memory
+is its own. It reports the peer's tokens/s and MFU (same FLOP formula) and ours / transformers.
+The peer runs in one process only: --compare refuses a world size above 1.
 
 Model FLOPs (training = forward + backward = 3 x forward), per token of sequence length s:
 
@@ -33,9 +45,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import gc
 import math
 import resource
 import sys
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,6 +72,7 @@ PEAK_TFLOPS = {
     "H200": (("H200",), (), 989.0, 1979.0),
 }
 SYNTHETIC_VOCAB = 16384  # synthetic ids come from the first 16k of the vocabulary
+QWEN_EOD = 151643  # Qwen's <|endoftext|>: above SYNTHETIC_VOCAB, so it only ever ends a document
 
 
 # ---------------------------------------------------------------- model FLOPs
@@ -116,20 +131,36 @@ def cut_layers(cfg: Config, layers: int) -> None:
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """Seeded token ids, Zipf-distributed over SYNTHETIC_VOCAB ids; the second half of each
-    sequence repeats the first, so a model can learn both the unigram law and copying."""
+    sequence repeats the first, so a model can learn both the unigram law and copying.
 
-    def __init__(self, samples: int, seq_length: int, vocab_size: int, seed: int):
-        self.samples, self.seq, self.seed = samples, seq_length, seed
+    With `eod`, a sample is a run of such documents (lengths 1/8 to 1/2 of the sample), each
+    ended by `eod`, for document-masked (packed) training.
+    """
+
+    def __init__(self, samples: int, seq_length: int, vocab_size: int, seed: int, eod: Optional[int] = None):
+        self.samples, self.seq, self.seed, self.eod = samples, seq_length, seed, eod
         self.vocab = min(vocab_size, SYNTHETIC_VOCAB)
 
     def __len__(self) -> int:
         return self.samples
 
+    def _document(self, rng: np.random.Generator, length: int) -> np.ndarray:
+        first = (rng.zipf(1.2, size=(length + 1) // 2) - 1) % self.vocab
+        return np.concatenate([first, first])[:length]
+
     def __getitem__(self, idx: int) -> Dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, idx))
-        half = (self.seq + 2) // 2
-        first = (rng.zipf(1.2, size=half) - 1) % self.vocab
-        ids = torch.from_numpy(np.concatenate([first, first])[: self.seq + 1].astype(np.int64))
+        n = self.seq + 1
+        if self.eod is None:
+            ids = self._document(rng, n)
+        else:
+            docs, total = [], 0
+            while total < n:
+                length = int(rng.integers(max(2, n // 8), max(3, n // 2 + 1)))
+                docs += [self._document(rng, length - 1), np.array([self.eod])]
+                total += length
+            ids = np.concatenate(docs)[:n]
+        ids = torch.from_numpy(ids.astype(np.int64))
         return dict(tokens=ids[:-1], labels=ids[1:], loss_mask=torch.ones(self.seq),
                     position_ids=torch.arange(self.seq))
 
@@ -139,6 +170,26 @@ class SyntheticStage(PretrainStage):
 
     def datasets(self, cfg, train_samples: int, valid_samples: int):
         return SyntheticDataset(train_samples, cfg.data.seq_length, cfg.model.vocab_size, cfg.train.seed), None
+
+
+def make_stage(cfg: Config, data: str):
+    """The bench's stage: synthetic or configured data, document-masked when the config says so
+    (the CPT stage's packing, so long-context runs measure the path they train on)."""
+    if not cfg.data.document_mask:
+        return SyntheticStage() if data == "synthetic" else PretrainStage()
+    from posttrain.cpt import CPTStage
+
+    if data == "corpus":
+        return CPTStage()
+
+    class SyntheticDocumentStage(CPTStage):
+        def datasets(self, cfg, train_samples: int, valid_samples: int):
+            eod = min(QWEN_EOD, cfg.model.vocab_size - 1)
+            self._packing = (eod, 2 * cfg.parallel.cp)  # what CPTStage sets from the tokenizer
+            return SyntheticDataset(train_samples, cfg.data.seq_length, cfg.model.vocab_size,
+                                    cfg.train.seed, eod=eod), None
+
+    return SyntheticDocumentStage()
 
 
 # ---------------------------------------------------------------- measurement
@@ -213,6 +264,122 @@ def format_report(r: Dict) -> str:
     ])
 
 
+# ---------------------------------------------------------------- the transformers peer
+
+def hf_peer_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """Our model config as a transformers model: random init at our std, fp32 weights, SDPA."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from models import registry
+
+    hf = AutoConfig.for_model(**registry.config_to_hf(cfg.model))
+    hf.initializer_range, hf.use_cache = cfg.train.init_method_std, False  # training: no KV cache
+    if cfg.model.num_experts:  # the same load-balancing loss as ours, when ours has one
+        hf.output_router_logits = cfg.moe.load_balancing == "aux_loss"
+        hf.router_aux_loss_coef = cfg.moe.aux_loss_coeff
+    torch.manual_seed(cfg.train.seed)
+    with device:
+        model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+    return model.float().train()
+
+
+def peer_batches(cfg: Config, dataset, step: int, device: torch.device):
+    """The micro-batches of optimizer step `step`: global samples in order, as ours at DP=1."""
+    t = cfg.train
+    for first in range(step * t.global_batch_size, (step + 1) * t.global_batch_size, t.micro_batch_size):
+        items = [dataset[i] for i in range(first, first + t.micro_batch_size)]
+        yield {k: torch.stack([x[k] for x in items]).to(device, non_blocking=True)
+               for k in ("tokens", "labels", "position_ids")}
+
+
+def train_peer(cfg: Config, warmup: int) -> Dict:
+    """Train the transformers peer for cfg.train.steps steps; its bench numbers over the timed ones."""
+    import transformers
+
+    from megatron_ext.build import lr_scheduler
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    left_over = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = hf_peer_model(cfg, device)
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Megatron decays matrices only (not biases or norm weights); the scheduler scales by wd_mult.
+    groups = [dict(params=[p for p in params if p.dim() > 1], wd_mult=1.0),
+              dict(params=[p for p in params if p.dim() <= 1], wd_mult=0.0)]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay, fused=cuda)
+    scheduler = lr_scheduler(optimizer, t)
+    dataset = SyntheticDataset(t.steps * t.global_batch_size, cfg.data.seq_length, cfg.model.vocab_size, t.seed)
+    micro = t.global_batch_size // t.micro_batch_size
+    bf16 = cuda and cfg.precision.name != "fp32"
+    aux_coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+    history = []
+    for step in range(t.steps):
+        start = time.time()
+        total = torch.zeros((), device=device)
+        for batch in peer_batches(cfg, dataset, step, device):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out = model(input_ids=batch["tokens"], position_ids=batch["position_ids"])
+            loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten())
+            aux = getattr(out, "aux_loss", None)
+            ((loss if aux is None else loss + aux_coef * aux) / micro).backward()
+            total += loss.detach()
+        if t.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+        optimizer.step()
+        scheduler.step(increment=1)
+        optimizer.zero_grad(set_to_none=True)
+        loss = (total / micro).item()  # waits for the device, as our loop's loss reduction does
+        if cuda:
+            torch.cuda.synchronize()
+        history.append(dict(loss=loss, tokens_per_s=t.global_batch_size * cfg.data.seq_length / (time.time() - start)))
+
+    timed = history[warmup:]
+    tokens = t.global_batch_size * cfg.data.seq_length
+    step_time = sum(tokens / r["tokens_per_s"] for r in timed) / len(timed)
+    tflops = flops_per_token(cfg) * tokens / step_time / 1e12
+    peak = peak_tflops(torch.cuda.get_device_name(), "bf16") if bf16 else None
+    memory, memory_kind = peak_memory_bytes()
+    return dict(
+        library="transformers", version=transformers.__version__,
+        attn_implementation=model.config._attn_implementation,
+        experts_implementation=getattr(model.config, "_experts_implementation", None),
+        precision="bf16 autocast, fp32 master weights" if bf16 else "fp32",
+        optimizer=f"torch.optim.AdamW(fused={cuda})", params=sum(p.numel() for p in params),
+        step_time_s=step_time, tokens_per_s_per_gpu=tokens / step_time, model_tflops_per_gpu=tflops,
+        peak_tflops=peak, mfu=tflops / peak if peak else None, peak_memory_bytes=memory,
+        peak_memory_kind=memory_kind if cuda else memory_kind + " of the whole process, both runs",
+        memory_allocated_before_bytes=left_over, losses=[r["loss"] for r in history],
+    )
+
+
+def format_peer(r: Dict, ratio: float) -> str:
+    p = r["transformers"]
+    mfu = f"{100 * p['mfu']:.1f}%" if p["mfu"] is not None else "n/a"
+    return "\n".join([
+        f"peer: transformers {p['version']} ({p['attn_implementation']} attention, "
+        f"experts={p['experts_implementation']}, {p['precision']}, {p['optimizer']}), same shape and data",
+        f"  step time          {p['step_time_s']:.4f} s",
+        f"  tokens/s/GPU       {p['tokens_per_s_per_gpu']:,.1f}",
+        f"  model TFLOP/s/GPU  {p['model_tflops_per_gpu']:.4f}",
+        f"  MFU                {mfu}",
+        f"  peak memory        {p['peak_memory_bytes'] / 2**30:.3f} GiB ({p['peak_memory_kind']})",
+        f"  losses             {' '.join(f'{x:.4f}' for x in p['losses'])}",
+        f"ours / transformers  {ratio:.3f} (tokens/s)",
+    ])
+
+
+def free_device_memory() -> None:
+    """Drop what the finished run left (its model and optimizer are unreferenced by now)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
@@ -222,6 +389,9 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic")
+    parser.add_argument("--compare", choices=("transformers",), default=None,
+                        help="also train the same model with Hugging Face transformers in this process and "
+                             "report ours / transformers (single process only: refused under a world size > 1)")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON ('-': stdout)")
     args, rest = parser.parse_known_args(list(argv))
     bad = [a for a in rest if a.startswith("-") or "=" not in a]
@@ -229,18 +399,28 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
         parser.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"need --steps >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    if args.compare and args.data != "synthetic":
+        parser.error("--compare needs --data synthetic (the peer trains on the same synthetic samples)")
     return args, rest
 
 
-def bench_config(args: argparse.Namespace, overrides: List[str], world: int) -> Config:
-    """The validated config of a bench run: the overrides, cut layers, warmup + timed steps."""
+def bench_config(args: argparse.Namespace, overrides: List[str], world: int, check_device: bool = True) -> Config:
+    """The validated config of a bench run: the overrides, cut layers, warmup + timed steps.
+    Synthetic data needs no `data.paths` (a stage like long_context leaves them to be given)."""
+    if args.data == "synthetic" and not any(o.split("=", 1)[0].lstrip("+") == "data.paths" for o in overrides):
+        overrides = ["data.paths=[]", *overrides]
     cfg = load_config(overrides)
     if args.layers is not None:
         cut_layers(cfg, args.layers)
     cfg.train.steps = args.warmup + args.steps
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.steps - 1)
     cfg.train.eval_interval = cfg.train.exit_interval = 0
-    validate(cfg, world)
+    validate(cfg, world, check_device=check_device)
+    if args.compare and world > 1:
+        raise ConfigError(f"--compare runs the transformers peer in one process; got world size {world}: "
+                          "run the comparison without torchrun")
+    if args.compare and cfg.data.document_mask:
+        raise ConfigError("--compare does not support data.document_mask=true (the peer has no packed documents)")
     return cfg
 
 
@@ -258,14 +438,22 @@ def main(argv=None) -> int:
     from megatron_ext.spec import use_transformer_engine
 
     try:
-        result = train(cfg, SyntheticStage() if args.data == "synthetic" else PretrainStage())
+        result = train(cfg, make_stage(cfg, args.data))
         spec = "transformer-engine" if use_transformer_engine() else "local"
         summary = summarize(cfg, result.history, args.warmup, world, spec)
     finally:
+        result = None
         dist.destroy()
+    report = format_report(summary)
+    if args.compare:
+        free_device_memory()
+        summary["transformers"] = train_peer(cfg, args.warmup)
+        summary["ours_over_transformers"] = (summary["tokens_per_s_per_gpu"]
+                                             / summary["transformers"]["tokens_per_s_per_gpu"])
+        report += "\n" + format_peer(summary, summary["ours_over_transformers"])
     if dist.launch_env().rank == 0:
         bad = [x for x in summary["losses"] if x is None or not math.isfinite(x)]
-        print(format_report(summary) + (f"\n  WARNING: non-finite losses {bad}" if bad else ""))
+        print(report + (f"\n  WARNING: non-finite losses {bad}" if bad else ""))
         if args.json == "-":
             print(json.dumps(summary, indent=2))
         elif args.json:
