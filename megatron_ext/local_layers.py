@@ -2,16 +2,23 @@
 
 - `RMSNorm`: marks its weight `sequence_parallel` so Megatron all-reduces its gradient over
   TP when sequence parallelism is on (Megatron's WrappedTorchNorm refuses SP).
-- `CoreAttention`: causal attention with context parallelism. Each CP rank holds two chunks
-  of the sequence (chunk r and chunk 2*CP-1-r, Megatron's load-balanced split); K/V are
-  all-gathered over the CP group (gradients reduce-scattered back) and the causal mask is
-  built from global positions, so chunks attend across ranks exactly as one process would.
+- `CoreAttention`: causal attention (GQA, context parallelism, packed documents) through
+  `F.scaled_dot_product_attention` without any [s, s] mask: the plain causal case is one
+  `is_causal=True, enable_gqa=True` call (flash / cuDNN kernels on GPUs, the blocked flash
+  kernel on CPU), so memory grows linearly with the sequence and nothing is copied per layer.
 
-  With packed sequences (Megatron's `thd` format: `packed_seq_params` with cu_seqlens, batch dim
-  squeezed, RoPE restarted per document by Megatron's attention) the mask is document-causal:
-  a token attends only to earlier tokens of its own document. Under CP each document is split
-  like a whole sequence (its chunks r and 2*CP-1-r on rank r, `thd_token_positions`), so the
-  gathered K/V carry (document, position) labels and CP=N masks equal the single-process ones.
+  Context parallelism: each CP rank holds two chunks of the sequence (chunk r and chunk
+  2*CP-1-r, Megatron's load-balanced split); K/V are all-gathered over the CP group (gradients
+  reduce-scattered back) and put in sequence order, and each local chunk attends causally to
+  the keys up to its own end (a lower-right aligned causal mask, `causal_lower_right`), so
+  chunks attend across ranks exactly as one process would.
+
+  Packed sequences (Megatron's `thd` format: `packed_seq_params` with cu_seqlens, batch dim
+  squeezed, RoPE restarted per document by Megatron's attention) are document-causal: each
+  document is attended on its own, a token seeing only earlier tokens of its document. Under
+  CP each document is split like a whole sequence (its chunks r and 2*CP-1-r on rank r,
+  `thd_token_positions`), so CP=N equals one process here too. The per-document plan (spans
+  and the K/V reordering index) is computed once per micro-batch and reused by every layer.
 
 `megatron_ext.spec` swaps them into the local spec; with Transformer Engine, TE's norm and
 attention (incl. its CP implementations) are used instead.
@@ -19,11 +26,14 @@ attention (incl. its CP implementations) are used instead.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
@@ -80,6 +90,80 @@ def _cu(params, which: str) -> torch.Tensor:
     return (padded if padded is not None else getattr(params, f"cu_seqlens_{which}")).cpu()
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [b, heads, sq, hn] attends causally to k/v [b, groups, sk, hn], sk >= sq: the queries are
+    the last sq positions of the keys (lower-right aligned; sq == sk is plain causal)."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    if sq == sk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # torch's lower-right causal kernels take K/V with every query head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk), scale=scale)
+
+
+@dataclass
+class AttentionPlan:
+    """How the local tokens of one micro-batch attend, the same for every layer.
+
+    `spans`: (q_start, q_end, k_start, k_end) per local chunk, in local token order: the chunk's
+    queries attend causally to keys [k_start, k_end) of the sequence-ordered K/V, ending at the
+    chunk's own last token. `kv_order`: under CP, the index that puts the all-gathered K/V
+    (rank-major) into sequence order, document by document (None without CP).
+    """
+
+    spans: List[Tuple[int, int, int, int]]
+    kv_order: Optional[torch.Tensor]
+
+
+def attention_plan(lengths: List[int], cp_rank: int, cp_size: int, device) -> AttentionPlan:
+    """The plan for documents of (padded, global) `lengths` packed back to back, each split
+    into 2*CP chunks with chunks r and 2*CP-1-r on CP rank r (a plain sequence is one document)."""
+    spans, order = [], []
+    local_start = global_start = 0
+    local_total = sum(lengths) // cp_size
+    for length in lengths:
+        n = length // (2 * cp_size)
+        if cp_size == 1:
+            spans.append((global_start, global_start + length, global_start, global_start + length))
+        else:
+            for i, chunk in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
+                q0 = local_start + i * n
+                spans.append((q0, q0 + n, global_start, global_start + (chunk + 1) * n))
+            for chunk in range(2 * cp_size):  # where sequence chunk `chunk` sits in the gathered K/V
+                rank, second = (chunk, 0) if chunk < cp_size else (2 * cp_size - 1 - chunk, 1)
+                start = rank * local_total + local_start + second * n
+                order.append(torch.arange(start, start + n))
+        local_start += length // cp_size
+        global_start += length
+    kv_order = torch.cat(order).to(device) if order else None
+    return AttentionPlan(spans, kv_order)
+
+
+@functools.lru_cache(maxsize=16)
+def _sequence_plan(seq_len_local: int, cp_rank: int, cp_size: int, device) -> AttentionPlan:
+    return attention_plan([seq_len_local * cp_size], cp_rank, cp_size, device)
+
+
+def _packed_plan(params, cp_rank: int, cp_size: int, device) -> AttentionPlan:
+    """The plan of a packed micro-batch, kept on its PackedSeqParams (the same object reaches every
+    layer of the micro-batch), so cu_seqlens are read back from the device once, not per layer."""
+    plan = getattr(params, "_local_attention_plan", None)
+    if plan is None:
+        q_cu, kv_cu = _cu(params, "q"), _cu(params, "kv")
+        if not torch.equal(q_cu, kv_cu):
+            raise NotImplementedError("local CoreAttention: packed sequences need cu_seqlens_q == cu_seqlens_kv")
+        lengths = (q_cu[1:] - q_cu[:-1]).tolist()
+        for doc, length in enumerate(lengths):
+            if length % (2 * cp_size):
+                raise ValueError(f"packed document {doc} has length {length}, not a multiple of 2*CP={2 * cp_size}: "
+                                 "pad every document to a multiple of 2*CP")
+        plan = attention_plan(lengths, cp_rank, cp_size, device)
+        params._local_attention_plan = plan
+    return plan
+
+
 class CoreAttention(MegatronModule):
     """Scaled dot-product attention (causal, GQA) with all-gather context parallelism."""
 
@@ -96,57 +180,37 @@ class CoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn]."""
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> [sq, b, np * hn];
+        packed (thd): query [t, np, hn], key/value [t, ng, hn] -> [t, np * hn]."""
         if attention_bias is not None:
             raise NotImplementedError("local CoreAttention: attention bias is not supported")
-        if packed_seq_params is not None:
-            return self._forward_packed(query, key, value, packed_seq_params)
+        if attention_mask is not None:
+            raise NotImplementedError("local CoreAttention: explicit attention masks are not supported "
+                                      "(causal, or document-causal through packed_seq_params)")
         cp_size = parallel_state.get_context_parallel_world_size()
         cp_rank = parallel_state.get_context_parallel_rank()
-        q_pos = cp_chunk_positions(query.shape[0], cp_rank, cp_size)
+        packed = packed_seq_params is not None
+        if packed:
+            if getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+                raise NotImplementedError(f"local CoreAttention: packed format {packed_seq_params.qkv_format!r} "
+                                          "(only thd)")
+            plan = _packed_plan(packed_seq_params, cp_rank, cp_size, query.device)
+            if plan.spans[-1][1] != query.shape[0]:
+                raise ValueError(f"packed attention: cu_seqlens describe {plan.spans[-1][1]} local tokens, "
+                                 f"the query has {query.shape[0]}")
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))  # [t, 1, heads, hn]
+        else:
+            plan = _sequence_plan(query.shape[0], cp_rank, cp_size, query.device)
         if cp_size > 1:
             group = parallel_state.get_context_parallel_group()
-            key = gather_from_sequence_parallel_region(key, True, group)
-            value = gather_from_sequence_parallel_region(value, True, group)
-            k_pos = torch.cat([cp_chunk_positions(query.shape[0], r, cp_size) for r in range(cp_size)])
-        else:
-            k_pos = q_pos
-        mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [sq, sk], True = may attend
-        if attention_mask is not None:  # Megatron convention: True = masked out; [b, 1, sq, sk]
-            mask = mask & ~attention_mask
+            key = gather_from_sequence_parallel_region(key, True, group).index_select(0, plan.kv_order)
+            value = gather_from_sequence_parallel_region(value, True, group).index_select(0, plan.kv_order)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device), scale=self.softmax_scale)
-        sq, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
-
-    def _forward_packed(self, query, key, value, params):
-        """thd: query [t, np, hn], key/value [t, ng, hn] -> [t, np * hn], document-causal."""
-        if getattr(params, "qkv_format", "thd") != "thd":
-            raise NotImplementedError(f"local CoreAttention: packed format {params.qkv_format!r} (only thd)")
-        cp_size = parallel_state.get_context_parallel_world_size()
-        cp_rank = parallel_state.get_context_parallel_rank()
-        q_doc, q_pos, _ = thd_token_positions(_cu(params, "q"), cp_rank, cp_size)
-        if q_doc.numel() != query.shape[0]:
-            raise ValueError(f"packed attention: cu_seqlens describe {q_doc.numel()} local tokens, "
-                             f"the query has {query.shape[0]}")
-        if cp_size > 1:
-            group = parallel_state.get_context_parallel_group()
-            key = gather_from_sequence_parallel_region(key, True, group)
-            value = gather_from_sequence_parallel_region(value, True, group)
-            labels = [thd_token_positions(_cu(params, "kv"), r, cp_size) for r in range(cp_size)]
-            k_doc, k_pos = torch.cat([d for d, _, _ in labels]), torch.cat([p for _, p, _ in labels])
-        else:
-            k_doc, k_pos, _ = thd_token_positions(_cu(params, "kv"), 0, 1)
-        mask = (k_doc.unsqueeze(0) == q_doc.unsqueeze(1)) & (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1))
-        q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))  # [1, heads, t, hn]
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.device), scale=self.softmax_scale)
-        return out.squeeze(0).permute(1, 0, 2).reshape(query.shape[0], -1)
+        outs = [causal_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], self.softmax_scale)
+                for q0, q1, k0, k1 in plan.spans]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        out = out.permute(2, 0, 1, 3)  # [s, b, heads, hn]
+        return out.reshape(out.shape[0], -1) if packed else out.reshape(out.shape[0], out.shape[1], -1)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return make_sharded_tensors_for_checkpoint({}, prefix, {}, sharded_offsets)
