@@ -14,12 +14,12 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
 from megatron_ext import cpu_backend, dist, patches
+from megatron_ext.cross_entropy import GPTModel
 from megatron_ext.config import Config, TrainConfig
 from megatron_ext.spec import decoder_block_spec, use_transformer_engine
 from models import transformer_config

@@ -161,7 +161,8 @@ def loader(dataset, cfg: Config, consumed_samples: int = 0) -> Optional[Iterator
         len(dataset), consumed_samples, cfg.train.micro_batch_size,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
     )
+    # Pinned host batches make the per-micro-batch copy to the GPU asynchronous (on_this_rank).
     return iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=False,
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.data.num_workers > 0,
     ))
