@@ -16,12 +16,23 @@
   Engine import succeeds, so every MoE forward without TE, on GPUs as on CPU, stops with
   `NameError: name 'te_general_gemm' is not defined`. The patch binds it to None, which selects
   the function's own torch.mm path.
+- wgrad_accumulation_fusion: Megatron's `gradient_accumulation_fusion` (on for GPUs, see
+  models/common.py) accumulates each linear layer's weight gradient straight into its fp32
+  `main_grad` with Apex's `fused_weight_gradient_mlp_cuda` (one GEMM, instead of a bf16 gradient
+  and a separate `add_` per weight and micro-batch). Apex is not on PyPI, and without it the
+  local layers refuse the option; torch's `addmm(out_dtype=float32)` (cuBLAS: bf16 inputs, fp32
+  output and accumulation) stands in for the kernel. Where that overload is missing, the stand-in
+  falls back to a GEMM and an add, as unfused. Apex's kernel is used when installed.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 
+import torch
+
+log = logging.getLogger(__name__)
 PINNED_MEGATRON_CORE = "0.16.1"
 _applied = False
 
@@ -51,8 +62,50 @@ def te_general_gemm() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _WgradAccumulation:
+    """Stand-in for Apex's `fused_weight_gradient_mlp_cuda`: main_grad += grad_output^T @ input as
+    one GEMM that accumulates into the fp32 buffer (cuBLAS: bf16 inputs, fp32 output), instead of
+    a bf16 weight gradient followed by a separate `main_grad.add_` per weight and micro-batch."""
+
+    mixed_dtype_gemm = True
+    """False where torch.addmm(out_dtype=...) is missing: then a GEMM and an add, as unfused."""
+
+    @classmethod
+    def wgrad_gemm_accum_fp32(cls, total_input, grad_output, main_grad):
+        if total_input.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
+        elif cls.mixed_dtype_gemm:
+            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype, out=main_grad)
+        else:
+            main_grad.add_(grad_output.t() @ total_input)
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
+def wgrad_accumulation_fusion() -> None:
+    """Megatron's `gradient_accumulation_fusion` (set on GPUs, models/common.py) needs Apex's
+    `fused_weight_gradient_mlp_cuda` for its local linear layers (all of the local spec, and the
+    output layer under TE); Apex is not on PyPI, so torch's own GEMM stands in for it."""
+    from megatron.core.tensor_parallel import layers
+
+    if layers._grad_accum_fusion_available:
+        return  # Apex's kernel is installed
+    if torch.cuda.is_available():
+        try:
+            probe = torch.zeros(2, 2, device="cuda")
+            half = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+            torch.addmm(probe, half, half, out_dtype=torch.float32, out=probe)
+        except (RuntimeError, TypeError) as e:
+            log.warning("torch.addmm(out_dtype=float32) unavailable (%s): weight gradients are a bf16 GEMM "
+                        "plus an fp32 add", e)
+            _WgradAccumulation.mixed_dtype_gemm = False
+    layers.fused_weight_gradient_mlp_cuda = _WgradAccumulation
+    layers._grad_accum_fusion_available = True
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
+    from megatron.core.tensor_parallel import layers
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.router import TopKRouter
 
@@ -64,6 +117,10 @@ def upstream_call_sites() -> dict:
         # The gating GEMM reads the global; the import's fallback branch leaves it undefined.
         "te_general_gemm": "te_general_gemm is not None" in inspect.getsource(moe_utils.RouterGatingLinearFunction)
         and "te_general_gemm" not in _import_fallback(inspect.getsource(moe_utils)),
+        # The weight-gradient backward calls the kernel module by these names and arguments.
+        "wgrad_accumulation_fusion": "fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(\n"
+        "                            total_input, grad_output, weight.main_grad" in inspect.getsource(layers)
+        and "import fused_weight_gradient_mlp_cuda" in inspect.getsource(layers),
     }
 
 
@@ -72,7 +129,7 @@ def _import_fallback(source: str) -> str:
     return source.split("except ImportError:", 1)[1].split("\n\n", 1)[0]
 
 
-PATCHES = (moe_aux_loss_token_scale, te_general_gemm)
+PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion)
 
 
 def apply() -> None:
