@@ -135,8 +135,14 @@ class MoEConfig:
     """Step size of the expert-bias update."""
     capacity_factor: Optional[float] = None
     """Expert capacity as a multiple of the even share; tokens over it are dropped. None: dropless."""
-    grouped_gemm: bool = False
-    """Grouped GEMM for the experts (needs CUDA: TE or the grouped_gemm package)."""
+    grouped_gemm: Optional[bool] = None
+    """Run each expert projection as one grouped GEMM over all local experts instead of one
+    matmul per expert (Megatron's SequentialMLP). With Transformer Engine: TE's TEGroupedMLP.
+    On the local spec: megatron_ext.grouped_experts over `torch._grouped_mm`, which takes fp32
+    or bf16 on CPU and bf16 on CUDA (compute capability 8.0+; 9.0 before torch 2.9), with
+    `hidden_size` and the expert FFN size per expert-TP rank of a multiple of 16 bytes.
+    null (default): on wherever supported, SequentialMLP elsewhere; true: required (a config
+    error says why it cannot run here); false: SequentialMLP. Checkpoints are the same either way."""
 
 
 @dataclass
@@ -500,6 +506,34 @@ def _validate_precision(cfg: Config, check_device: bool, errors: List[str]) -> N
     _check(not cfg.train.optimizer_cpu_offload or torch.cuda.is_available(),
            "train.optimizer_cpu_offload=true moves optimizer state off the GPU, but no CUDA GPU is "
            "visible: on CPU the optimizer already runs in host memory; unset it", errors)
+    if cfg.model.is_moe and cfg.moe.grouped_gemm:
+        why = grouped_gemm_unsupported(cfg)
+        _check(why is None, f"moe.grouped_gemm=true, but the experts cannot run as grouped GEMMs here: {why}; "
+               "set moe.grouped_gemm=null (grouped where supported) or false", errors)
+
+
+def grouped_gemm_unsupported(cfg: Config) -> Optional[str]:
+    """Why the experts cannot run as grouped GEMMs on this machine (None: they can)."""
+    import torch
+
+    from megatron_ext.spec import use_transformer_engine
+
+    if use_transformer_engine():
+        return None  # TE's TEGroupedMLP
+    from megatron_ext.grouped_experts import unsupported_reason
+
+    m, p = cfg.model, cfg.parallel
+    ffn_per_rank = (m.moe_ffn_hidden_size or m.ffn_hidden_size) // (p.etp or p.tp)
+    dtype = torch.float32 if cfg.precision.name == "fp32" else torch.bfloat16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return unsupported_reason(dtype, device, (m.hidden_size, ffn_per_rank))
+
+
+def grouped_gemm_enabled(cfg: Config) -> bool:
+    """`moe.grouped_gemm` resolved for this machine (null: wherever supported)."""
+    if cfg.moe.grouped_gemm is not None:
+        return cfg.moe.grouped_gemm
+    return cfg.model.is_moe and grouped_gemm_unsupported(cfg) is None
 
 
 def validate(cfg: Config, world_size: int, check_device: bool = True) -> None:

@@ -1,7 +1,9 @@
 """Layer-spec choice: Transformer Engine when TE and CUDA are present, Megatron's local spec otherwise.
 
-The local spec gets two substitutions (megatron_ext.local_layers): an RMSNorm that supports
-sequence parallelism, and a core attention that supports context parallelism.
+The local spec gets three substitutions: an RMSNorm that supports sequence parallelism and a
+core attention that supports context parallelism (megatron_ext.local_layers), and, where
+`moe_grouped_gemm` is on, experts run as grouped GEMMs (megatron_ext.grouped_experts) in place
+of Megatron's legacy GroupedMLP, which needs the CUDA-only `grouped_gemm` package.
 """
 
 from __future__ import annotations
@@ -9,17 +11,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import warnings
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.experts import GroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from megatron_ext.grouped_experts import GroupedExperts
 from megatron_ext.local_layers import CoreAttention, RMSNorm
 
-_LOCAL_SUBSTITUTES = {WrappedTorchNorm: RMSNorm, DotProductAttention: CoreAttention}
+_LOCAL_SUBSTITUTES = {WrappedTorchNorm: RMSNorm, DotProductAttention: CoreAttention, GroupedMLP: GroupedExperts}
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,6 +48,9 @@ def _substitute(spec):
 def decoder_block_spec(config: TransformerConfig, vp_stage=None):
     """The decoder block spec for this pipeline stage (dense or MoE layers per moe_layer_freq)."""
     te = use_transformer_engine()
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
-                                      vp_stage=vp_stage)
+    with warnings.catch_warnings():
+        # The local spec names the legacy GroupedMLP (and warns about it); it is replaced below.
+        warnings.filterwarnings("ignore", message="The legacy GroupedMLP")
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm",
+                                          vp_stage=vp_stage)
     return spec if te else _substitute(spec)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from megatron_ext.config import Config
+from megatron_ext.config import Config, grouped_gemm_enabled
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,7 +54,7 @@ def _moe_training_kwargs(cfg: Config) -> dict:
         moe_router_score_function="sigmoid" if e.expert_bias else "softmax",
         moe_expert_capacity_factor=e.capacity_factor,
         moe_token_drop_policy="probs",
-        moe_grouped_gemm=e.grouped_gemm,
+        moe_grouped_gemm=grouped_gemm_enabled(cfg),
     )
 
 

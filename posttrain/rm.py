@@ -139,13 +139,14 @@ def export_hf(chunk, cfg: Config, out_dir) -> Path:
     """
     from safetensors.torch import save_file
 
+    from megatron_ext.grouped_experts import sequential_named_parameters
     from models import registry
     from models.mapping import expand, split
     from tools.convert import hf_config_for
 
     m = cfg.model
     chunk = getattr(chunk, "module", chunk)
-    params = {k: v.detach() for k, v in chunk.named_parameters()}
+    params = {k: v.detach() for k, v in sequential_named_parameters(chunk)}
     if not isinstance(chunk.output_layer, ValueHead):
         raise ValueError("export_hf: the model has no ValueHead (not a reward model)")
     tensors = {"score.weight": params.pop("output_layer.weight").contiguous()}

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
 from models.mapping import Entry, by_mcore_name, expand, expected_hf_shapes, fuse, split
 from tools import launch
@@ -75,7 +76,7 @@ def _source_entry(name: str, by_name: Dict[str, Entry], tied: bool) -> Entry:
 def fill_rank(hf: HFCheckpoint, chunks, m, entries: List[Entry]) -> set:
     """Copy HF tensors into this rank's parameters; returns the global names filled."""
     by_name, filled = by_mcore_name(entries), set()
-    params = [(chunk, name, p) for chunk in chunks for name, p in chunk.named_parameters()]
+    params = [(chunk, name, p) for chunk in chunks for name, p in sequential_named_parameters(chunk)]
     for chunk, name, param in tqdm(params, desc="hf-to-mcore", unit="param", disable=not _rank0(), file=sys.stderr):
         gname = mc.global_name(chunk, name, m)
         entry = _source_entry(gname, by_name, m.tie_word_embeddings)
@@ -197,7 +198,7 @@ def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool
     # Loaded whole (TP=PP=EP=1); extra ranks, if launched with more, are idle data-parallel replicas.
     chunks = mc.build(mc.layout_config(m, dtype, world=world))
     mc.load(chunks, src)
-    params = dict(chunks[0].named_parameters())
+    params = dict(sequential_named_parameters(chunks[0]))
     unmapped = sorted(set(params) - {e.mcore for e in entries})
     if unmapped:
         raise HFCheckpointError(f"Megatron parameter {unmapped[0]} has no HF name in the {m.family} mapping")
