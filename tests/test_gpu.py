@@ -30,7 +30,7 @@ MEDIUM = ["model=qwen3_debug", "model.hidden_size=512", "model.ffn_hidden_size=1
 FP8_STEP_BAND, FP8_TAIL_BAND = 0.03, 0.015
 
 
-def _te_local_logits(rank, world_size, model):
+def _te_local_logits(rank, world_size, model, grouped_gemm):
     """Logits of the TE spec and the local spec built from the same bf16 weights."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -40,7 +40,7 @@ def _te_local_logits(rank, world_size, model):
     from megatron_ext.spec import _substitute
     from models import transformer_config
 
-    cfg = load_config([f"model={model}", "precision=bf16"])
+    cfg = load_config([f"model={model}", "precision=bf16", f"moe.grouped_gemm={grouped_gemm}"])
     init_parallel(cfg)
     tcfg = transformer_config(cfg)
 
@@ -59,12 +59,14 @@ def _te_local_logits(rank, world_size, model):
     for name, value in local.state_dict().items():
         if "_extra_state" in name:
             continue
-        target = name
-        if target not in te_state:
-            target = next((name.replace(a, b) for a, b in renames.items() if name.endswith(a)), name)
-        assert target in te_state, f"no TE counterpart for {name}"
-        te_state[target].copy_(value)
-        loaded.add(target)
+        # Grouped experts: the local [experts, out, in] weight is TE GroupedLinear's weight0, weight1, ...
+        pieces = [(f"{name}{i}", w) for i, w in enumerate(value)] if value.dim() == 3 else [(name, value)]
+        for target, piece in pieces:
+            if target not in te_state:
+                target = next((target.replace(a, b) for a, b in renames.items() if target.endswith(a)), target)
+            assert target in te_state, f"no TE counterpart for {name} ({target})"
+            te_state[target].copy_(piece)
+            loaded.add(target)
     missing = [k for k in te_state if "_extra_state" not in k and k not in loaded]
     assert not missing, f"TE weights not set from the local model: {missing}"
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 256), device="cuda")
@@ -73,9 +75,14 @@ def _te_local_logits(rank, world_size, model):
         return [m(tokens, positions, attention_mask=None).float().cpu() for m in (local, te)]
 
 
-@pytest.mark.parametrize("model", ["qwen2_debug", "qwen3_debug", "qwen2_moe_debug", "qwen3_moe_debug"])
-def test_te_spec_matches_local_spec_bf16(model):
-    (local, te), = run_on_ranks(_te_local_logits, 1, model)
+@pytest.mark.parametrize("model,grouped_gemm", [
+    ("qwen2_debug", "null"), ("qwen3_debug", "null"),
+    # Experts one by one (SequentialMLP) and as grouped GEMMs (TEGroupedMLP vs. GroupedExperts).
+    ("qwen2_moe_debug", "false"), ("qwen2_moe_debug", "true"),
+    ("qwen3_moe_debug", "false"), ("qwen3_moe_debug", "true"),
+])
+def test_te_spec_matches_local_spec_bf16(model, grouped_gemm):
+    (local, te), = run_on_ranks(_te_local_logits, 1, model, grouped_gemm)
     scale = local.std().item()
     diff = (te - local).abs()
     # BF16 tolerance: different kernels (fused vs unfused attention, fused norm+GEMM) round
