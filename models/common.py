@@ -140,7 +140,9 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
-        gradient_accumulation_fusion=False,
+        # Weight gradients accumulate into the fp32 main_grad inside the GEMM (TE's own, or
+        # megatron_ext.patches' stand-in for Apex's kernel); needs Megatron DDP's main_grad.
+        gradient_accumulation_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         apply_rope_fusion=False,
         # Loss is summed over tokens and normalised by the global token count, so any
