@@ -249,3 +249,21 @@ def test_bench_compare_transformers_cpu(tmp_path):
     assert results["qwen2_moe_debug"]["transformers"]["experts_implementation"] is not None
     docs = results["documents"]
     assert docs["seq_length"] == 128 and math.isfinite(docs["losses"][0]) and "transformers" not in docs
+
+
+def test_bench_profile_after_timed_steps(tmp_path):
+    """--profile N: N extra steps under torch.profiler after the timed ones; the JSON ranks
+    operators by self time and the timed numbers cover --steps only."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "model=qwen3_debug", "data.seq_length=64", "train.global_batch_size=2",
+         "--steps", "1", "--warmup", "1", "--profile", "1", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["timed_steps"] == 1 and len(r["losses"]) == 2
+    rows = r["profile"]
+    assert 0 < len(rows) <= 20 and "profile: top operators by self host time over 1 step(s)" in proc.stdout
+    assert all(a["self_ms"] >= b["self_ms"] for a, b in zip(rows, rows[1:]))
+    assert any(row["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for row in rows)
+    assert 0 < sum(row["share"] for row in rows) <= 1.0 + 1e-9

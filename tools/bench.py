@@ -2,7 +2,7 @@
 
     python -m tools.bench model=qwen2_5_1_5b precision=bf16 data.seq_length=4096 \
         train.micro_batch_size=1 train.global_batch_size=8 [--layers N] [--steps 20] \
-        [--warmup 5] [--data synthetic|corpus] [--compare transformers] [--json OUT]
+        [--warmup 5] [--data synthetic|corpus] [--compare transformers] [--profile N] [--json OUT]
 
 Runs `--warmup` + `--steps` optimizer steps of the one training loop (any parallel/precision
 overrides apply; launch under torchrun for several GPUs) and reports over the timed steps only.
@@ -12,6 +12,9 @@ token ids whose second half repeats the first, so no tokenizer or corpus is need
 still falls; `--data corpus` uses the configured data (the bundled sample by default). With
 `data.document_mask=true` (e.g. `stage=long_context`) the synthetic samples are documents
 separated by EOD tokens, trained document-masked as the CPT stage does.
+
+`--profile N` runs N more steps after the timed ones under torch.profiler and prints the
+operators with the most self time on the device (the JSON's `profile`): what to optimise next.
 
 `--compare transformers` then trains the same architecture with Hugging Face transformers in
 the same process, as a peer: the HF config of our model config (after `--layers`), the same
@@ -190,6 +193,50 @@ def make_stage(cfg: Config, data: str):
                                     cfg.train.seed, eod=eod), None
 
     return SyntheticDocumentStage()
+
+
+# ---------------------------------------------------------------- profile
+
+class ProfiledStage:
+    """The bench's stage with torch.profiler over its last `steps` optimizer steps (run after the
+    timed ones, so profiling overhead never enters the numbers). `table()` ranks the operators
+    by their own time on the device (host time on CPU): the list to work down when optimising."""
+
+    def __init__(self, stage, total_steps: int, steps: int):
+        self.stage, self.start_at, self.profiler = stage, total_steps - steps, None
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+    def before_step(self, rt, state) -> None:
+        if state.step == self.start_at and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        inner = getattr(self.stage, "before_step", None)
+        if inner is not None:
+            inner(rt, state)
+
+    def table(self, top: int = 20) -> List[Dict]:
+        """The `top` operators by self time: name, calls, milliseconds, share of all self time."""
+        if self.profiler is None:
+            return []
+        self.profiler.stop()
+        device = torch.cuda.is_available()
+        rows = [(e.key, e.count, (e.self_device_time_total if device else e.self_cpu_time_total) / 1e3)
+                for e in self.profiler.key_averages()]
+        total = sum(ms for _, _, ms in rows) or 1.0
+        rows.sort(key=lambda r: -r[2])
+        return [dict(name=name, calls=calls, self_ms=ms, share=ms / total) for name, calls, ms in rows[:top]]
+
+
+def format_profile(rows: List[Dict], steps: int) -> str:
+    where = "device" if torch.cuda.is_available() else "host"
+    lines = [f"profile: top operators by self {where} time over {steps} step(s)"]
+    lines += [f"  {100 * r['share']:5.1f}%  {r['self_ms']:10.2f} ms  {r['calls']:7d}  {r['name'][:90]}" for r in rows]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- measurement
@@ -392,13 +439,17 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--compare", choices=("transformers",), default=None,
                         help="also train the same model with Hugging Face transformers in this process and "
                              "report ours / transformers (single process only: refused under a world size > 1)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed steps, run N more under torch.profiler and report the operators "
+                             "that take the most device time (ours only; default 0: no profile)")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON ('-': stdout)")
     args, rest = parser.parse_known_args(list(argv))
     bad = [a for a in rest if a.startswith("-") or "=" not in a]
     if bad:
         parser.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
-    if args.steps < 1 or args.warmup < 0:
-        parser.error(f"need --steps >= 1 and --warmup >= 0 (got {args.steps}, {args.warmup})")
+    if args.steps < 1 or args.warmup < 0 or args.profile < 0:
+        parser.error(f"need --steps >= 1, --warmup >= 0 and --profile >= 0 "
+                     f"(got {args.steps}, {args.warmup}, {args.profile})")
     if args.compare and args.data != "synthetic":
         parser.error("--compare needs --data synthetic (the peer trains on the same synthetic samples)")
     return args, rest
@@ -412,7 +463,7 @@ def bench_config(args: argparse.Namespace, overrides: List[str], world: int, che
     cfg = load_config(overrides)
     if args.layers is not None:
         cut_layers(cfg, args.layers)
-    cfg.train.steps = args.warmup + args.steps
+    cfg.train.steps = args.warmup + args.steps + args.profile
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.steps - 1)
     cfg.train.eval_interval = cfg.train.exit_interval = 0
     validate(cfg, world, check_device=check_device)
@@ -437,14 +488,18 @@ def main(argv=None) -> int:
     from megatron_ext.loop import train
     from megatron_ext.spec import use_transformer_engine
 
+    stage = ProfiledStage(make_stage(cfg, args.data), cfg.train.steps, args.profile)
     try:
-        result = train(cfg, make_stage(cfg, args.data))
+        result = train(cfg, stage)
         spec = "transformer-engine" if use_transformer_engine() else "local"
-        summary = summarize(cfg, result.history, args.warmup, world, spec)
+        summary = summarize(cfg, result.history[:len(result.history) - args.profile], args.warmup, world, spec)
+        summary["profile"] = stage.table()
     finally:
         result = None
         dist.destroy()
     report = format_report(summary)
+    if args.profile:
+        report += "\n" + format_profile(summary["profile"], args.profile)
     if args.compare:
         free_device_memory()
         summary["transformers"] = train_peer(cfg, args.warmup)

@@ -92,9 +92,9 @@ def plan() -> List[Check]:
         Check("gpu_tests", ["pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *gpu_test_files()],
               limit_s=150, min_s=30),
         *(Check(f"dense_mb{mb}", [*dense, "precision=bf16", f"train.micro_batch_size={mb}",
-                                  "--compare", "transformers"], limit_s=150) for mb in (1, 2)),
+                                  "--compare", "transformers", "--profile", "1"], limit_s=150) for mb in (1, 2)),
         Check("moe_mb1", [*bench, "model=qwen3_30b_a3b", "--layers", "2", *SHAPE, "precision=bf16",
-                          "train.micro_batch_size=1", "--compare", "transformers"], limit_s=180),
+                          "train.micro_batch_size=1", "--compare", "transformers", "--profile", "1"], limit_s=180),
         Check("long_context", ["tools.bench", "--warmup", "1", "--steps", "2", "model=qwen2_5_1_5b",
                                "precision=bf16", "stage=long_context", "parallel.cp=1", "data.seq_length=32768",
                                "train.micro_batch_size=1", "train.global_batch_size=1", "train.recompute=full"],
@@ -172,6 +172,8 @@ def bench_numbers(path: Path) -> Dict:
     r = json.loads(path.read_text())
     out = dict(tokens_per_s=r["tokens_per_s_per_gpu"], mfu=r["mfu"], peak_memory_gib=r["peak_memory_bytes"] / 2**30,
                step_time_s=r["step_time_s"], first_loss=r["losses"][0], last_loss=r["losses"][-1], spec=r["spec"])
+    if r.get("profile"):  # the top of the list: where the next optimisation is
+        out["profile_top"] = [f"{100 * row['share']:.1f}% {row['name'][:60]}" for row in r["profile"][:8]]
     if "transformers" in r:
         p = r["transformers"]
         out.update(peer_tokens_per_s=p["tokens_per_s_per_gpu"], peer_mfu=p["mfu"],
