@@ -23,6 +23,16 @@
   local layers refuse the option; torch's `addmm(out_dtype=float32)` (cuBLAS: bf16 inputs, fp32
   output and accumulation) stands in for the kernel. Where that overload is missing, the stand-in
   falls back to a GEMM and an add, as unfused. Apex's kernel is used when installed.
+- torch_adam_distributed_optimizer: without Apex or Transformer Engine the DistributedOptimizer
+  wraps torch's Adam, whose per-parameter state carries a "step" tensor, and 0.16.1 cannot load
+  into it: building the sharded state dict reads the step from that state, which a fresh
+  optimizer does not have yet (`assert len(steps) == 1`), and loading copies every state key
+  from the checkpoint's tensors, which never carry "step" (KeyError; the step is restored
+  separately from the param groups, as one tensor that every parameter then shares and Adam
+  advances once per parameter). The patch starts a fresh optimizer from the zero state torch's
+  Adam creates at its first step before loading, keeps "step" out of the copy, and gives each
+  parameter its own step.
+  tests/test_checkpoint.py's distributed-optimizer resume fails without it.
 """
 
 from __future__ import annotations
@@ -103,8 +113,45 @@ def wgrad_accumulation_fusion() -> None:
     layers._grad_accum_fusion_available = True
 
 
+def torch_adam_distributed_optimizer() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # their fused Adam keeps no per-parameter step
+    sharded_state_dict = DistributedOptimizer.sharded_state_dict
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def sharded_state_dict_starting_empty_state(self, model_sharded_state_dict=None, is_loading=False,
+                                                *args, **kwargs):
+        if is_loading and isinstance(self.optimizer, torch.optim.Adam):  # AdamW too
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if not self.optimizer.state[p]:
+                        self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                                   "exp_avg_sq": torch.zeros_like(p)}
+        return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
+
+    def set_states_without_step(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:  # restored from the param groups as one tensor shared by every
+                # parameter, which Adam would then advance once per parameter and step
+                state["step"] = state["step"].clone()
+                tensors = {**tensors, "step": state["step"]}
+        return set_states(self, model_param, tensors)
+
+    sharded_state_dict_starting_empty_state.__wrapped__ = sharded_state_dict
+    set_states_without_step.__wrapped__ = set_states
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict_starting_empty_state
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_without_step
+
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.router import TopKRouter
@@ -121,6 +168,12 @@ def upstream_call_sites() -> dict:
         "wgrad_accumulation_fusion": "fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(\n"
         "                            total_input, grad_output, weight.main_grad" in inspect.getsource(layers)
         and "import fused_weight_gradient_mlp_cuda" in inspect.getsource(layers),
+        # state_dict() reads the step from the inner state; loading copies every state key.
+        "torch_adam_distributed_optimizer": 'steps = list(set([s["step"].item() for s in inner_state_dict["state"]'
+        in inspect.getsource(DistributedOptimizer.state_dict)
+        and 'dst_tensors = {"param": main_param, **optim_state}' in inspect.getsource(
+            getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "__wrapped__",
+                    DistributedOptimizer._set_main_param_and_optimizer_states)),
     }
 
 
@@ -129,7 +182,8 @@ def _import_fallback(source: str) -> str:
     return source.split("except ImportError:", 1)[1].split("\n\n", 1)[0]
 
 
-PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion)
+PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
+           torch_adam_distributed_optimizer)
 
 
 def apply() -> None:

@@ -40,7 +40,8 @@ def _assert_same_run(ref, got, exact=True):
             torch.testing.assert_close(params[name], ref_param, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.tp=2"]], ids=["dp2", "tp2"])
+@pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.tp=2"], ["parallel.distributed_optimizer=true"]],
+                         ids=["dp2", "tp2", "dp2_distributed_optimizer"])
 def test_resume_is_bit_identical(tmp_path, layout):
     ckpt = ["checkpoint.dir=" + str(tmp_path)]
     straight = run_on_ranks(_run, 2, BASE + layout)
