@@ -21,6 +21,11 @@ Interceptions (each a named function below, listed in INTERCEPTIONS):
 - uneven_collectives: expert-tensor parallelism all-gathers / reduce-scatters token blocks of
   different sizes per rank; gloo's list collectives need equal sizes, so the blocks are
   padded to the largest (gather) or reduced whole and sliced (reduce-scatter).
+- eager_fusions: Megatron's `jit_fuser` is `torch.compile`, used by a few functions that run on
+  CPU too (the expert-bias update, weighted SwiGLU). Its fusions are written for GPUs; on CPU
+  inductor generates C++ for the host's vector ISA, which fails to compile under
+  `ATEN_CPU_CAPABILITY=default` and costs compile time in every process. TorchDynamo is turned
+  off, so they run as the plain PyTorch they are written in.
 
 (The MoE router's `te_general_gemm` is undefined wherever Transformer Engine is absent, GPUs
 included, so its fix is a patch in megatron_ext/patches.py, applied on every machine.)
@@ -190,7 +195,14 @@ def uneven_collectives() -> None:
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
-INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, moe_split_sizes, uneven_collectives)
+def eager_fusions() -> None:
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
+INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, moe_split_sizes, uneven_collectives,
+                 eager_fusions)
 
 
 def cpu_generator() -> torch.Generator:
