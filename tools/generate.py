@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--out", help="write jsonl here instead of stdout")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="do not check a training checkpoint's files against its CRC manifest")
     a = ap.parse_args(argv)
     if bool(a.prompt) == bool(a.tokens):
         print("error: give --prompt (one or more) or --tokens, not both", file=sys.stderr)
@@ -194,9 +196,9 @@ def main(argv=None) -> int:
         opts = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, greedy=a.greedy,
                     seed=a.seed, eos=a.eos, tokenizer=a.tokenizer, decode=a.prompt is not None)
         layout = dict(tp=a.tp, pp=a.pp)
-        m, dtype, _ = mc.read_meta(a.ckpt)
-        world = mc.world_size(mc.layout_config(m, dtype, **layout))
-        rows = launch.run(_generate_rank, world, a.ckpt, a.prompt or [], ids, opts, layout)
+        src = mc.open_checkpoint(a.ckpt, verify=not a.no_verify)  # the ranks' mc.load checks the manifest
+        world = mc.world_size(mc.layout_config(src.model, src.dtype, **layout))
+        rows = launch.run(_generate_rank, world, src, a.prompt or [], ids, opts, layout)
     except (ValueError, KeyError, FileNotFoundError, launch.RankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
