@@ -18,6 +18,7 @@ import itertools
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Iterable, List, Sequence
 
@@ -39,6 +40,28 @@ def tmp_path(path: str | Path) -> Path:
     """The temporary name a file is written under before its atomic rename."""
     path = Path(path)
     return path.with_name(path.name + ".tmp")
+
+
+class UnwritableOutputError(ValueError):
+    """An output location cannot be written; the message names the directory and why."""
+
+
+def check_writable_dir(path: str | Path, what: str = "output") -> Path:
+    """Create directory `path` (with its parents) if needed and prove a file can be written in it,
+    before any work starts: an unwritable output should fail in a second with its name, not after
+    hours of work with a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        detail = e.strerror or str(e)
+        if e.filename and Path(e.filename) != path:
+            detail += f": {e.filename}"
+        raise UnwritableOutputError(f"{path}: cannot write the {what} there ({detail})") from None
+    return path
 
 
 def fsync_rename(src: Path, dst: Path) -> None:

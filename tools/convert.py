@@ -1,14 +1,15 @@
 """Convert Qwen checkpoints between Hugging Face and Megatron-Core.
 
     python -m tools.convert hf-to-mcore --hf-dir DIR --out CKPT [--tp N --pp N --ep N --etp N]
-    python -m tools.convert mcore-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB]
+    python -m tools.convert mcore-to-hf --ckpt CKPT --out DIR [--max-shard-size 5GB] [--no-verify]
 
 Both directions read one declarative weight mapping per family (`models.<family>.RULES`).
 hf-to-mcore builds the Megatron model at the requested layout (spawning local gloo ranks when
 not launched by torchrun), fills each rank's parameters from HF tensors read one at a time,
 and writes a `dist_checkpointing` checkpoint that loads at any layout. Any HF tensor the mapping
 does not use, or any Megatron parameter it does not fill, is an error naming it. Outputs are
-written to a staging directory and renamed into place when complete.
+written to a staging directory and renamed into place when complete. mcore-to-hf first checks a
+training checkpoint's files against its CRC manifest, as resuming does (--no-verify skips that).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
+from data_prep.indexed import check_writable_dir
 from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
 from models.mapping import Entry, by_mcore_name, expand, expected_hf_shapes, fuse, split
@@ -134,6 +136,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp=1, pp=1, ep=1, etp=None, overwrite=Fal
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     _, _, m, _, dtype = open_hf(hf_dir)  # fail on bad input before starting any ranks
+    check_writable_dir(Path(out).absolute().parent)
     layout = dict(tp=tp, pp=pp, ep=ep, etp=etp)
     world = mc.world_size(mc.layout_config(m, dtype, **layout))
     return launch.run(_hf_to_mcore_rank, world, hf_dir, out, layout, overwrite)
@@ -189,7 +192,7 @@ def _write_hf(m, dtype, src: mc.Source, params: dict, out: Path, max_shard_bytes
     return shards, writer.total_bytes
 
 
-def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool) -> dict:
+def _mcore_to_hf_rank(ckpt, out: str, max_shard_bytes: int, overwrite: bool) -> dict:
     start = time.time()
     src = mc.open_checkpoint(ckpt)
     m, dtype, base = src.model, src.dtype, src.hf_config
@@ -214,28 +217,40 @@ def _mcore_to_hf_rank(ckpt: str, out: str, max_shard_bytes: int, overwrite: bool
             "shards": shards, "bytes": total, "seconds": round(time.time() - start, 2)}
 
 
-def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=False) -> dict:
-    """Convert a Megatron checkpoint (written at any layout, by tools.convert or by training) to HF."""
-    mc.open_checkpoint(ckpt)  # fail early on a non-checkpoint
+def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=False, verify=True) -> dict:
+    """Convert a Megatron checkpoint (written at any layout, by tools.convert or by training) to HF.
+
+    A training checkpoint's files are checked against its CRC manifest first (`verify`)."""
+    src = mc.open_checkpoint(ckpt, verify=verify)  # fail early on a non-checkpoint
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    return launch.run(_mcore_to_hf_rank, None, ckpt, out, parse_size(max_shard_size), overwrite)
+    check_writable_dir(Path(out).absolute().parent)
+    return launch.run(_mcore_to_hf_rank, None, src, out, parse_size(max_shard_size), overwrite)
 
 
 def main(argv=None) -> int:
     """Command-line entry; returns the exit status (2 with a one-line message on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
-    a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron dist checkpoint")
-    a.add_argument("--hf-dir", required=True)
-    a.add_argument("--out", required=True)
-    for flag in ("tp", "pp", "ep"):
-        a.add_argument(f"--{flag}", type=int, default=1)
-    a.add_argument("--etp", type=int, default=None)
-    b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF directory")
+    a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron dist checkpoint",
+                       description="Convert a Hugging Face Qwen model directory (config.json + safetensors) "
+                                   "into a Megatron-Core distributed checkpoint that loads at any layout.")
+    a.add_argument("--hf-dir", required=True,
+                   help="HF model directory: config.json plus model.safetensors or a sharded index")
+    a.add_argument("--out", required=True, help="checkpoint directory to create")
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run the conversion at (default 1)")
+    a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run the conversion at (default 1)")
+    a.add_argument("--ep", type=int, default=1, help="expert-parallel size, MoE models (default 1)")
+    a.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: same as --tp)")
+    b = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF directory",
+                       description="Convert a Megatron checkpoint (tools.convert or training) into a Hugging "
+                                   "Face model directory that transformers loads.")
     b.add_argument("--ckpt", required=True, help="a tools.convert checkpoint, or a training checkpoint (iter_N or its root)")
-    b.add_argument("--out", required=True)
-    b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--out", required=True, help="HF directory to create")
+    b.add_argument("--max-shard-size", default="5GB", help="largest .safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    b.add_argument("--no-verify", action="store_true",
+                   help="do not check a training checkpoint's files against its CRC manifest "
+                        "(a corrupted checkpoint then converts silently)")
     for p in (a, b):
         p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
@@ -243,8 +258,8 @@ def main(argv=None) -> int:
         if args.direction == "hf-to-mcore":
             summary = hf_to_mcore(args.hf_dir, args.out, args.tp, args.pp, args.ep, args.etp, args.overwrite)
         else:
-            summary = mcore_to_hf(args.ckpt, args.out, args.max_shard_size, args.overwrite)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, launch.RankError) as e:
+            summary = mcore_to_hf(args.ckpt, args.out, args.max_shard_size, args.overwrite, not args.no_verify)
+    except (ValueError, KeyError, OSError, launch.RankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if _rank0():

@@ -29,6 +29,34 @@ class HFCheckpointError(ValueError):
     """A malformed or incomplete HF checkpoint directory; the message names the file/tensor."""
 
 
+def _safe_open(path: Path):
+    """safe_open, with its errors (truncated file, bad header: `SafetensorError`, which names
+    no file) turned into an HFCheckpointError naming the file."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises SafetensorError (not an OSError) and others
+        size = path.stat().st_size if path.is_file() else 0
+        raise HFCheckpointError(f"{path}: not a readable safetensors file ({size} bytes; truncated or "
+                                f"corrupted?): {e}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HFCheckpointError(f"{path}: not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(value, dict):
+        raise HFCheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _file_mode() -> int:
+    """The mode an ordinary new file gets here (0644 under the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def parse_size(text: str) -> int:
     """'5GB', '500MB', '100KB' or a byte count -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
@@ -46,14 +74,14 @@ class HFCheckpoint:
         config_path = self.dir / "config.json"
         if not config_path.is_file():
             raise HFCheckpointError(f"{config_path} not found: not an HF model directory")
-        self.config = json.loads(config_path.read_text())
+        self.config = _read_json(config_path)
         self.weight_map = self._weight_map()
         self._handles: Dict[str, object] = {}
 
     def _weight_map(self) -> Dict[str, str]:
         index = self.dir / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise HFCheckpointError(f"{index} has no weight_map")
             for name, file in sorted(weight_map.items()):
@@ -62,7 +90,7 @@ class HFCheckpoint:
             return weight_map
         single = self.dir / SINGLE_FILE
         if single.is_file():
-            with safe_open(str(single), framework="pt") as f:
+            with _safe_open(single) as f:
                 return {name: SINGLE_FILE for name in f.keys()}
         if any(self.dir.glob("*.bin")):
             raise HFCheckpointError(f"{self.dir} holds PyTorch .bin weights; save them as safetensors first")
@@ -73,7 +101,7 @@ class HFCheckpoint:
             raise HFCheckpointError(f"tensor {name} not found in {self.dir}")
         file = self.weight_map[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(str(self.dir / file), framework="pt")
+            self._handles[file] = _safe_open(self.dir / file)
         handle = self._handles[file]
         if name not in handle.keys():
             raise HFCheckpointError(f"tensor {name} is listed for {self.dir / file} but that file lacks it")
@@ -93,8 +121,11 @@ class HFCheckpoint:
         right away; reading through the cached handles would leave every tensor read so far
         resident in this process (the whole model's worth by the end)."""
         self._handle(name)  # validates the name and its file
-        with safe_open(str(self.file_of(name)), framework="pt") as f:
-            return f.get_tensor(name)
+        with _safe_open(self.file_of(name)) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # SafetensorError names no file
+                raise HFCheckpointError(f"{self.file_of(name)}: cannot read tensor {name}: {e}") from None
 
     def close(self) -> None:
         self._handles.clear()
@@ -121,7 +152,9 @@ class ShardWriter:
 
     def _flush(self) -> None:
         # Written under a provisional name: the shard count is known only at the end.
-        save_file(self._buffer, str(self.dir / f"shard-{len(self._shards):05d}.tmp"), metadata={"format": "pt"})
+        path = self.dir / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        os.chmod(path, _file_mode())  # safetensors creates files 0600; give them the mode of the others
         self._shards.append(list(self._buffer))
         self._buffer, self._bytes = {}, 0
 

@@ -5,6 +5,11 @@ A checkpoint directory holds Megatron-Core's distributed checkpoint of the model
 `qwen_checkpoint.json` with the ModelConfig, the parameter dtype, and the HF config and
 tokenizer files it came from (so converting back restores them). Training checkpoints written
 by `megatron_ext.checkpoint` are read too (their model weights; the job config names the model).
+
+Training checkpoints carry a CRC32 + size manifest of every file (their `meta.json`). Every reader
+checks it before loading, the same check (`megatron_ext.checkpoint.verify`, spread over the
+ranks) that training's resume runs, so corrupted weights are never converted or evaluated
+silently; `open_checkpoint(..., verify=False)` (the tools' `--no-verify`) skips it with a warning.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_ext import checkpoint as train_checkpoint
 from megatron_ext.build import build_model, init_parallel
 from megatron_ext.config import Config, ModelConfig, ParallelConfig, PrecisionConfig, validate
 from models import transformer_config
@@ -158,6 +165,11 @@ class Source:
     """The training job's `data.tokenizer` (a Qwen family name or an HF tokenizer directory)."""
     nesting: Tuple[str, ...] = ()
     """Where the model's state dict sits inside the saved state (training: model/chunk0)."""
+    manifest_dir: Optional[Path] = None
+    """The checkpoint directory whose meta.json lists a CRC32 + size of every file (training
+    checkpoints); None where there is no manifest to check."""
+    verify: bool = True
+    """Check the manifest in `load` (False: the user accepted the risk, e.g. --no-verify)."""
 
 
 def _converter_source(path: Path) -> Source:
@@ -171,7 +183,11 @@ def _converter_source(path: Path) -> Source:
 
 def _training_source(path: Path) -> Source:
     # Written by megatron_ext.checkpoint: iter_N/{state/, meta.json with the whole job config}.
-    config = json.loads((path / "meta.json").read_text()).get("config") or {}
+    try:
+        meta = train_checkpoint.read_meta(path)  # names meta.json when it is truncated or foreign
+    except train_checkpoint.CheckpointError as e:
+        raise CheckpointError(str(e)) from None
+    config = meta.get("config") or {}
     if "model" not in config:
         raise CheckpointError(f"{path / 'meta.json'} has no config.model")
     precision = (config.get("precision") or {}).get("name", "fp32")
@@ -179,24 +195,53 @@ def _training_source(path: Path) -> Source:
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     tokenizer = (config.get("data") or {}).get("tokenizer")
     return Source(path / "state", ModelConfig(**config["model"]), dtype, tokenizer_name=tokenizer,
-                  nesting=("model", "chunk0"))
+                  nesting=("model", "chunk0"), manifest_dir=path)
 
 
-def open_checkpoint(ckpt: str) -> Source:
+def open_checkpoint(ckpt: Union[str, Path, Source], verify: bool = True) -> Source:
     """A checkpoint written by tools.convert, a training checkpoint `iter_N/`, or a training
-    checkpoint root (its `latest` is used)."""
+    checkpoint root (its `latest` is used). Reads metadata only: `load` reads the weights and,
+    with `verify` (the default), first checks every file against the checkpoint's CRC manifest.
+
+    An already opened Source is returned as it is, so a tool can open (and choose `verify`)
+    once and hand the Source to its ranks."""
+    if isinstance(ckpt, Source):
+        return ckpt
     path = Path(ckpt)
+    if not path.exists():
+        raise CheckpointError(f"{ckpt}: no such checkpoint directory")
     if (path / META_FILE).is_file():
-        return _converter_source(path)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    if (path / "meta.json").is_file() and (path / "state").is_dir():
-        return _training_source(path)
-    raise CheckpointError(f"{ckpt} is not a checkpoint: no {META_FILE} (tools.convert) and no "
-                          "meta.json + state/ (training)")
+        src = _converter_source(path)
+    else:
+        if (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        if not ((path / "meta.json").is_file() and (path / "state").is_dir()):
+            raise CheckpointError(f"{ckpt} is not a checkpoint: no {META_FILE} (tools.convert) and no "
+                                  "meta.json + state/ (training)")
+        src = _training_source(path)
+    src.verify = verify
+    return src
 
 
-def read_meta(ckpt: str) -> Tuple[ModelConfig, torch.dtype, Optional[Dict[str, Any]]]:
+def verify_manifest(src: Source) -> None:
+    """Collective: check the checkpoint's files against its CRC manifest, as training's resume
+    does (spread over the ranks); CheckpointError names every bad file. Without a manifest, or
+    with `src.verify` off (a warning is printed), nothing is checked."""
+    if src.manifest_dir is None:
+        return
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if not src.verify:
+        if rank0:
+            print(f"warning: not checking {src.manifest_dir} against its checksum manifest (--no-verify): "
+                  "corrupted files would go unnoticed", file=sys.stderr)
+        return
+    try:
+        train_checkpoint.verify(src.manifest_dir)
+    except train_checkpoint.CheckpointError as e:
+        raise CheckpointError(f"{e}\n(pass --no-verify to read it anyway)") from None
+
+
+def read_meta(ckpt: Union[str, Source]) -> Tuple[ModelConfig, torch.dtype, Optional[Dict[str, Any]]]:
     """(ModelConfig, parameter dtype, source HF config or None) of any checkpoint `open_checkpoint` reads."""
     src = open_checkpoint(ckpt)
     return src.model, src.dtype, src.hf_config
@@ -229,9 +274,11 @@ def save(chunks: List[torch.nn.Module], ckpt_dir: Path) -> None:
 
 
 def load(chunks: List[torch.nn.Module], src: Source) -> None:
-    """Collective: fill this rank's model chunk from a checkpoint written at any layout."""
+    """Collective: fill this rank's model chunk from a checkpoint written at any layout, after
+    checking its files against its CRC manifest (see `verify_manifest`)."""
     if len(chunks) != 1:
         raise ValueError("virtual pipeline stages are not supported by the converter tools")
+    verify_manifest(src)
     request = chunks[0].sharded_state_dict()
     for key in reversed(src.nesting):
         request = {key: request}
