@@ -22,6 +22,11 @@
 
 `megatron_ext.spec` swaps them into the local spec; with Transformer Engine, TE's norm and
 attention (incl. its CP implementations) are used instead.
+
+KV-cached generation (`megatron_ext.generation`, Megatron-Core's `StaticInferenceContext`)
+hands CoreAttention the cached keys/values: k/v hold every position so far, q only the newest
+ones, and the queries attend lower-right causal (a single decode query sees every key, with no
+mask and native GQA).
 """
 
 from __future__ import annotations
@@ -94,8 +99,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """q [b, heads, sq, hn] attends causally to k/v [b, groups, sk, hn], sk >= sq: the queries are
     the last sq positions of the keys (lower-right aligned; sq == sk is plain causal)."""
     sq, sk = q.shape[-2], k.shape[-2]
-    if sq == sk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+    if sq == sk or sq == 1:  # one query (a KV-cached decode step) is the last position: it sees every key
+        return F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # torch's lower-right causal kernels take K/V with every query head
@@ -199,6 +204,13 @@ class CoreAttention(MegatronModule):
                 raise ValueError(f"packed attention: cu_seqlens describe {plan.spans[-1][1]} local tokens, "
                                  f"the query has {query.shape[0]}")
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))  # [t, 1, heads, hn]
+        elif key.shape[0] != query.shape[0]:
+            # KV-cached inference (Megatron's StaticInferenceContext): the queries are the newest
+            # positions of the cached keys, so they attend lower-right causal to all of them.
+            if cp_size > 1 or key.shape[0] < query.shape[0]:
+                raise NotImplementedError(f"local CoreAttention: {query.shape[0]} queries over {key.shape[0]} keys "
+                                          "(KV-cached inference) needs cp=1 and no more queries than keys")
+            plan = AttentionPlan([(0, query.shape[0], 0, key.shape[0])], None)
         else:
             plan = _sequence_plan(query.shape[0], cp_rank, cp_size, query.device)
         if cp_size > 1:

@@ -1,8 +1,13 @@
-"""tools.generate against transformers on the same converted weights (fp32, CPU).
+"""Generation (megatron_ext.generation through tools.generate) against transformers and against
+the full-recompute path, on the same converted weights (fp32, CPU).
 
 Greedy continuations of a ragged batch must equal transformers' greedy `generate` row by row,
-the returned log-probs must equal transformers' log-softmax at those positions, TP=2 must give
-the TP=1 ids, and sampling must be reproducible from its seed and reduce to greedy as top_p -> 0.
+with the KV cache (the default) and without it (`use_cache=False`, every step recomputes the
+whole sequence); the returned log-probs must equal transformers' log-softmax at those positions;
+a batch must give each prompt its single-prompt tokens; TP=2 (with and without sequence
+parallelism) and PP=2 must give the TP=1 ids with and without the cache; sampling must be
+reproducible from its seed, equal between the two paths for equal-length prompts, and reduce to
+greedy as top_p -> 0; end ids and stop strings must stop a row right after the token that ends it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from tests.test_convert import save_hf
 from tools.convert import hf_to_mcore
 
 PROMPTS = [[5, 17, 200, 3, 99], [255, 0, 13], [42, 7, 8, 1, 2, 3, 4]]
+EQUAL = [[5, 17, 200, 3], [255, 0, 13, 9], [42, 7, 8, 1]]
 NEW = 6
 
 
@@ -76,6 +82,13 @@ def _api_variants(rank, world, ckpt):
             "c": dict(temperature=1.5, seed=4), "nucleus": dict(temperature=1.5, top_p=1e-6, seed=5)}
     out = {k: generate(chunks, PROMPTS, NEW, **kw).tokens for k, kw in runs.items()}
     out["one_by_one"] = [generate(chunks, [p], NEW, greedy=True).tokens[0] for p in PROMPTS]
+    nocache = generate(chunks, PROMPTS, NEW, greedy=True, use_cache=False)
+    out["nocache"] = nocache.tokens
+    out["lp"] = (generate(chunks, PROMPTS, NEW, greedy=True).logprobs, nocache.logprobs)
+    out["nocache_one_by_one"] = [generate(chunks, [p], NEW, greedy=True, use_cache=False).tokens[0] for p in PROMPTS]
+    # Equal-length prompts: both paths sample every row at every step from the same generator.
+    out["sampled"] = [generate(chunks, EQUAL, NEW, temperature=1.2, top_p=0.9, seed=7, use_cache=c).tokens
+                      for c in (True, False)]
     # The synthesis backend over the same model: text in, text out through a byte tokenizer.
     from data_prep.synth.backends import MegatronBackend
 
@@ -85,15 +98,22 @@ def _api_variants(rank, world, ckpt):
     eos = out["greedy"][0][2]
     stopped = generate(chunks, PROMPTS[:1], NEW, greedy=True, eos_token_id=eos)
     out["eos"] = (stopped.tokens[0], stopped.finished[0], eos)
+    # Several end ids (ChatML's <|im_end|> and <|endoftext|>), and stop strings, per row, both paths.
+    ends = [out["greedy"][1][3], out["greedy"][2][1]]
+    out["ends"] = [generate(chunks, PROMPTS, NEW, greedy=True, eos_token_id=ends, use_cache=c) for c in (True, False)]
+    tok = _ByteTokenizer()
+    stop = [tok.decode(out["greedy"][0][1:3]), tok.decode(out["greedy"][2][4:5])]
+    out["stop"] = (stop, [generate(chunks, PROMPTS, NEW, greedy=True, stop=stop, decode=tok.decode, use_cache=c)
+                          for c in (True, False)])
     mc.release_layout()
     return out
 
 
-def _hf_greedy(hf):
+def _hf_greedy(hf, prompts=PROMPTS):
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     ids, lps = [], []
     with torch.no_grad():
-        for p in PROMPTS:
+        for p in prompts:
             out = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
                                  pad_token_id=0, eos_token_id=None)
             new = out[0, len(p):]
@@ -104,12 +124,16 @@ def _hf_greedy(hf):
 
 
 def test_greedy_equals_transformers(converted):
-    hf, _, rows, _ = converted
+    hf, _, rows, out = converted
     ref_ids, ref_lps = _hf_greedy(hf)
     for row, ids, lps in zip(rows, ref_ids, ref_lps):
         assert row["ids"] == ids
         torch.testing.assert_close(torch.tensor(row["logprobs"]), lps, atol=1e-4, rtol=1e-4)
         assert row["finished"] is False
+    assert out["nocache"] == ref_ids  # the full-recompute reference path agrees too
+    cached_lp, nocache_lp = out["lp"]
+    for a, b in zip(cached_lp, nocache_lp):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -122,14 +146,37 @@ def test_greedy_tp2_equals_transformers(converted, tmp_path):
 
 def test_api_batching_sampling_and_eos(converted):
     hf, _, _, out = converted
-    assert out["greedy"] == out["one_by_one"] == _hf_greedy(hf)[0]  # right padding changes nothing
+    # A ragged batch gives each prompt its single-prompt tokens, with and without the cache.
+    assert out["greedy"] == out["one_by_one"] == out["nocache"] == out["nocache_one_by_one"] == _hf_greedy(hf)[0]
     assert out["a"] == out["b"]
     assert out["a"] != out["c"]  # 18 draws at temperature 1.5 from a near-uniform tiny model
     assert out["nucleus"] == out["greedy"]
+    cached, nocache = out["sampled"]
+    assert cached == nocache
     texts, ids = out["backend"]
     assert texts == [[bytes(i).decode("latin-1")] * 2 for i in ids]  # greedy: both samples equal generate()
     ids, finished, eos = out["eos"]
     assert finished and ids == out["greedy"][0][:ids.index(eos) + 1]
+
+
+def test_end_ids_and_stop_strings(converted):
+    _, _, _, out = converted
+    greedy = out["greedy"]
+    for gen in out["ends"]:
+        ends = {greedy[1][3], greedy[2][1]}
+        for i, row in enumerate(greedy):
+            first = next((j for j, t in enumerate(row) if t in ends), None)
+            assert gen.tokens[i] == (row if first is None else row[:first + 1])
+            assert gen.finished[i] == (first is not None)
+        assert gen.finished[1] and gen.finished[2]
+    stop, gens = out["stop"]
+    for gen in gens:
+        for i, row in enumerate(greedy):
+            text = bytes(row).decode("latin-1")
+            ends_at = min((text.find(s) + len(s) for s in stop if s in text), default=None)
+            assert gen.tokens[i] == (row if ends_at is None else row[:ends_at])
+            assert gen.finished[i] == (ends_at is not None)
+        assert gen.finished[0] and gen.finished[2]
 
 
 def test_sample_next_top_p_keeps_nucleus():
@@ -139,3 +186,50 @@ def test_sample_next_top_p_keeps_nucleus():
     gen = torch.Generator().manual_seed(0)
     draws = {int(sample_next(logits, 1.0, 0.8, False, gen)) for _ in range(300)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.8; tokens 2 and 3 are outside the nucleus
+
+
+def test_cut_at_stop():
+    from megatron_ext.generation import cut_at_stop
+
+    assert cut_at_stop("a+b=3\nQ: next", ["\nQ:", "="]) == ("a+b", "=")
+    assert cut_at_stop("abc", ["x"]) == ("abc", None)
+    assert cut_at_stop("abc", None) == ("abc", None)
+
+
+# ---------------------------------------------------------------- parallel layouts, one spawn
+
+LAYOUTS = {"tp2": dict(tp=2), "tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2)}
+
+
+def _layouts(rank, world, ckpt):
+    """Per layout: greedy ids and log-probs with and without the cache, a sampled run of each path
+    on equal-length prompts, and the cached single-prompt runs."""
+    from tools import mcore_ckpt as mc
+    from tools.generate import generate
+
+    src = mc.open_checkpoint(ckpt)
+    out = {}
+    for name, layout in LAYOUTS.items():
+        chunks = mc.build(mc.layout_config(src.model, src.dtype, **layout))
+        mc.load(chunks, src)
+        cached = generate(chunks, PROMPTS, NEW, greedy=True)
+        nocache = generate(chunks, PROMPTS, NEW, greedy=True, use_cache=False)
+        out[name] = dict(sp=chunks[0].config.sequence_parallel, cached=cached.tokens, nocache=nocache.tokens, lp=(cached.logprobs, nocache.logprobs),
+                         one_by_one=[generate(chunks, [p], NEW, greedy=True).tokens[0] for p in PROMPTS],
+                         sampled=[generate(chunks, EQUAL, NEW, temperature=1.2, top_p=0.9, seed=7,
+                                           use_cache=c).tokens for c in (True, False)])
+        mc.release_layout()
+    return out
+
+
+def test_cache_equals_recompute_tp2_sp_pp2(converted):
+    hf, ckpt, _, single = converted
+    ranks = run_on_ranks(_layouts, 2, str(ckpt))
+    assert ranks[0] == ranks[1]  # every rank returns the same ids and log-probs
+    for name in LAYOUTS:
+        got = ranks[0][name]
+        assert got["sp"] == LAYOUTS[name].get("sp", False), name
+        assert got["cached"] == got["nocache"] == got["one_by_one"] == single["greedy"], name
+        for a, b in zip(*got["lp"]):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+        assert got["sampled"][0] == got["sampled"][1] == single["sampled"][0], name
