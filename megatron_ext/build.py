@@ -18,7 +18,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
-from megatron_ext import cpu_backend, dist, patches
+from megatron_ext import cpu_backend, dist, init, patches
 from megatron_ext.cross_entropy import GPTModel
 from megatron_ext.config import Config, TrainConfig
 from megatron_ext.spec import decoder_block_spec, use_transformer_engine
@@ -63,6 +63,7 @@ def init_parallel(cfg: Config) -> None:
 def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callable] = None) -> List[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (unwrapped).
 
+    Initial weights depend on train.seed and the architecture only (megatron_ext.init).
     `customize(chunk, cfg)` may replace heads or freeze parts (e.g. a reward model's value
     head) before the chunk is moved to the GPU and wrapped. Set
     `tcfg.perform_initialization=False` to skip random init when weights will be loaded.
@@ -84,6 +85,8 @@ def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callab
             vp_stage=vp,
         )
         apply_rope_scaling(chunk, m)  # YaRN when model.rope_scaling_type says so; else nothing
+        if tcfg.perform_initialization:
+            init.initialize([chunk], cfg, tcfg)  # the same initial model under every layout
         if customize is not None:
             customize(chunk, cfg)
         if torch.cuda.is_available():
