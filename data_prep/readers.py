@@ -4,6 +4,10 @@ Every input record either yields a document text or a `Reject` with a reason and
 line number (row number for parquet) relative to the start of its shard. Plain `.jsonl` files
 are split into byte-range chunks so one large file still spreads over several workers; a chunk
 owns every line that *starts* inside its byte range, so chunks partition the lines exactly.
+
+A compressed or parquet file that ends early or is corrupted gives every record read before the
+damage, then one `corrupt_file` reject at the first line it could not read (that line and the
+rest of the file are lost); the other files are unaffected.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import glob
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 # Reasons a record is skipped, in the order the summary reports them.
-REASONS = ("blank_line", "invalid_utf8", "malformed_json", "missing_key", "not_string", "empty_text")
+REASONS = ("blank_line", "invalid_utf8", "malformed_json", "missing_key", "not_string", "empty_text", "corrupt_file")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "gz", ".json.gz": "gz",
             ".jsonl.zst": "zst", ".json.zst": "zst", ".parquet": "parquet"}
 
@@ -38,6 +43,10 @@ class Reject:
     line: int
     reason: str
     detail: str
+
+
+class CorruptFileError(Exception):
+    """A file's bytes cannot be read on from here (truncated or corrupted compressed data)."""
 
 
 def file_kind(path: str) -> str:
@@ -105,22 +114,78 @@ def _jsonl_chunk_lines(shard: Shard) -> Iterator[bytes]:
             yield line
 
 
+class _ChunkStream(io.RawIOBase):
+    """A readable raw stream over an iterator of byte chunks (for BufferedReader's readline)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks, self._buf, self._pos = chunks, b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._buf):
+            self._buf, self._pos = next(self._chunks, None), 0
+            if self._buf is None:
+                self._buf = b""
+                return 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def _frames(path: str, new_decompressor, fmt: str, errors: tuple) -> Iterator[bytes]:
+    """Decompressed bytes of a file of concatenated gzip members / zstd frames, yielded as they
+    are decoded; damage raises CorruptFileError only after everything before it was yielded (the
+    gzip module's reader drops up to a buffer of good data, zstandard's stops silently)."""
+    with open(path, "rb") as raw:
+        dobj, fed = new_decompressor(), False
+        try:
+            # Small reads: a corrupted block loses only what it would have decoded to.
+            while block := raw.read(1 << 16):
+                while block:
+                    if not fed:
+                        block = block.lstrip(b"\0")  # zero padding after the last member (gzip allows it)
+                        if not block:
+                            break
+                    fed = True
+                    out = dobj.decompress(block)
+                    if out:
+                        yield out
+                    block = b""
+                    if dobj.eof:  # a member/frame ended: the rest of the block starts the next one
+                        block, dobj, fed = dobj.unused_data, new_decompressor(), False
+        except errors as e:
+            raise CorruptFileError(f"corrupted {fmt} data ({e})") from None
+        if fed and not dobj.eof:
+            raise CorruptFileError(f"the {fmt} stream ends early (truncated file?)")
+
+
+def _gzip_chunks(path: str) -> Iterator[bytes]:
+    return _frames(path, lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS), "gzip", (zlib.error,))
+
+
+def _zstd_chunks(path: str) -> Iterator[bytes]:
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    return _frames(path, dctx.decompressobj, "zstd", (zstandard.ZstdError,))
+
+
 def _stream_lines(shard: Shard) -> Iterator[bytes]:
     if shard.kind == "jsonl":
         yield from _jsonl_chunk_lines(shard)
     elif shard.kind == "gz":
-        import gzip
-
-        with gzip.open(shard.path, "rb") as f:
-            yield from io.BufferedReader(f, 1 << 20)
+        yield from io.BufferedReader(_ChunkStream(_gzip_chunks(shard.path)), 1 << 20)
     elif shard.kind == "zst":
-        import zstandard
-
-        with open(shard.path, "rb") as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20)
-            yield from io.BufferedReader(reader, 1 << 20)
+        yield from io.BufferedReader(_ChunkStream(_zstd_chunks(shard.path)), 1 << 20)
     else:
         raise ValueError(f"{shard.path}: not a line-based file")
+
+
+def _corrupt(line: int, error: Exception) -> Reject:
+    return Reject(line, "corrupt_file", f"{error}; this line and the rest of the file cannot be read")
 
 
 def parse_line(raw: bytes, key: str) -> Tuple[Optional[str], Optional[Tuple[str, str]]]:
@@ -169,7 +234,16 @@ def iter_batches(shard: Shard, key: str, batch_size: int = 1024) -> Iterator[Bat
         yield from _parquet_batches(shard, key, batch_size)
         return
     nums, texts, rejects, nbytes, lineno = [], [], [], 0, 0
-    for lineno, raw in enumerate(_stream_lines(shard), 1):
+    lines = _stream_lines(shard)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            break
+        except CorruptFileError as e:
+            rejects.append(_corrupt(lineno + 1, e))
+            break
+        lineno += 1
         nbytes += len(raw)
         text, bad = parse_line(raw, key)
         if bad is None:
@@ -185,15 +259,28 @@ def iter_batches(shard: Shard, key: str, batch_size: int = 1024) -> Iterator[Bat
 
 
 def _parquet_batches(shard: Shard, key: str, batch_size: int) -> Iterator[Batch]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(shard.path)
     row = 0
-    has_key = key in pf.schema_arrow.names
-    # Size progress by the file's compressed bytes spread over its rows.
-    bytes_per_row = os.path.getsize(shard.path) / max(pf.metadata.num_rows, 1)
-    columns = [key] if has_key else [pf.schema_arrow.names[0]]
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+    try:
+        pf = pq.ParquetFile(shard.path)
+        has_key = key in pf.schema_arrow.names
+        # Size progress by the file's compressed bytes spread over its rows.
+        bytes_per_row = os.path.getsize(shard.path) / max(pf.metadata.num_rows, 1)
+        columns = [key] if has_key else [pf.schema_arrow.names[0]]
+        batches = pf.iter_batches(batch_size=batch_size, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        yield [], [], [_corrupt(1, CorruptFileError(f"unreadable parquet file ({e})"))], 1, 0
+        return
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            yield [], [], [_corrupt(row + 1, CorruptFileError(f"corrupted parquet data ({e})"))], 1, 0
+            return
         values = batch.column(0).to_pylist() if has_key else [_MISSING] * batch.num_rows
         nums, texts, rejects = [], [], []
         for v in values:

@@ -8,7 +8,10 @@ each encoded by a worker process into its own `.bin/.idx` under `OUT.shards/`, t
 input order. A shard is published only when complete (temp files + rename, `.idx` last), so a
 rerun after a crash skips finished shards and the final output is byte-identical to an
 uninterrupted run, whatever the worker count. Bad records are skipped, counted by reason and
-listed with file:line in `OUT.rejects.jsonl` (or, with --strict, the first one is fatal).
+listed with file:line in `OUT.rejects.jsonl` (or, with --strict, the first one is fatal). A
+truncated or corrupted compressed file keeps the records before the damage and adds one
+`corrupt_file` reject at the first line lost; the other files go on (--strict: fatal). Empty
+inputs are refused: a 0-byte file or one with no records, and a run that would write no document.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from data_prep import indexed
+from data_prep.indexed import check_writable_dir
 from data_prep.readers import REASONS, Shard, count_lines_before, expand_inputs, iter_batches, plan_shards
 from data_prep.tokenizer import get_tokenizer
 
@@ -60,6 +64,8 @@ class Summary:
     run_docs: int = 0
     run_tokens: int = 0
     run_bytes: int = 0
+    corrupt: List[str] = None
+    """'file:line: detail' of each input that could not be read to its end."""
 
 
 def shard_prefix(work_dir: Path, shard: Shard, opts: Options) -> Path:
@@ -93,7 +99,7 @@ def encode_shard(shard: Shard, prefix: Path, opts: Options,
     writer = indexed.IndexedWriter(prefix, tok.vocab_size)
     rej_path = Path(f"{prefix}.rejects.jsonl")
     stats = {"path": shard.path, "chunk": shard.chunk, "docs": 0, "tokens": 0, "lines": 0,
-             "bytes": 0, "rejects": dict.fromkeys(REASONS, 0)}
+             "bytes": 0, "rejects": dict.fromkeys(REASONS, 0), "corrupt": None}
     try:
         with open(indexed.tmp_path(rej_path), "w", encoding="utf-8") as rej:
             for nums, texts, rejects, n_lines, n_bytes in iter_batches(shard, opts.text_key, opts.batch_size):
@@ -107,6 +113,8 @@ def encode_shard(shard: Shard, prefix: Path, opts: Options,
                 writer.add_documents(docs)
                 for r in rejects:
                     stats["rejects"][r.reason] += 1
+                    if r.reason == "corrupt_file":
+                        stats["corrupt"] = f"{shard.path}:{count_lines_before(shard) + r.line}: {r.detail}"
                     rej.write(json.dumps({"line": r.line, "reason": r.reason, "detail": r.detail}) + "\n")
                 n_tok = sum(map(len, docs))
                 stats["docs"] += len(docs)
@@ -230,14 +238,47 @@ def _chunk_bytes(files: Sequence[str], chunk_mb: float, workers: int) -> int:
     return chunk
 
 
+class EmptyInputError(ValueError):
+    """An input file, or the whole run, holds no document; the message names the file(s)."""
+
+
+def _refuse_empty_files(files: Sequence[str]) -> None:
+    empty = [f for f in files if os.path.getsize(f) == 0]
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise EmptyInputError(f"{empty[0]}: empty input file (0 bytes){more}; remove it from --input")
+
+
+def _refuse_empty_results(files: Sequence[str], prefixes: Sequence[Path], output_prefix: str) -> None:
+    """After encoding, before anything is merged: a file with no record (e.g. compressed
+    emptiness), or a run without a single document, is refused instead of writing a dataset
+    that training cannot read."""
+    lines, docs = dict.fromkeys(files, 0), 0
+    for prefix in prefixes:
+        with open(f"{prefix}.stats.json", encoding="utf-8") as f:
+            st = json.load(f)
+        lines[st["path"]] += st["lines"]
+        docs += st["docs"]
+    empty = [f for f, n in lines.items() if n == 0]
+    if empty:
+        raise EmptyInputError(f"{empty[0]}: no records in this input file (empty after decompression)"
+                              + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+                              + "; remove it from --input")
+    if docs == 0:
+        raise EmptyInputError(f"no document in {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: every "
+                              f"record was rejected (see {output_prefix}.rejects.jsonl); refusing to write "
+                              "an empty dataset")
+
+
 def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: int = 1,
              chunk_mb: float = 32.0, keep_shards: bool = False, quiet: bool = False) -> Summary:
     """Tokenize `inputs` (paths, globs, directories) into `output_prefix.{bin,idx}`."""
     t0 = time.perf_counter()
     files = expand_inputs(inputs)
+    _refuse_empty_files(files)
     shards = plan_shards(files, _chunk_bytes(files, chunk_mb, workers))
     out = Path(output_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out.absolute().parent, "dataset")
     work_dir = Path(f"{output_prefix}.shards")
     work_dir.mkdir(exist_ok=True)
     prefixes = [shard_prefix(work_dir, s, opts) for s in shards]
@@ -249,9 +290,10 @@ def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: 
         _run_shards(jobs, workers, progress)
     finally:
         progress.close()
+    _merge_rejects(shards, prefixes, Path(f"{output_prefix}.rejects.jsonl"))
+    _refuse_empty_results(files, prefixes, output_prefix)
     vocab_size = _tokenizer(opts.tokenizer).vocab_size
     docs, tokens = indexed.merge(prefixes, out, vocab_size)
-    _merge_rejects(shards, prefixes, Path(f"{output_prefix}.rejects.jsonl"))
     summary = _summarize(files, shards, prefixes, len(shards) - len(jobs), progress, t0)
     if (summary.docs, summary.tokens) != (docs, tokens):
         raise RuntimeError(f"merged {docs} docs/{tokens} tokens but shard stats say "
@@ -264,10 +306,13 @@ def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: 
 
 
 def _summarize(files, shards, prefixes, skipped, progress: Progress, t0: float) -> Summary:
-    s = Summary(files=len(files), shards=len(shards), shards_skipped=skipped, rejects=dict.fromkeys(REASONS, 0))
+    s = Summary(files=len(files), shards=len(shards), shards_skipped=skipped, rejects=dict.fromkeys(REASONS, 0),
+                corrupt=[])
     for prefix in prefixes:
         with open(f"{prefix}.stats.json", encoding="utf-8") as f:
             st = json.load(f)
+        if st.get("corrupt"):
+            s.corrupt.append(st["corrupt"])
         s.docs += st["docs"]
         s.tokens += st["tokens"]
         s.bytes += st["bytes"]
@@ -289,6 +334,7 @@ def format_summary(s: Summary, output_prefix: str) -> str:
         + "".join(f", {k}={v}" for k, v in s.rejects.items() if v)
         + (f" (see {output_prefix}.rejects.jsonl)" if any(s.rejects.values()) else ""),
     ]
+    lines += [f"warning: {c}" for c in s.corrupt or []]
     return "\n".join(lines)
 
 
@@ -308,7 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     opts = Options(a.tokenizer, a.text_key, a.append_eod, a.strict)
     try:
         summary = tokenize(a.input, a.output_prefix, opts, a.workers, a.chunk_mb, a.keep_shards, a.quiet)
-    except (BadRecordError, FileNotFoundError, ValueError) as e:
+    except (BadRecordError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary, a.output_prefix))

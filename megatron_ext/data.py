@@ -24,8 +24,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from data_prep.indexed import IndexedReader, bin_path, idx_path
 from data_prep.tokenizer import get_tokenizer
-from megatron_ext.config import Config
+from megatron_ext.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,30 @@ def build_sample_corpus(out_prefix: Path, tokenizer_name: str) -> Path:
     return out_prefix
 
 
+def check_paths(cfg: Config) -> None:
+    """Check every `data.paths` dataset before anything is built (cheap: reads the indices only):
+    both files exist, the index is a Megatron index that matches its `.bin`, and the dataset holds
+    tokens. ConfigError names the entry, the file and what is wrong."""
+    for k, prefix in enumerate(cfg.data.paths):
+        where = f"data.paths[{k}]={prefix}"
+        hint = ""
+        if prefix.endswith((".bin", ".idx")):
+            hint = f" (entries are prefixes without .bin/.idx: data.paths=[{prefix[:-4]}])"
+        for path in (bin_path(prefix), idx_path(prefix)):
+            if not path.is_file():
+                raise ConfigError(f"{where}: {path} does not exist{hint}")
+        try:
+            reader = IndexedReader(prefix)
+        except (ValueError, OSError) as e:  # the messages name the file
+            raise ConfigError(f"{where}: unreadable dataset: {e}") from None
+        if reader.num_tokens == 0:
+            raise ConfigError(f"{where}: {bin_path(prefix)} holds no tokens ({len(reader)} documents); "
+                              "tokenize some text into it first")
+
+
 def _blend(cfg: Config):
     if cfg.data.paths:
-        for prefix in cfg.data.paths:
-            for suffix in (".bin", ".idx"):
-                if not Path(prefix + suffix).exists():
-                    raise FileNotFoundError(f"data.paths: {prefix + suffix} does not exist")
+        check_paths(cfg)
         return list(cfg.data.paths), (list(cfg.data.weights) if cfg.data.weights else None)
     prefix = Path(cfg.data.cache_dir) / f"sample_{cfg.data.tokenizer}"
     if torch.distributed.get_rank() == 0:
