@@ -4,6 +4,11 @@ Stage metrics: the one loop reduces and logs the "lm loss" report only. A stage'
 also reports extra [sum, count] pairs (accuracy, margins, rewards); `StageMetrics` sums them
 over the micro-batches of one global batch, reduces them over data parallelism when the last
 micro-batch of the batch arrives, logs them, and keeps their history for tests and callers.
+
+Only the last pipeline stage computes a loss, so the numbers exist on its ranks alone; its
+first data/tensor-parallel rank prints the line (global rank 0 without pipeline parallelism).
+They cannot be sent to rank 0 from inside the pipeline schedule: the first stage is waiting
+for gradients there and would deadlock on a collective.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from megatron.core import parallel_state
 from megatron_ext.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+metrics_log = logging.getLogger("posttrain.metrics")
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -64,8 +70,12 @@ class StageMetrics:
             means = self.derive(means)
         (self.history if training else self.valid_history).append(means)
         if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
+            # The printing rank of stage metrics (the last stage's first rank) logs at INFO even
+            # where the console setup keeps ranks other than 0 at warnings.
+            if metrics_log.getEffectiveLevel() > logging.INFO:
+                metrics_log.setLevel(logging.INFO)
             tag = f"step {len(self.history)}" if training else f"eval after step {len(self.history)}"
-            log.info("%s %s: %s", self.cfg.stage, tag, "  ".join(f"{k}={v:.4f}" for k, v in means.items()))
+            metrics_log.info("%s %s: %s", self.cfg.stage, tag, "  ".join(f"{k}={v:.4f}" for k, v in means.items()))
 
 
 def report(pairs: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
@@ -134,15 +144,30 @@ def require(cfg: Config, stage: str, *, pairs: bool = False, no_cp: bool = True,
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
-def token_logps(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels[b, s] | tokens[b, :s+1]) per position, [b, s]; exact under TP.
+def unwrap(model) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
-    Megatron's vocab-parallel cross entropy returns -log p(label) without gathering the logits.
-    Returns None on pipeline stages before the last (they hand hidden states on).
+
+def token_logps(model, tokens: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(labels[b, s] | tokens[b, :s+1]) per position, [b, s], from logits / temperature.
+
+    Exact under TP: Megatron's vocab-parallel cross entropy returns -log p(label) without
+    gathering the logits. Only the chunk that holds the output layer (the last pipeline stage,
+    or its last virtual chunk) computes log-probs; every other chunk returns its hidden states
+    unchanged, to be handed to the next stage.
     """
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    out = model(tokens, position_ids, attention_mask=None, labels=labels)
-    return -out
+    if not unwrap(model).post_process:
+        return model(tokens, position_ids, attention_mask=None)
+    if temperature == 1.0:
+        return -model(tokens, position_ids, attention_mask=None, labels=labels)
+    from megatron_ext.cross_entropy import vocab_parallel_cross_entropy
+
+    logits = model(tokens, position_ids, attention_mask=None)  # [b, s, V/tp]
+    return -vocab_parallel_cross_entropy(logits / temperature, labels)
 
 
 def run_cli(stage_name: str, make_stage: Callable[[Config], object], argv: Optional[Sequence[str]] = None) -> int:

@@ -3,12 +3,17 @@
 `python -m posttrain.dpo [posttrain.dpo_loss=sigmoid|ipo|simpo] [k=v ...]`. Before training,
 the frozen reference model (see `posttrain.reference`) scores every reply once through the
 pipeline; each sample carries its reference log-prob, so training needs no second model in
-memory and works at any TP/PP layout. With pi/ref the summed reply log-probs and
-h = (pi_c - ref_c) - (pi_r - ref_r):
+memory and works at any TP/PP layout. With pi/ref the summed reply log-probs, |c|/|r| the
+reply lengths in tokens, h = (pi_c - ref_c) - (pi_r - ref_r) and
+h_avg = (pi_c - ref_c) / |c| - (pi_r - ref_r) / |r|:
 
   sigmoid (DPO): -log sigmoid(beta * h)
-  ipo:           (h - 1 / (2 beta))^2
+  ipo:           (h_avg - 1 / (2 beta))^2   (TRL's form: log-ratios averaged per token, as the
+                                              IPO authors use it; beta is comparable with TRL's)
+  ipo_sum:       (h - 1 / (2 beta))^2       (token-summed log-ratios: a larger beta fits longer replies)
   simpo:         -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma)   (no reference)
+
+The implicit rewards reported are beta times the log-ratios the loss uses (per token for ipo).
 
 Reported: loss, reward accuracy, and the chosen/rejected implicit rewards and their margin.
 """
@@ -27,7 +32,7 @@ from posttrain.common import StageMetrics, report, require, run_cli, token_logps
 from posttrain.reference import Reference, forward_only
 from posttrain.rm import preference_datasets
 
-LOSSES = ("sigmoid", "ipo", "simpo")
+LOSSES = ("sigmoid", "ipo", "ipo_sum", "simpo")
 
 
 def sequence_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -42,16 +47,19 @@ def preference_loss(kind: str, beta: float, gamma: float, pi: torch.Tensor, ref:
         avg = pi / lengths
         rc, rr = beta * avg[0::2], beta * avg[1::2]
         return -F.logsigmoid(rc - rr - gamma), rc, rr
-    rc, rr = beta * (pi[0::2] - ref[0::2]), beta * (pi[1::2] - ref[1::2])
-    h = (rc - rr) / beta
+    ratio = pi - ref
     if kind == "ipo":
+        ratio = ratio / lengths
+    rc, rr = beta * ratio[0::2], beta * ratio[1::2]
+    h = ratio[0::2] - ratio[1::2]
+    if kind in ("ipo", "ipo_sum"):
         return (h - 1.0 / (2.0 * beta)) ** 2, rc, rr
     return -F.logsigmoid(beta * h), rc, rr
 
 
 def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
     """loss_func for the loop: sum over pairs, count = pairs, metrics as [sum, count]."""
-    pi = sequence_logps(-output, batch["loss_mask"])  # the model returns -log p per token
+    pi = sequence_logps(output, batch["loss_mask"])  # token log-probs from token_logps
     losses, rc, rr = preference_loss(p.dpo_loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"],
                                      batch["loss_mask"].sum(-1))
     n = losses.numel()
@@ -114,7 +122,7 @@ class DPOStage:
 
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
-        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+        output = token_logps(model, batch["tokens"], batch["labels"])
         return output, partial(dpo_loss_func, batch, self.cfg.posttrain, self.metrics)
 
 

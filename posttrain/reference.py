@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext.config import Config
@@ -69,15 +70,22 @@ class Reference:
 def forward_only(chunks, batches: List[dict], forward: Callable, seq_length: int) -> List[dict]:
     """Run `forward(batch, model) -> (output, loss_func)` over `batches` through the pipeline.
 
-    Returns the loss_func reports (on the last pipeline stage; empty elsewhere).
+    Returns the loss_func reports (on the last pipeline stage; empty elsewhere), one per batch.
+    The interleaved (virtual-pipeline) schedule needs a multiple of the pipeline size of
+    micro-batches: the last batch is repeated to fill up and its extra reports are dropped.
     """
+    count = len(batches)
+    if len(chunks) > 1:
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        batches = list(batches) + [batches[-1]] * (-count % pp)
     it = iter(batches)
 
     def step(data_iterator, model):
         return forward(next(data_iterator), model)
 
     with torch.no_grad():
-        return get_forward_backward_func()(
+        reports = get_forward_backward_func()(
             forward_step_func=step, data_iterator=it if len(chunks) == 1 else [iter(batches) for _ in chunks],
             model=chunks, num_microbatches=len(batches), seq_length=seq_length,
             micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True)
+    return reports[:count]

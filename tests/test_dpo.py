@@ -1,5 +1,7 @@
 """DPO: reference log-probs and the DPO/IPO/SimPO losses equal a hand computation from full
-logits (log_softmax + gather) at TP=1 and TP=2; training raises the chosen-vs-rejected margin."""
+logits (log_softmax + gather) at TP=1 and TP=2; pipeline parallelism (with and without virtual
+stages) trains exactly like one process and prints the stage metrics; training raises the
+chosen-vs-rejected margin."""
 
 import math
 
@@ -58,19 +60,22 @@ def _by_hand(kind, pi, ref, lengths, beta=0.1, gamma=0.5):
             z = beta * (pi[c] / lengths[c] - pi[r] / lengths[r]) - gamma
             total += math.log1p(math.exp(-z))
             continue
-        h = (pi[c] - ref[c]) - (pi[r] - ref[r])
-        total += (h - 1 / (2 * beta)) ** 2 if kind == "ipo" else math.log1p(math.exp(-beta * h))
+        if kind == "ipo":  # TRL: log-ratios averaged over each reply's tokens
+            h = (pi[c] - ref[c]) / lengths[c] - (pi[r] - ref[r]) / lengths[r]
+        else:
+            h = (pi[c] - ref[c]) - (pi[r] - ref[r])
+        total += (h - 1 / (2 * beta)) ** 2 if kind.startswith("ipo") else math.log1p(math.exp(-beta * h))
     return total
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "simpo"])
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "ipo_sum", "simpo"])
 def test_preference_losses_match_hand_computation_at_tp1_and_tp2(kind):
     args = DPO + [f"posttrain.dpo_loss={kind}"]
     (loss, n, rep, ref, hand_ref, hand_pi), = run_on_ranks(_dpo_batch, 1, args)
     if kind != "simpo":  # the precomputed reference log-probs are the hand-computed ones
         torch.testing.assert_close(ref, hand_ref, rtol=1e-5, atol=1e-4)
     pi = hand_pi.tolist()
-    lengths = _lengths(args) if kind == "simpo" else None
+    lengths = _lengths(args) if kind in ("simpo", "ipo") else None
     hand = _by_hand(kind, pi, hand_ref.tolist(), lengths)
     assert n == 2 and abs(pi[0] - hand_ref[0].item()) > 1e-3  # the policy really differs from the reference
     assert math.isclose(loss, hand, rel_tol=1e-5), (kind, loss, hand)
@@ -109,3 +114,102 @@ def test_dpo_raises_held_out_margin():
                                                "train.eval_interval=3", "train.eval_iters=2"])[0]
     assert hist[0]["margin"] == 0.0  # policy starts equal to the reference
     assert valid[-1]["margin"] > 0.05 and valid[-1]["accuracy"] > 0.8, valid
+
+
+def test_ipo_is_length_normalised_as_in_trl():
+    """TRL's IPO: ((pi_c - ref_c)/|c| - (pi_r - ref_r)/|r| - 1/(2 beta))^2; ipo_sum keeps the sums."""
+    from posttrain.dpo import preference_loss
+
+    pi, ref = torch.tensor([-10.0, -30.0, -4.0, -3.0]), torch.tensor([-12.0, -27.0, -5.0, -2.0])
+    lengths = torch.tensor([4.0, 10.0, 2.0, 1.0])
+    beta = 0.5
+    losses, rc, rr = preference_loss("ipo", beta, 0.0, pi, ref, lengths)
+    want = [((2.0 / 4 - (-3.0) / 10) - 1.0) ** 2, ((1.0 / 2 - (-1.0) / 1) - 1.0) ** 2]
+    torch.testing.assert_close(losses, torch.tensor(want))
+    torch.testing.assert_close(rc, beta * torch.tensor([2.0 / 4, 1.0 / 2]))
+    summed, _, _ = preference_loss("ipo_sum", beta, 0.0, pi, ref, lengths)
+    torch.testing.assert_close(summed, torch.tensor([(5.0 - 1.0) ** 2, (2.0 - 1.0) ** 2]))
+
+
+PP = ["stage=dpo", "model=qwen3_debug", "data.seq_length=48", "train.micro_batch_size=2",
+      "train.global_batch_size=4", "posttrain.num_samples=8", "train.steps=3", "checkpoint.keep_last=0"]
+
+
+def _save_init(rank, world_size, overrides, out):
+    from megatron_ext import checkpoint
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+
+    rt = build(load_config(overrides + [f"checkpoint.dir={out}"]))
+    checkpoint.save(rt, checkpoint.TrainState())
+
+
+def _capture_stage_metrics_lines():
+    """Console logging as the entry point sets it up, plus a list of the stage-metrics lines."""
+    import logging
+
+    from megatron_ext.metrics import setup_console_logging
+
+    setup_console_logging()
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.name.startswith("posttrain") and "step" in record.getMessage():
+                lines.append(record.getMessage())
+
+    logging.getLogger().addHandler(Keep())
+    return lines
+
+
+def _train_stage(rank, world_size, overrides, make_stage):
+    from megatron_ext.cli import load_config
+    from megatron_ext.config import validate
+    from megatron_ext.loop import train
+
+    lines = _capture_stage_metrics_lines()
+    cfg = load_config(overrides)
+    validate(cfg, world_size)
+    stage = make_stage(cfg)
+    result = train(cfg, stage)
+    return [h["loss"] for h in result.history], stage.metrics.history, lines
+
+
+def _dpo_stage(cfg):
+    from posttrain.dpo import DPOStage
+
+    return DPOStage(cfg)
+
+
+def _check_layout_equals_one_process(ref, results, steps):
+    """Per-step losses on every rank and the stage metrics of the last stage equal one process's;
+    the metrics line is printed by exactly one rank, once per step."""
+    ref_losses, ref_metrics, ref_lines = ref
+    assert len(ref_lines) == steps, ref_lines
+    for losses, _, _ in results:
+        assert len(losses) == steps
+        for got, want in zip(losses, ref_losses):
+            assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-7), (losses, ref_losses)
+    metrics = results[-1][1]
+    assert len(metrics) == steps, metrics
+    for got, want in zip(metrics, ref_metrics):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert math.isclose(got[k], want[k], rel_tol=1e-4, abs_tol=1e-5), (k, got, want)
+    printed = [lines for _, _, lines in results if lines]
+    assert len(printed) == 1 and len(printed[0]) == steps, [lines for _, _, lines in results]
+
+
+def test_dpo_pipeline_parallel_equals_one_process(tmp_path):
+    """Same initial weights (a saved checkpoint); PP=2 and PP=2 with 2 virtual stages per rank
+    give one process's per-step losses and metrics; step 1 (policy == reference) is ln 2."""
+    run_on_ranks(_save_init, 1, PP, tmp_path / "init")
+    load = [f"checkpoint.load={tmp_path}/init/iter_0000000", "checkpoint.weights_only=true"]
+    ref = run_on_ranks(_train_stage, 1, PP + load, _dpo_stage)[0]
+    assert abs(ref[0][0] - math.log(2)) < 1e-6, ref[0]
+    assert abs(ref[1][0]["margin"]) < 1e-6 and ref[0][1] < ref[0][0]  # then it learns
+    for layout in (["parallel.pp=2"], ["parallel.pp=2", "parallel.vpp=2"]):
+        results = run_on_ranks(_train_stage, 2, PP + load + layout, _dpo_stage)
+        for losses, _, _ in results:
+            assert abs(losses[0] - math.log(2)) < 1e-6, (layout, losses)
+        _check_layout_equals_one_process(ref, results, 3)
