@@ -1,13 +1,27 @@
-"""Hydra config composition shared by every entry point (`python -m megatron_ext.train k=v ...`)."""
+"""Hydra config composition shared by every entry point (`python -m megatron_ext.train k=v ...`).
+
+Also the parts of the command line every entry shares: flag parsing (`-h/--help`,
+`--print-config`), the check that every override names a key of the schema (with a
+did-you-mean), and the help text (config groups, the most used keys with their defaults).
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import difflib
+import inspect
+import re
 import sys
+import textwrap
+import typing
+from functools import lru_cache
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,13 +32,21 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 ConfigStore.instance().store(name="base_config", node=Config)
 
+HELP_FLAGS = ("-h", "--help")
+PRINT_CONFIG = "--print-config"
+
+
+# ---------------------------------------------------------------- composition
+
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> Config:
     """Compose `conf/<config_name>.yaml` with Hydra overrides into a typed Config.
 
-    Unknown keys, wrong types and missing values raise ConfigError naming the key.
-    Cross-field rules are checked separately by `megatron_ext.config.validate`.
+    Unknown keys (with or without Hydra's `+`), wrong types and missing values raise
+    ConfigError naming the key. Cross-field rules are checked separately by
+    `megatron_ext.config.validate`.
     """
+    check_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))
@@ -33,10 +55,160 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> C
         raise ConfigError(f"bad config or override: {e}") from None
 
 
+def config_groups() -> Dict[str, List[str]]:
+    """Config group -> its options (`conf/<group>/<option>.yaml`), sorted."""
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+            for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and any(d.glob("*.yaml"))}
+
+
+@lru_cache(maxsize=None)
+def _default_groups() -> Dict[str, str]:
+    """Groups that conf/config.yaml's defaults list already chooses -> the default option."""
+    out = {}
+    for entry in OmegaConf.load(CONF_DIR / "config.yaml").get("defaults", []):
+        if isinstance(entry, dict) or OmegaConf.is_dict(entry):
+            for group, option in dict(entry).items():
+                out[str(group)] = str(option)
+    return out
+
+
+# ---------------------------------------------------------------- the schema
+
+
+@lru_cache(maxsize=None)
+def _hints(cls) -> Dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(t) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _is_list_type(t) -> bool:
+    origin = typing.get_origin(t)
+    if origin is typing.Union:  # Optional[List[...]]
+        return any(_is_list_type(a) for a in typing.get_args(t) if a is not type(None))
+    return origin in (list, List)
+
+
+def field_names(cls) -> List[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _resolve(parts: Sequence[str]) -> Tuple[int, object]:
+    """Walk `parts` down the Config schema: (how many parts resolved, the type reached)."""
+    node: object = Config
+    for i, part in enumerate(parts):
+        if not _is_dataclass_type(node) or part not in field_names(node):
+            return i, node
+        node = _hints(node)[part]
+    return len(parts), node
+
+
+def is_schema_key(key: str) -> bool:
+    return _resolve(key.split("."))[0] == len(key.split("."))
+
+
+@lru_cache(maxsize=None)
+def _leaf_paths() -> Tuple[str, ...]:
+    out = []
+
+    def walk(cls, prefix):
+        for name in field_names(cls):
+            t = _hints(cls)[name]
+            if _is_dataclass_type(t):
+                walk(t, f"{prefix}{name}.")
+            else:
+                out.append(f"{prefix}{name}")
+
+    walk(Config, "")
+    return tuple(out)
+
+
+def suggest(key: str, limit: int = 3) -> List[str]:
+    """Schema keys close to an unknown `key`: the same last name in another section
+    (`lr` -> `train.lr`, `train.tp` -> `parallel.tp`), then names close to it among the fields
+    of the section it names (difflib over the dataclass field names), then close last names
+    in any section."""
+    parts = key.split(".")
+    last = parts[-1]
+    by_leaf: Dict[str, List[str]] = {}
+    for path in _leaf_paths():
+        by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    found = list(by_leaf.get(last, []))
+    depth, node = _resolve(parts)
+    if _is_dataclass_type(node):
+        prefix = parts[:depth]
+        for name in difflib.get_close_matches(parts[depth], field_names(node), n=limit, cutoff=0.6):
+            candidate = ".".join([*prefix, name, *parts[depth + 1:]])
+            found.append(candidate if is_schema_key(candidate) else ".".join([*prefix, name]))
+    if not found:
+        for name in difflib.get_close_matches(last, list(by_leaf), n=limit, cutoff=0.75):
+            found += by_leaf[name]
+    return [k for k in dict.fromkeys(found) if k != key][:limit]
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Every override must set a key of the schema (megatron_ext/config.py) or pick a config
+    group option; raise ConfigError naming each one that does not, with a did-you-mean.
+
+    Hydra's `+key=value` adds a key to a config; the schema is closed, so here it is an
+    error like any unknown key (Hydra would otherwise let it through and nothing reads it).
+    `++key=value` sets an existing key. `+group=option` is refused for groups the defaults
+    list already picks (use `group=option`); other groups are left to Hydra.
+    """
+    parser = OverridesParser.create()
+    groups = config_groups()
+    errors = []
+    for raw in overrides:
+        text = str(raw)
+        if text.startswith("-"):
+            errors.append(f"{text!r} is a flag, not a key=value override; flags go before the overrides "
+                          "and --help lists them")
+            continue
+        try:
+            (parsed,) = parser.parse_overrides([text])
+        except HydraException as e:
+            errors.append(f"cannot parse override {text!r}: {str(e).splitlines()[0]} "
+                          "(the form is key=value, e.g. train.steps=100)")
+            continue
+        key = parsed.key_or_group
+        if key in groups and parsed.package is None:
+            if parsed.is_add() and key in _default_groups():
+                errors.append(f"{text!r}: the config group {key} is already chosen by conf/config.yaml "
+                              f"(default {_default_groups()[key]}); pick another with "
+                              f"{key}={parsed.value()} (no +)")
+            continue  # group options are Hydra's (an unknown option lists the available ones)
+        if key.startswith("hydra.") or key == "hydra":
+            errors.append(f"{text!r}: Hydra's own settings are not used by this project's entry points")
+            continue
+        if parsed.package is not None:
+            errors.append(f"{text!r}: key@package is only for config groups ({', '.join(groups)})")
+            continue
+        depth, node = _resolve(key.split("."))
+        if depth == len(key.split(".")) - 1 and _is_list_type(node) and key.rsplit(".", 1)[1].isdigit():
+            errors.append(f"{text!r}: set the whole list, e.g. {key.rsplit('.', 1)[0]}=[...]")
+        elif not is_schema_key(key):
+            near = suggest(key)
+            hint = f"; did you mean {', '.join(near[:-1]) + ' or ' if len(near) > 1 else ''}{near[-1]}?" \
+                if near else ""
+            errors.append(f"unknown config key {key} in {text!r}{hint} "
+                          "(every key: --print-config; the schema: megatron_ext/config.py"
+                          + ("; a + does not add keys to it" if parsed.is_add() else "") + ")")
+        elif parsed.is_add():
+            errors.append(f"{text!r}: {key} already exists; set it with {text[1:]} (no +)")
+    if errors:
+        raise ConfigError("bad override(s):\n  - " + "\n  - ".join(errors))
+
+
+# ---------------------------------------------------------------- flags
+
+
 def split_flags(argv: Sequence[str]) -> tuple[List[str], List[str]]:
-    """Separate `--flags` from Hydra `key=value` overrides."""
-    flags = [a for a in argv if a.startswith("--")]
-    return flags, [a for a in argv if not a.startswith("--")]
+    """Separate flags (`-h`, `--help`, `--print-config`, anything starting with `-`) from
+    Hydra `key=value` overrides (`~key` deletions included)."""
+    flags = [a for a in argv if a.startswith("-")]
+    return flags, [a for a in argv if not a.startswith("-")]
 
 
 def config_yaml(cfg: Config) -> str:
@@ -46,3 +218,161 @@ def config_yaml(cfg: Config) -> str:
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# ---------------------------------------------------------------- help
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls) -> Dict[str, str]:
+    """The docstring under each field of a config dataclass (its attribute docstring)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def key_doc(key: str) -> str:
+    section, _, name = key.rpartition(".")
+    depth, cls = _resolve(section.split(".")) if section else (0, Config)
+    return field_docs(cls).get(name, "") if _is_dataclass_type(cls) else ""
+
+
+def _first_sentence(text: str) -> str:
+    """Up to the first full stop that ends a sentence (not `e.g.`, `i.e.`, `Dr.`)."""
+    return re.split(r"(?<!e\.g)(?<!i\.e)(?<!Dr)\.(?:\s+|$)", " ".join(text.split()), maxsplit=1)[0]
+
+
+def yaml_comment(path: Path) -> str:
+    """The leading comment block of a conf/ YAML file (its description), without the `#`s."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if not line.startswith("# @package"):
+            lines.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(lines)
+
+
+# The keys most runs change, in the order the help lists them.
+COMMON_KEYS = (
+    "train.steps", "train.global_batch_size", "train.micro_batch_size", "train.lr", "train.min_lr",
+    "train.warmup_steps", "train.lr_schedule", "train.seed", "train.eval_interval",
+    "data.seq_length", "data.paths", "data.weights",
+    "parallel.tp", "parallel.pp", "parallel.cp", "parallel.ep", "parallel.sp", "parallel.distributed_optimizer",
+    "checkpoint.dir", "checkpoint.save_interval", "checkpoint.load", "checkpoint.weights_only",
+    "checkpoint.override_schedule",
+    "logger.tensorboard_dir", "logger.wandb",
+)
+# Keys read by one stage only (posttrain/*, CPT), listed in that stage's help.
+STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
+    "cpt_math": ("data.mixture_steps", "data.mixture_weights", "data.document_mask"),
+    "cpt_code": ("data.mixture_steps", "data.mixture_weights", "data.document_mask"),
+    "long_context": ("data.document_mask", "model.rope_scaling_type", "model.rope_scaling_factor",
+                     "model.rope_original_max_position_embeddings"),
+    "sft": ("posttrain.data_path", "posttrain.sft_packing"),
+    "rm": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed"),
+    "prm": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed"),
+    "dpo": ("posttrain.data_path", "posttrain.dpo_loss", "posttrain.beta", "posttrain.simpo_gamma",
+            "posttrain.ref_load"),
+    "grpo": ("posttrain.data_path", "posttrain.group_size", "posttrain.max_new_tokens", "posttrain.temperature",
+             "posttrain.clip_eps", "posttrain.kl_coef", "posttrain.scale_rewards", "posttrain.ref_load"),
+}
+
+
+def _value_text(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_value_text(v) for v in value) + "]"
+    return str(value)
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _wrap_list(names: Sequence[str], default: Optional[str], indent: int, width: int = 100) -> List[str]:
+    items = [f"{n} (default)" if n == default else n for n in names]
+    lines = textwrap.wrap(" | ".join(items), width=width - indent, break_on_hyphens=False)
+    return [" " * indent + line for line in lines]
+
+
+def groups_help(cfg: Optional[Config], stages: Optional[Sequence[str]] = None) -> List[str]:
+    """The config groups with their options (the default marked), one line per stage option."""
+    defaults = _default_groups()
+    chosen = {"model": cfg.model.name, "precision": cfg.precision.name, "stage": cfg.stage} if cfg else {}
+    lines = ["Config groups (pick an option with group=option; conf/<group>/<option>.yaml):"]
+    for group, options in config_groups().items():
+        current = chosen.get(group, defaults.get(group))
+        if group == "stage":
+            shown = [s for s in options if stages is None or s in stages]
+            lines.append(f"  {group}:")
+            for s in shown:
+                about = _first_sentence(yaml_comment(CONF_DIR / group / f"{s}.yaml"))
+                about = re.sub(r"\s*\(python -m [^)]*\)", "", about).split(": ")[0]
+                mark = " (default)" if s == current else ""
+                lines += textwrap.wrap(f"{s}{mark}: {about}", width=96, initial_indent="    ",
+                                       subsequent_indent="      ")
+            continue
+        lines.append(f"  {group}:")
+        lines += _wrap_list(options, current, 4)
+    return lines
+
+
+def keys_help(cfg: Config, keys: Sequence[str], width: int = 100) -> List[str]:
+    """One row per key: `key=value` (this entry's value) and the first sentence of its docstring."""
+    rows = [(f"{k}={_value_text(_get(cfg, k))}", _first_sentence(key_doc(k))) for k in keys]
+    left = max(len(r[0]) for r in rows) + 4
+    lines = []
+    for setting, doc in rows:
+        wrapped = textwrap.wrap(doc, width=max(width - left, 30)) or [""]
+        lines.append(f"  {setting:<{left - 2}}{wrapped[0]}".rstrip())
+        lines += [" " * left + more for more in wrapped[1:]]
+    return lines
+
+
+OVERRIDES_HELP = """\
+Overrides (Hydra syntax, any number):
+  key=value           set a key: train.steps=100 checkpoint.dir=runs/ckpt 'data.paths=[a,b]'
+  group=option        pick a config group option: model=qwen3_8b precision=bf16
+  ++key=value         the same as key=value
+  A key that is not in the schema (megatron_ext/config.py) is an error, with or without +,
+  and the message suggests the nearest keys.
+Resuming (checkpoint.load): a changed train.steps, lr, min_lr, warmup_steps, lr_schedule,
+  wsd_decay_steps or weight_decay is refused unless checkpoint.override_schedule=true, which
+  applies the new schedule from the resumed step."""
+
+
+def help_text(prog: str, description: str, cfg: Config, stages: Optional[Sequence[str]] = None,
+              note: Optional[str] = None) -> str:
+    """`--help` of a training entry: what it does, config groups, the most used keys with the
+    defaults of this entry (cfg composed with its stage), overrides, flags, exit codes."""
+    lines = [f"usage: {prog} [-h] [--print-config] [key=value ...]", "", description.strip(), ""]
+    lines += groups_help(cfg, stages) + [""]
+    lines.append("Most used keys, with this entry's defaults (--print-config lists every key):")
+    lines += keys_help(cfg, COMMON_KEYS)
+    extra = [k for s in (stages or ()) for k in STAGE_KEYS.get(s, ()) if k not in COMMON_KEYS]
+    extra = list(dict.fromkeys(extra))
+    if extra:
+        lines.append(f"Keys of this stage ({', '.join(stages)}):")
+        lines += keys_help(cfg, extra)
+    lines += ["", OVERRIDES_HELP, "",
+              "Flags:",
+              "  -h, --help          show this help and exit",
+              "  --print-config      print the composed, validated config (every key) as YAML and exit",
+              "",
+              "Exit codes: 0 done, 1 checkpoint or non-finite loss error, 2 bad config or flag,",
+              "  75 saved after a preemption signal (requeue)."]
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"

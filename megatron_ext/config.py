@@ -171,21 +171,28 @@ class TrainConfig:
     steps: int = 30
     """Optimizer steps to run."""
     micro_batch_size: int = 2
+    """Sequences per forward/backward pass on one data-parallel rank."""
     global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
     lr: float = 5e-3
+    """Peak learning rate, reached at the end of the warmup."""
     min_lr: float = 5e-4
+    """Learning rate at the end of the decay (train.steps)."""
     warmup_steps: int = 3
+    """Steps of linear warmup from 0 to train.lr."""
     lr_schedule: str = "cosine"
     """`cosine`, `wsd` (warmup-stable-decay), `linear` or `constant`."""
     wsd_decay_steps: Optional[int] = None
     """Length of the WSD decay phase; required with lr_schedule=wsd."""
     weight_decay: float = 0.1
+    """AdamW weight decay (constant)."""
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     """Global grad-norm clipping threshold (0 disables)."""
     seed: int = 1234
+    """Seed of the weight init, dropout and the data order."""
     nan_policy: str = "stop"
     """On a non-finite loss/grad: `stop` (error naming rank and step) or `skip` the update."""
     max_skipped_steps: int = 3
@@ -213,6 +220,7 @@ class DataConfig:
     """Pretraining data: Megatron indexed datasets (`PREFIX.bin/.idx`)."""
 
     seq_length: int = 128
+    """Tokens per training sequence."""
     paths: List[str] = field(default_factory=list)
     """Dataset prefixes; empty = the bundled sample corpus (tokenized on first use)."""
     weights: Optional[List[float]] = None
@@ -254,6 +262,12 @@ class CheckpointConfig:
     """Keep the newest N checkpoints (0: keep all)."""
     allow_data_change: bool = False
     """Accept a resume whose data config (paths, split, seq length, seed, global batch) changed."""
+    override_schedule: bool = False
+    """Resume policy for the schedule keys (train.steps, lr, min_lr, warmup_steps, lr_schedule,
+    wsd_decay_steps, weight_decay). False: a resume whose schedule keys differ from the
+    checkpoint's is refused, naming each changed key. True: the new schedule applies from the
+    resumed step (the LR at step s is what a fresh run of the new config has at step s), like
+    Megatron-LM's --override-opt_param-scheduler. Weights-only loads always start a new schedule."""
     async_save: bool = False
     """Write the tensors of a save in the background while training continues; the checkpoint is
     committed (manifest, rename, `latest`) once every rank finished writing it."""
@@ -264,8 +278,11 @@ class LoggerConfig:
     """Where metrics go: the console always, TensorBoard and wandb on request."""
 
     log_interval: int = 1
+    """Log every N steps."""
     tensorboard_dir: Optional[str] = None
+    """Write TensorBoard event files here (None: no TensorBoard)."""
     wandb: bool = False
+    """Also log to wandb (see logger.wandb_mode)."""
     wandb_project: str = "qwen-megatron"
     wandb_mode: str = "offline"
     """`offline` unless the user asks for `online`."""

@@ -8,37 +8,95 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Sequence
+import textwrap
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from megatron_ext import dist, fault
-from megatron_ext.cli import config_yaml, fail, load_config, split_flags
+from megatron_ext.cli import HELP_FLAGS, PRINT_CONFIG, config_yaml, fail, help_text, load_config, split_flags
 from megatron_ext.config import ConfigError, validate
 from megatron_ext.metrics import setup_console_logging
 
 log = logging.getLogger("megatron_ext.train")
 
 
+# Entry name -> (the module users run, the stages it serves). Other names `X` are
+# `posttrain.X`, serving stage X (see posttrain.common.run_cli).
+ENTRIES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "pretrain": ("megatron_ext.train", ("pretrain",)),
+    "cpt": ("posttrain.cpt", ("cpt_math", "cpt_code", "long_context")),
+}
+
+
+def entry(name: str) -> Tuple[str, Tuple[str, ...]]:
+    return ENTRIES.get(name, (f"posttrain.{name}", (name,)))
+
+
+def entry_for_stage(stage: str) -> str:
+    for module, stages in ENTRIES.values():
+        if stage in stages:
+            return module
+    return f"posttrain.{stage}"
+
+
+def _description(stages: Sequence[str]) -> str:
+    from megatron_ext.cli import CONF_DIR, yaml_comment
+
+    if len(stages) == 1:
+        what = yaml_comment(CONF_DIR / "stage" / f"{stages[0]}.yaml")
+    else:
+        what = f"Trains one of the stages {', '.join(stages)} (stage=..., listed below; default {stages[0]})."
+    how = ("Composes conf/config.yaml with the stage's defaults (conf/stage/) and your overrides, validates "
+           "every rule before any process group exists, then trains on the shared loop. Runs as one process, "
+           "under `torchrun --nproc_per_node N -m ...`, or on Slurm through slurm/launch.py.")
+    return what + "\n\n" + "\n".join(textwrap.wrap(how, 100))
+
+
+def _print_help(name: str, base_overrides: Sequence[str], overrides: Sequence[str]) -> int:
+    module, stages = entry(name)
+    note = None
+    try:
+        cfg = load_config(_merge(base_overrides, overrides))
+    except ConfigError as e:
+        cfg = load_config(list(base_overrides))
+        note = f"(defaults shown without your overrides, which were rejected: {e})"
+    print(help_text(f"python -m {module}", _description(stages), cfg, stages, note), end="")
+    return 0
+
+
+def _merge(base_overrides: Sequence[str], overrides: Sequence[str]) -> List[str]:
+    """Base overrides (an entry's stage) unless the user sets the same key, then the user's."""
+    key = lambda o: o.split("=", 1)[0].lstrip("+~")  # noqa: E731
+    given = {key(o) for o in overrides}
+    return [o for o in base_overrides if key(o) not in given] + list(overrides)
+
+
 def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequence[str] = ()) -> int:
     """The shared entry of every stage: compose + validate the config (before any process
     group), build the stage with `make_stage(cfg)` (may raise ConfigError), train, exit code.
 
+    Flags: `-h/--help` prints what the entry does, its config groups and most used keys with
+    their defaults; `--print-config` prints the composed config and exits.
     Exit codes: 0 done, 1 a checkpoint or non-finite error (logged), 2 a bad config or flag,
     75 preempted after saving (megatron_ext.fault.REQUEUE_EXIT_CODE).
     """
-    fault.preemption_watcher()  # before anything slow: a pre-kill signal must not be lost
     flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
-    unknown = [f for f in flags if f not in ("--print-config",)]
+    unknown = [f for f in flags if f not in (PRINT_CONFIG, *HELP_FLAGS)]
     if unknown:
-        fail(f"unknown flag(s) {unknown}; pass config changes as key=value overrides")
+        module, _ = entry(name)
+        fail(f"unknown flag(s) {unknown}; the flags are -h/--help and --print-config, config changes are "
+             f"key=value overrides (python -m {module} --help)")
+    if any(f in HELP_FLAGS for f in flags):
+        return _print_help(name, base_overrides, overrides)
+    fault.preemption_watcher()  # before anything slow: a pre-kill signal must not be lost
     setup_console_logging()
     try:
-        given = {o.split("=", 1)[0] for o in overrides}
-        cfg = load_config([o for o in base_overrides if o.split("=", 1)[0] not in given] + list(overrides))
+        cfg = load_config(_merge(base_overrides, overrides))
+        _check_stage(cfg, name)
         validate(cfg, dist.launch_env().world_size)
         stage = make_stage(cfg)
     except ConfigError as e:
         fail(str(e))
-    if "--print-config" in flags:
+    if PRINT_CONFIG in flags:
         print(config_yaml(cfg))
         return 0
     from megatron_ext.checkpoint import CheckpointError
@@ -55,6 +113,15 @@ def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequ
         log.info("done: %s loss %.4f -> %.4f over %d steps", name, history[0]["loss"], history[-1]["loss"],
                  len(history))
     return 0
+
+
+def _check_stage(cfg, name: str) -> None:
+    """stage= picks the defaults of a stage; the entry decides what is trained. Refuse a
+    stage this entry does not run (it would train this entry's objective on that config)."""
+    module, stages = entry(name)
+    if cfg.stage not in stages:
+        raise ConfigError(f"stage={cfg.stage} is not run by python -m {module} (it runs "
+                          f"{', '.join(stages)}); use python -m {entry_for_stage(cfg.stage)}")
 
 
 def main(argv=None) -> int:
