@@ -240,3 +240,23 @@ def test_shape_mismatch_names_tensor_cli(qwen3_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"HF tensor {name} in {bad / file} has shape [120, 64], expected [128, 64]" in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".ckpt.tmp-*"))
+
+
+def test_every_flag_has_help(capsys):
+    """`--help` of each direction explains every flag (none is listed bare)."""
+    import argparse
+
+    from tools.convert import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+        assert flags, name
+        for action in flags:
+            assert action.help and len(action.help) > 10, f"{name} {action.option_strings[0]} has no help text"
+        with pytest.raises(SystemExit) as exit_:
+            convert_main([name, "--help"])
+        assert exit_.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())  # help text rewrapped to one line
+        for action in flags:
+            assert action.option_strings[0] in out and " ".join(action.help.split()[:3]) in out, action.dest

@@ -228,8 +228,8 @@ def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=Fals
     return launch.run(_mcore_to_hf_rank, None, src, out, parse_size(max_shard_size), overwrite)
 
 
-def main(argv=None) -> int:
-    """Command-line entry; returns the exit status (2 with a one-line message on bad input)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per direction, every flag with help text."""
     parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF directory -> Megatron dist checkpoint",
@@ -253,7 +253,12 @@ def main(argv=None) -> int:
                         "(a corrupted checkpoint then converts silently)")
     for p in (a, b):
         p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Command-line entry; returns the exit status (2 with a one-line message on bad input)."""
+    args = build_parser().parse_args(argv)
     try:
         if args.direction == "hf-to-mcore":
             summary = hf_to_mcore(args.hf_dir, args.out, args.tp, args.pp, args.ep, args.etp, args.overwrite)
