@@ -1,9 +1,9 @@
 """Every parallel layout trains exactly like one process (fp32, gloo, CPU).
 
-All runs start from the same weights: one process builds the model and saves it (step 0);
-each layout loads it (weights only, resharded by dist_checkpointing), trains 3 steps and
-saves. The final checkpoints are loaded back into one process for the comparison, so the
-resharding itself is part of what is checked.
+Every run starts from scratch: the initial weights depend on the seed only, not on the layout
+(megatron_ext.init; tests/test_init.py checks that bit for bit). Each layout trains 3 steps and
+saves; the final checkpoints are loaded back into one process for the comparison, so the
+resharding of dist_checkpointing is part of what is checked.
 
 What is compared, and why it holds on any CPU kernel path (AVX-512, AVX2, no vector units;
 MKL or not). A layout sums the same numbers in a different order, so its gradients differ
@@ -44,15 +44,6 @@ ADAM_BOUND = 2.01
 """No element may differ by more than this many summed learning rates (two Adam walks of <= lr/step)."""
 
 
-def _save_init(rank, world_size, overrides, out):
-    from megatron_ext import checkpoint
-    from megatron_ext.build import build
-    from megatron_ext.cli import load_config
-
-    rt = build(load_config(overrides + [f"checkpoint.dir={out}"]))
-    checkpoint.save(rt, checkpoint.TrainState())
-
-
 def _skip_grad_all_reduce():
     """A deliberately broken layout: data-parallel ranks never sum their gradients."""
     from megatron.core.distributed import DistributedDataParallel
@@ -88,7 +79,7 @@ class _RecordDeterminedElements:
         self.determined = marks if self.determined is None else {k: self.determined[k] & marks[k] for k in marks}
 
 
-def _train_from(rank, world_size, overrides, init, out, record=False, sabotage=None):
+def _train(rank, world_size, overrides, out, record=False, sabotage=None):
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
     from megatron_ext.loop import train
@@ -96,8 +87,7 @@ def _train_from(rank, world_size, overrides, init, out, record=False, sabotage=N
 
     if sabotage is not None:
         sabotage()
-    cfg = load_config(overrides + [f"checkpoint.load={init}/iter_0000000", "checkpoint.weights_only=true",
-                                   f"checkpoint.dir={out}"])
+    cfg = load_config(overrides + [f"checkpoint.dir={out}"])
     validate(cfg, world_size)
     stage = _RecordDeterminedElements(PretrainStage()) if record else PretrainStage()
     history = train(cfg, stage).history
@@ -140,15 +130,13 @@ class Reference:
 
     def __init__(self, base, tmp):
         self.base, self.tmp = base, tmp
-        self.init = tmp / "init"
-        run_on_ranks(_save_init, 1, base, self.init)
-        self.history, self.determined = run_on_ranks(_train_from, 1, base, self.init, tmp / "ref", True)[0]
+        self.history, self.determined = run_on_ranks(_train, 1, base, tmp / "ref", True)[0]
         self.lr_sum = sum(h["lr"] for h in self.history)
 
     def run(self, name, ranks, overrides, sabotage=None):
         """Train the layout; return its per-rank histories and (reference, layout) final weights."""
         out = self.tmp / name
-        histories = run_on_ranks(_train_from, ranks, self.base + overrides, self.init, out, False, sabotage)
+        histories = run_on_ranks(_train, ranks, self.base + overrides, out, False, sabotage)
         ref_w, got_w = run_on_ranks(_final_weights, 1, self.base,
                                     [self.tmp / "ref" / "iter_0000003", out / "iter_0000003"])[0]
         return histories, ref_w, got_w
