@@ -40,7 +40,17 @@ def converted(tmp_path_factory):
 def _convert_and_generate(rank, world, hf, out, cli_args):
     # One process for all single-rank checks: spawning and importing Megatron dominates the cost.
     hf_to_mcore(hf, out)
-    return _cli(rank, world, cli_args), _api_variants(rank, world, out)
+    rows = _cli(rank, world, cli_args)
+    # Stop strings through the CLI: a character of row 0's text under a real Qwen tokenizer (its
+    # first 256 ids are single bytes; not a replacement character of a split UTF-8 sequence), and
+    # the recompute path through --no-cache.
+    from data_prep.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("qwen2")
+    stop = [next((c for c in tok.decode(rows[0]["ids"])[1:] if c != "\ufffd"), "?")]
+    stopped = _cli(rank, world, cli_args + ["--tokenizer", "qwen2", "--stop", stop[0]])
+    nocache = _cli(rank, world, cli_args + ["--no-cache"])
+    return rows, dict(_api_variants(rank, world, out), cli_stop=(stop, stopped), cli_nocache=nocache)
 
 
 def _cli(rank, world, args):
@@ -134,6 +144,34 @@ def test_greedy_equals_transformers(converted):
     cached_lp, nocache_lp = out["lp"]
     for a, b in zip(cached_lp, nocache_lp):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_stop_string_and_no_cache(converted):
+    _, _, rows, out = converted
+    assert [r["ids"] for r in out["cli_nocache"]] == [r["ids"] for r in rows]
+    stop, stopped = out["cli_stop"]
+    from data_prep.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("qwen2")
+    assert stop[0] in tok.decode(rows[0]["ids"])
+    for row, full in zip(stopped, rows):
+        text = tok.decode(full["ids"])
+        if stop[0] not in text:
+            assert row["ids"] == full["ids"] and not row["finished"] and "stop" not in row
+            continue
+        n = next(k for k in range(1, len(full["ids"]) + 1) if stop[0] in tok.decode(full["ids"][:k]))
+        assert row["ids"] == full["ids"][:n] and row["finished"] and row["stop"] == stop[0]
+        assert row["text"] == text[:text.index(stop[0])]
+    assert stopped[0]["finished"] and len(stopped[0]["ids"]) < len(rows[0]["ids"])
+
+
+def test_chatml_stop_ids():
+    from data_prep.tokenizer import get_tokenizer
+    from megatron_ext.generation import chatml_stop_ids
+
+    tok = get_tokenizer("qwen2")
+    assert chatml_stop_ids(tok) == [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")] \
+        == [151645, 151643]
 
 
 @pytest.mark.slow
