@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -119,12 +119,17 @@ def pad_to(ids: Sequence[int], length: int, pad: int, what: str) -> List[int]:
 
 def read_jsonl(path) -> List[dict]:
     """Rows of a jsonl file (errors name the file and line)."""
+    return [row for _, row in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path) -> List[Tuple[int, dict]]:
+    """(line number, row) of each non-empty line of a jsonl file, for errors that name the line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((i, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: not JSON ({e})") from None
     return rows

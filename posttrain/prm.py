@@ -2,7 +2,9 @@
 
 `python -m posttrain.prm [k=v ...]` trains on `posttrain.data_path` (jsonl rows with
 "problem", "steps" and "step_labels" (1 correct, 0 wrong; steps after the first error are
-unlabelled)) or on generated step-by-step sums. The prompt is the ChatML user turn; each step
+unlabelled), or instead of "step_labels" ProcessBench's "label" (the earliest wrong step, or -1
+when all are correct), read as step labels 1, ..., 1, 0 up to that step) or on generated
+step-by-step sums. A row with neither, or with malformed ones, is an error naming file:line. The prompt is the ChatML user turn; each step
 is encoded as `step + "\\n\\n"`, and the last token of that (the separator) carries the step's
 label. Loss: binary cross entropy on the value head's logit at each labelled separator, summed
 and normalised by the global count of labelled steps.
@@ -28,20 +30,42 @@ from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config
 from posttrain import synthetic
-from posttrain.common import DATA_DIR, Cycled, StageMetrics, pad_to, read_jsonl, report, require, run_cli
+from posttrain.common import DATA_DIR, Cycled, StageMetrics, pad_to, read_jsonl_lines, report, require, run_cli
 from posttrain.rm import add_value_head
 
 SAMPLE = DATA_DIR / "processbench_sample.jsonl"
 SEPARATOR = "\n\n"
 
 
-def step_item(tokenizer, row: dict, seq_length: int, where: str) -> dict:
-    """Token ids of a solution with per-position step labels, label mask and the row's label."""
+def step_labels(row: dict, where: str) -> List[int]:
+    """A row's per-step labels: "step_labels", else from ProcessBench's "label" (correct up to the
+    earliest error, which is wrong; -1: all correct). Errors name `where` (file:line)."""
+    steps = row.get("steps")
+    if not isinstance(row.get("problem"), str) or not isinstance(steps, list) or not steps \
+            or not all(isinstance(x, str) for x in steps):
+        raise ValueError(f"{where}: a PRM row needs a string 'problem' and a non-empty list of string 'steps'")
+    labels = row.get("step_labels")
+    if labels is None:
+        if row.get("label") is None:
+            raise ValueError(f"{where}: the row has neither 'step_labels' (0/1 per step) nor a ProcessBench "
+                             "'label' (index of the earliest wrong step, -1 if none)")
+        label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
+            raise ValueError(f"{where}: 'label'={label!r} must be an integer in [-1, {len(steps) - 1}] "
+                             f"(the earliest wrong step of {len(steps)}, -1 if none)")
+        return [1] * len(steps) if label < 0 else [1] * label + [0]
+    if not isinstance(labels, list) or len(labels) > len(steps) \
+            or any(isinstance(x, bool) or x not in (0, 1) for x in labels):
+        raise ValueError(f"{where}: 'step_labels' must be a list of at most {len(steps)} (the number of steps) "
+                         f"0/1 values, got {labels!r}")
+    return labels
+
+
+def step_item(tokenizer, row: dict, seq_length: int, where: str, processbench: bool = True) -> dict:
+    """Token ids of a solution with per-position step labels, label mask and (when
+    `processbench`) the row's ProcessBench label for the evaluation metrics."""
+    labels_in = step_labels(row, where)
     ids, _ = encode_chat(tokenizer, [{"role": "user", "content": row["problem"]}], add_generation_prompt=True)
-    labels_in = row.get("step_labels")
-    if labels_in is None and "label" in row:  # ProcessBench: correct up to the earliest error, which is wrong
-        label = int(row["label"])
-        labels_in = [1] * len(row["steps"]) if label < 0 else [1] * label + [0]
     positions = []
     for step in row["steps"]:
         ids = ids + tokenizer.encode(step + SEPARATOR)
@@ -56,7 +80,7 @@ def step_item(tokenizer, row: dict, seq_length: int, where: str) -> dict:
             step_label[pos], step_mask[pos] = float(labels_in[k]), 1.0
     return {"tokens": torch.tensor(pad_to(ids, seq_length, tokenizer.pad, where)),
             "position_ids": torch.arange(seq_length), "step_label": step_label, "step_mask": step_mask,
-            "step_pos": step_pos, "pb_label": torch.tensor(int(row.get("label", -2)))}
+            "step_pos": step_pos, "pb_label": torch.tensor(int(row.get("label", -2)) if processbench else -2)}
 
 
 def earliest_error(probs: Sequence[float], threshold: float = 0.5) -> int:
@@ -114,13 +138,18 @@ class PRMStage:
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
         tok = get_tokenizer(cfg.data.tokenizer)
         p = cfg.posttrain
-        rows = read_jsonl(p.data_path) if p.data_path else synthetic.step_rows(p.num_samples, p.task_seed)
-        train_rows: List[dict] = [{k: v for k, v in r.items() if k != "label"} for r in rows]
-        where = p.data_path or "synthetic step task"
-        train = Cycled([step_item(tok, r, cfg.data.seq_length, where) for r in train_rows], train_samples,
-                       cfg.train.seed)
-        valid = Cycled([step_item(tok, r, cfg.data.seq_length, str(SAMPLE)) for r in read_jsonl(SAMPLE)],
-                       valid_samples, cfg.train.seed)
+        if p.data_path:
+            rows = [(f"{p.data_path}:{line}", r) for line, r in read_jsonl_lines(p.data_path)]
+        else:
+            rows = [(f"synthetic step task row {i}", r)
+                    for i, r in enumerate(synthetic.step_rows(p.num_samples, p.task_seed))]
+        if not rows:
+            raise ValueError(f"{p.data_path}: no rows")
+        # Training rows report no ProcessBench metrics: those are the validation sample's.
+        train = Cycled([step_item(tok, r, cfg.data.seq_length, where, processbench=False) for where, r in rows],
+                       train_samples, cfg.train.seed)
+        valid = Cycled([step_item(tok, r, cfg.data.seq_length, f"{SAMPLE}:{line}")
+                        for line, r in read_jsonl_lines(SAMPLE)], valid_samples, cfg.train.seed)
         return train, (valid if valid_samples else None)
 
     def forward_step(self, data_iterator, model):

@@ -1,8 +1,11 @@
-"""PRM: labels sit on the step separators, the BCE loss equals a direct computation at TP=1 and
-TP=2, and the ProcessBench prediction/F1 follow its definition."""
+"""PRM: labels sit on the step separators, rows without step labels use ProcessBench's label
+or fail naming file:line, the BCE loss equals a direct computation at TP=1 and TP=2, and the
+ProcessBench prediction/F1 follow its definition."""
 
+import json
 import math
 
+import pytest
 import torch
 
 from tests.gloo import run_on_ranks
@@ -59,3 +62,36 @@ def test_prm_loss_matches_torch_at_tp1_and_tp2():
     assert n == count > 4 and math.isclose(loss, hand, rel_tol=1e-5), (loss, hand)
     for got, n2, _, _ in run_on_ranks(_prm_batch, 2, PRM + ["parallel.tp=2"]):
         assert n2 == n and math.isclose(got, hand, rel_tol=1e-5), (got, hand)
+
+
+def _datasets(tmp_path, rows):
+    from megatron_ext.cli import load_config
+    from posttrain.prm import PRMStage
+
+    path = tmp_path / "prm.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    cfg = load_config(["stage=prm", *PRM, f"posttrain.data_path={path}"])
+    return PRMStage(cfg).datasets(cfg, 4, 0)[0], path
+
+
+def test_rows_without_step_labels_use_the_processbench_label(tmp_path):
+    rows = [{"problem": "Add: 1 + 2 + 3", "steps": ["1 + 2 = 3", "3 + 3 = 7", "7 + 0 = 7"], "label": 1},
+            {"problem": "Add: 1 + 1", "steps": ["1 + 1 = 2"], "label": -1},
+            {"problem": "Add: 2 + 2", "steps": ["2 + 2 = 5"], "step_labels": [0], "label": 0}]
+    train, _ = _datasets(tmp_path, rows)
+    got = [train.items[i]["step_label"][train.items[i]["step_mask"].bool()].tolist() for i in range(3)]
+    assert got == [[1.0, 0.0], [1.0], [0.0]]  # after the first error the steps stay unlabelled
+    assert all(int(item["pb_label"]) == -2 for item in train.items)  # no ProcessBench metrics in training
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"problem": "p", "steps": ["a", "b"]}, "neither 'step_labels'.* nor a ProcessBench 'label'"),
+    ({"problem": "p", "steps": ["a", "b"], "label": 2}, "'label'=2 must be an integer in \\[-1, 1\\]"),
+    ({"problem": "p", "steps": ["a"], "step_labels": [1, 0]}, "'step_labels' must be a list of at most 1"),
+    ({"problem": "p", "steps": "a", "label": -1}, "non-empty list of string 'steps'"),
+])
+def test_bad_prm_rows_are_named_by_file_and_line(tmp_path, row, message):
+    good = {"problem": "p", "steps": ["a"], "step_labels": [1]}
+    with pytest.raises(ValueError, match=message) as info:
+        _datasets(tmp_path, [good, "", row])
+    assert str(info.value).startswith(f"{tmp_path / 'prm.jsonl'}:3: ")
