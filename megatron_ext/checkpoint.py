@@ -369,8 +369,52 @@ def _check_fingerprint(cfg, meta: dict, ckpt: Path) -> None:
             + "\nset checkpoint.allow_data_change=true to accept that")
 
 
+# The keys that decide the LR / weight-decay schedule (megatron_ext.build.lr_scheduler).
+SCHEDULE_KEYS = ("steps", "lr", "min_lr", "warmup_steps", "lr_schedule", "wsd_decay_steps", "weight_decay")
+# Per-parameter-group copies of schedule values that the optimizer's state dict carries along.
+_GROUP_SCHEDULE_FIELDS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def schedule_changes(cfg, meta: dict) -> List[tuple]:
+    """(key, checkpoint value, config value) for every schedule key that differs between the
+    checkpoint's saved config and `cfg` (wsd_decay_steps only when either side uses WSD)."""
+    t = cfg.train
+    saved = (meta.get("config") or {}).get("train") or {}
+    changes = [(f"train.{k}", saved.get(k), getattr(t, k)) for k in SCHEDULE_KEYS if saved.get(k) != getattr(t, k)]
+    if "wsd" not in (saved.get("lr_schedule"), t.lr_schedule):
+        changes = [c for c in changes if c[0] != "train.wsd_decay_steps"]
+    return changes
+
+
+def _apply_schedule_policy(rt, ckpt: Path, meta: dict) -> bool:
+    """The resume policy for the schedule keys: refuse a changed schedule (CheckpointError naming
+    each key, old -> new) unless checkpoint.override_schedule=true. True: override it."""
+    cfg = rt.config
+    changes = schedule_changes(cfg, meta)
+    step = meta["train_state"]["step"]
+    listed = "\n  ".join(f"{key}: checkpoint {old!r}, config {new!r}" for key, old, new in changes)
+    if changes and not cfg.checkpoint.override_schedule:
+        raise CheckpointError(
+            f"{ckpt}: resuming at step {step} would change the LR schedule:\n  {listed}\n"
+            f"set checkpoint.override_schedule=true to apply the new schedule from step {step + 1} on, or "
+            "restore these values to continue the saved one (checkpoint.weights_only=true instead starts "
+            "a new schedule and optimizer from the weights)")
+    if changes:
+        log.warning("checkpoint.override_schedule=true: the new schedule applies from step %d on "
+                    "(each step's LR is that of a fresh run of this config):\n  %s", step + 1, listed)
+    elif cfg.checkpoint.override_schedule:
+        log.info("checkpoint.override_schedule=true, but the schedule is unchanged: continuing it")
+    else:
+        log.info("resuming the saved schedule (%s)", ", ".join(f"train.{k}={getattr(cfg.train, k)}"
+                                                               for k in SCHEDULE_KEYS[:5]))
+    return bool(changes)
+
+
 def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
-    """Load model (+ optimizer, scheduler, RNG, data position) from a verified checkpoint."""
+    """Load model (+ optimizer, scheduler, RNG, data position) from a verified checkpoint.
+
+    A full load applies the resume policy for the schedule keys (`_apply_schedule_policy`)
+    before any state is read."""
     if load_optimizer:
         _check_fingerprint(rt.config, meta, ckpt)
     if not load_optimizer:
@@ -378,10 +422,19 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
         _reload_main_params(rt)
         log.info("loaded weights from %s (fresh optimizer and schedule)", ckpt)
         return TrainState()
+    override = _apply_schedule_policy(rt, ckpt, meta)
+    fresh_groups = [{k: g[k] for k in _GROUP_SCHEDULE_FIELDS if k in g} for g in rt.optimizer.param_groups]
     state = _load_state(rt.model, _sharded_state(rt, is_loading=True), ckpt, StrictHandling.RAISE_ALL)
     rt.optimizer.load_state_dict(state["optimizer"])
-    rt.scheduler.num_steps = 0  # load_state_dict *adds* the saved step count
-    rt.scheduler.load_state_dict(meta["scheduler"])
+    rt.scheduler.num_steps = 0  # load_state_dict and step *add* the saved step count
+    if override:
+        # The config's schedule from the saved step on: the checkpoint's step count, nothing else
+        # (the optimizer's param groups also carry the old peak/min LR: put the new ones back).
+        for group, fresh in zip(rt.optimizer.param_groups, fresh_groups):
+            group.update(fresh)
+        rt.scheduler.step(increment=meta["scheduler"]["num_steps"])
+    else:
+        rt.scheduler.load_state_dict(meta["scheduler"])
     if meta["layout"] == _layout():
         rank = torch.distributed.get_rank()
         _set_rng_state(torch.load(ckpt / "rng" / f"rank_{rank:05d}.pt", weights_only=False))

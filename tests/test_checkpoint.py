@@ -300,6 +300,85 @@ def test_injected_nan_stops_before_the_update():
         assert unchanged
 
 
+# ---------------------------------------------------------------- resume policy for schedule keys
+
+SCHEDULE = ["train.steps=4", "train.warmup_steps=1", "train.global_batch_size=2", "train.micro_batch_size=1",
+            "data.seq_length=32", "checkpoint.keep_last=0"]
+
+
+def test_schedule_changes_name_the_changed_keys():
+    from megatron_ext.checkpoint import schedule_changes
+    from megatron_ext.cli import load_config
+    from omegaconf import OmegaConf
+
+    saved = {"config": OmegaConf.to_container(OmegaConf.structured(load_config(SCHEDULE)))}
+    assert schedule_changes(load_config(SCHEDULE), saved) == []
+    changed = load_config(SCHEDULE + ["train.steps=6", "train.lr=1e-2", "train.min_lr=0", "train.warmup_steps=2",
+                                      "train.lr_schedule=linear", "train.weight_decay=0.0"])
+    assert schedule_changes(changed, saved) == [
+        ("train.steps", 4, 6), ("train.lr", 0.005, 0.01), ("train.min_lr", 0.0005, 0.0),
+        ("train.warmup_steps", 1, 2), ("train.lr_schedule", "cosine", "linear"), ("train.weight_decay", 0.1, 0.0)]
+    # wsd_decay_steps shapes only the WSD schedule.
+    assert schedule_changes(load_config(SCHEDULE + ["train.wsd_decay_steps=2"]), saved) == []
+    wsd = load_config(SCHEDULE + ["train.lr_schedule=wsd", "train.wsd_decay_steps=2"])
+    assert [k for k, _, _ in schedule_changes(wsd, saved)] == ["train.lr_schedule", "train.wsd_decay_steps"]
+    # Keys outside the schedule do not count.
+    assert schedule_changes(load_config(SCHEDULE + ["train.clip_grad=0.5", "logger.log_interval=2"]), saved) == []
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A 4-step cosine run on one rank, saved at step 2 and at the end."""
+    root = tmp_path_factory.mktemp("four_steps")
+    (result,) = run_on_ranks(_run, 1, SCHEDULE + [f"checkpoint.dir={root}", "checkpoint.save_interval=2"])
+    assert result[1] == 4 and (root / "iter_0000004").is_dir()
+    return result, root
+
+
+def test_resume_with_a_changed_schedule_is_refused(four_steps):
+    """The command line of a longer run on the same checkpoint exits 1 and names each change."""
+    import subprocess
+    import sys
+
+    _, root = four_steps
+    before = sorted(p.name for p in root.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.train", *SCHEDULE, f"checkpoint.dir={root}",
+                           "checkpoint.save_interval=2", "train.steps=6", "train.lr=0.01", "checkpoint.load=auto"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "iter_0000004: resuming at step 4 would change the LR schedule" in proc.stderr, proc.stderr[-3000:]
+    assert "train.steps: checkpoint 4, config 6" in proc.stderr
+    assert "train.lr: checkpoint 0.005, config 0.01" in proc.stderr
+    assert "set checkpoint.override_schedule=true to apply the new schedule from step 5 on" in proc.stderr
+    assert "step      5/6" not in proc.stderr and sorted(p.name for p in root.iterdir()) == before
+
+
+def test_override_schedule_applies_the_new_schedule_from_the_resumed_step(four_steps, tmp_path, caplog):
+    """With checkpoint.override_schedule=true, steps 5-6 get the LR a fresh run of the new config
+    has at steps 5-6 (new peak LR included), not the old schedule's min_lr."""
+    from megatron_ext.build import lr_scheduler
+    from megatron_ext.cli import load_config
+
+    (old_history, _, _), root = four_steps
+    new = ["train.steps=6", "train.lr=0.01", "train.min_lr=0.0001"]
+    cfg = load_config(SCHEDULE + new)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    sched, fresh = lr_scheduler(opt, cfg.train), []
+    for _ in range(cfg.train.steps):
+        fresh.append(opt.param_groups[0]["lr"])
+        sched.step(increment=1)
+    load = [f"checkpoint.load={root / 'iter_0000004'}", f"checkpoint.dir={tmp_path}"]
+    (history, step, _), = run_on_ranks(_run, 1, SCHEDULE + new + load + ["checkpoint.override_schedule=true"])
+    assert step == 6 and len(history) == 2
+    assert [h["lr"] for h in history] == pytest.approx(fresh[4:], rel=1e-12, abs=0)
+    assert [h["lr"] for h in old_history] != pytest.approx(fresh[:4])  # the schedules really differ
+    assert old_history[-1]["lr"] == pytest.approx(5e-4) and history[0]["lr"] > 2 * 5e-4
+    import json
+
+    saved = json.loads((tmp_path / "iter_0000006" / "meta.json").read_text())
+    assert saved["config"]["train"]["steps"] == 6 and saved["scheduler"]["max_lr"] == 0.01
+
+
 # ---------------------------------------------------------------- async save (checkpoint.async_save)
 
 ASYNC = ["checkpoint.async_save=true"]
