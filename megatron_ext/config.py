@@ -275,7 +275,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
-    """Where metrics go: the console always, TensorBoard and wandb on request."""
+    """Where metrics go: the console always; TensorBoard, wandb and a jsonl file on request."""
 
     log_interval: int = 1
     """Log every N steps."""
@@ -287,6 +287,9 @@ class LoggerConfig:
     wandb_mode: str = "offline"
     """`offline` unless the user asks for `online`."""
     wandb_dir: str = "runs/wandb"
+    metrics_file: Optional[str] = None
+    """Append every step's and evaluation's metrics to this jsonl file at full precision (rank 0;
+    on resume, records after the resumed step are dropped first). None: no file."""
 
 
 @dataclass

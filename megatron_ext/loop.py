@@ -21,25 +21,43 @@ from megatron_ext.pretrain import Stage
 log = logging.getLogger(__name__)
 
 
-def reduce_report(reports: List[Dict[str, torch.Tensor]], key: str = "lm loss") -> Optional[float]:
-    """Token-weighted mean of `key` over micro-batches and the DP x CP group, known on every rank.
+LOSS_KEY = "lm loss"
+"""The report every stage's loss_func returns: [loss sum, token (or sample) count]."""
 
-    Each report holds [loss sum, token count]; only the last pipeline stage has them, so the
-    result is broadcast along the pipeline to the other stages (rank 0 logs it).
+
+def reduce_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, Optional[float]]:
+    """Mean of every reported metric over micro-batches and the DP x CP group, known on every rank.
+
+    A loss_func reports {name: [sum, count]} (the loss under LOSS_KEY, and whatever else the stage
+    measures: accuracy, margins, rewards). Only the last pipeline stage has the reports, so the
+    means are sent along the pipeline to the other stages (rank 0 logs them). A metric with no
+    count in the batch is None.
     """
-    total = torch.zeros(2, dtype=torch.float32)
+    means: Dict[str, Optional[float]] = {}
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        keys = sorted({k for report in reports for k in report})
+        total = torch.zeros(len(keys), 2, dtype=torch.float32)
         for report in reports:
-            total += report[key].float().cpu()
-        dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+            for i, key in enumerate(keys):
+                if key in report:
+                    total[i] += report[key].float().cpu()
         total = _device(total)
-        torch.distributed.all_reduce(total, group=dp_cp)
-    total = _device(total)
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        total = total.cpu()
+        means = {k: (total[i, 0] / total[i, 1]).item() if total[i, 1] > 0 else None for i, k in enumerate(keys)}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
-    total = total.cpu()
-    return (total[0] / total[1]).item() if total[1] > 0 else None
+        box = [means]
+        torch.distributed.broadcast_object_list(
+            box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+            device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None)
+        means = box[0]
+    return means
+
+
+def reduce_report(reports: List[Dict[str, torch.Tensor]], key: str = LOSS_KEY) -> Optional[float]:
+    """One metric of `reduce_reports` (by default the loss)."""
+    return reduce_reports(reports).get(key)
 
 
 def _device(t: torch.Tensor) -> torch.Tensor:
@@ -66,8 +84,9 @@ def _run(rt: Runtime, stage: Stage, iterators, forward_only: bool) -> List[dict]
     )
 
 
-def evaluate(rt: Runtime, stage: Stage, valid_ds, iters: int) -> Optional[float]:
-    """Mean validation loss over `iters` global batches from the start of the validation split."""
+def evaluate(rt: Runtime, stage: Stage, valid_ds, iters: int) -> Dict[str, Optional[float]]:
+    """Mean validation metrics (`stage_metrics`) over `iters` global batches from the start of
+    the validation split; "loss" is the validation loss."""
     for chunk in rt.model:
         chunk.eval()
     iterators = _iterators(rt, valid_ds, 0)
@@ -77,7 +96,16 @@ def evaluate(rt: Runtime, stage: Stage, valid_ds, iters: int) -> Optional[float]
             reports += _run(rt, stage, iterators, forward_only=True)
     for chunk in rt.model:
         chunk.train()
-    return reduce_report(reports)
+    return stage_metrics(stage, reduce_reports(reports))
+
+
+def stage_metrics(stage: Stage, means: Dict[str, Optional[float]]) -> Dict[str, Optional[float]]:
+    """Reduced means -> the step's metrics: the loss as "loss", the stage's own metrics by name,
+    plus what the stage's optional `derive_metrics(means)` hook computes from them (e.g. an F1)."""
+    means = dict(means)
+    out = {"loss": means.pop(LOSS_KEY, None), **means}
+    derive = getattr(stage, "derive_metrics", None)
+    return derive(out) if derive is not None else out
 
 
 @dataclass
@@ -111,7 +139,7 @@ def _train_step(rt: Runtime, stage: Stage, iterators, state: TrainState) -> Opti
     updated, grad_norm, _ = rt.optimizer.step()
     if updated:
         rt.scheduler.step(increment=1)
-    return {"loss": reduce_report(reports), "lr": lr,
+    return {**stage_metrics(stage, reduce_reports(reports)), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
 
@@ -125,13 +153,15 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
     train_ds, valid_ds = stage.datasets(cfg, t.steps * t.global_batch_size + t.max_skipped_steps * t.global_batch_size,
                                         valid_batches * t.global_batch_size)
     iterators = _iterators(rt, train_ds, state.consumed_samples)
-    metrics, history, router_stats = Metrics(cfg), [], moe_stats.for_model(cfg, rt.model)
+    metrics, history, router_stats = Metrics(cfg, state.step), [], moe_stats.for_model(cfg, rt.model)
+    loss_name = getattr(stage, "loss_name", "lm_loss")
     save_every = cfg.checkpoint.save_interval
     saver = checkpoint.Saver(cfg.checkpoint.async_save)
     try:
         while state.step < t.steps:
             start = time.time()
             record = _train_step(rt, stage, iterators, state)
+            stage_fields = {k: v for k, v in (record or {}).items() if k not in ("loss", "lr", "grad_norm")}
             if router_stats is not None:
                 stats = router_stats.collect()  # collective; also clears a skipped step's counts
                 if record is not None:
@@ -141,12 +171,13 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
             state.step += 1
             record["tokens_per_s"] = t.global_batch_size * cfg.data.seq_length / (time.time() - start)
             history.append(record)
-            metrics.log_step(state.step, {"lm_loss": record["loss"], "lr": record["lr"],
+            metrics.log_step(state.step, {loss_name: record["loss"], **stage_fields, "lr": record["lr"],
                                           "grad_norm": record["grad_norm"], "tokens/s": round(record["tokens_per_s"], 1),
                                           **dict(moe_stats.log_fields(record))})
             if t.eval_interval and valid_ds is not None and (state.step % t.eval_interval == 0 or state.step == t.steps):
-                record["val_loss"] = evaluate(rt, stage, valid_ds, t.eval_iters)
-                metrics.log_eval(state.step, {"val_loss": record["val_loss"]})
+                valid = evaluate(rt, stage, valid_ds, t.eval_iters)
+                record.update({f"val_{k}": v for k, v in valid.items()})
+                metrics.log_eval(state.step, {f"val_{k}": v for k, v in valid.items()})
             saver.finalize(blocking=False)  # commit an async save once every rank wrote it
             if watcher.requested():
                 if cfg.checkpoint.dir:

@@ -1,9 +1,14 @@
-"""Step metrics: a console line per step on rank 0, plus TensorBoard and wandb when configured."""
+"""Step metrics: a console line per step on rank 0, plus TensorBoard, wandb and a jsonl file
+when configured. Every stage's metrics take this one path (the loop reduces them)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import time
+from pathlib import Path
 from typing import Dict, Optional
 
 from megatron_ext import dist
@@ -15,14 +20,17 @@ log = logging.getLogger("megatron_ext.train")
 class Metrics:
     """Writes scalars to the console and, on rank 0, to TensorBoard / wandb."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, resumed_step: int = 0):
         self.cfg = cfg
         self.start = time.time()
         self.tb = None
         self.wandb_run = None
+        self.jsonl = None
         if not dist.is_rank0():
             return
         lc = cfg.logger
+        if lc.metrics_file:
+            self.jsonl = open_metrics_file(Path(lc.metrics_file), resumed_step)
         if lc.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -53,9 +61,14 @@ class Metrics:
         if not dist.is_rank0() or not scalars:
             return
         log.info("eval at step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-        self._write(step, scalars)
+        self._write(step, scalars, kind="eval")
 
-    def _write(self, step: int, scalars: Dict[str, float]) -> None:
+    def _write(self, step: int, scalars: Dict[str, float], kind: str = "train") -> None:
+        if self.jsonl is not None:
+            record = {"step": step, "kind": kind,
+                      **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in scalars.items()}}
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
         if self.tb is not None:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)
@@ -63,10 +76,37 @@ class Metrics:
             self.wandb_run.log(dict(scalars), step=step)
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def open_metrics_file(path: Path, resumed_step: int):
+    """The jsonl file opened for appending, without the records of steps after `resumed_step`
+    (a run that died after its last checkpoint logged steps that the resumed run repeats)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            keep = [line for line in lines if _step_of(line, path) <= resumed_step]
+            if len(keep) < len(lines):
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(keep), encoding="utf-8")
+                os.replace(tmp, path)
+        return open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise OSError(f"logger.metrics_file={path}: cannot write it ({e.strerror or e})") from None
+
+
+def _step_of(line: str, path: Path) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"logger.metrics_file={path}: not a metrics file (line {line[:80]!r}); "
+                         "name a new file") from None
 
 
 def setup_console_logging(level: Optional[int] = None) -> None:
