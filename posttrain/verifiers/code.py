@@ -226,11 +226,16 @@ class _Sandbox:
             elif os.path.isdir(path):
                 argv += ["--ro-bind", path, path]
         argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-        for d in prefixes:
-            if d != "/usr" and not d.startswith("/usr/"):
-                argv += ["--ro-bind", d, d]
+        binds = [d for d in prefixes if d != "/usr" and not d.startswith("/usr/")]
         if not any(exe.startswith(p + os.sep) for p in prefixes + ["/usr"]):
-            argv += ["--ro-bind", exe, exe]
+            binds.append(exe)
+        made = set()
+        for d in binds:   # parents readable by the sandbox user (bwrap would copy e.g. /root's 0700)
+            for parent in reversed(Path(d).parents[:-1] if len(Path(d).parents) > 1 else []):
+                if str(parent) not in made and str(parent) not in ("/usr", "/"):
+                    made.add(str(parent))
+                    argv += ["--perms", "0755", "--dir", str(parent)]
+            argv += ["--ro-bind", d, d]
         pass_fds = []
         if runner_fd is not None:
             argv += ["--ro-bind-data", str(runner_fd), "/opt/sandbox/runner.py"]
@@ -336,13 +341,16 @@ class _Capture:
 
 def run_code_tests(code: str, tests: Union[str, Sequence[str]], timeout_s: float = 5.0, memory_mb: int = 512,
                    *, sandbox: Optional[str] = None, disk_mb: int = 32,
-                   max_output_bytes: int = 1 << 20) -> CodeResult:
+                   max_output_bytes: int = 1 << 20, _audit_hook: bool = True) -> CodeResult:
     """Run `code`, then judge each test snippet (e.g. "assert f(2) == 4") against it, sandboxed.
 
     timeout_s: wall clock for the whole run; memory_mb: the candidate's address space;
     disk_mb: size of its work dir; max_output_bytes: its stdout + stderr before it is killed;
     sandbox: "bwrap" (default, or $CODE_SANDBOX) or "unsafe_local" (no isolation; see module doc).
-    Tests run in order in one namespace (a test may use names an earlier test defined).
+    Tests run in order in one namespace (a test may use names an earlier test defined), in
+    the harness's process and file system: files the candidate writes are not visible to them.
+    `_audit_hook=False` leaves out the candidate's audit-hook policy layer, so tests can check
+    that the kernel-level isolation alone contains an attack.
     """
     if not isinstance(code, str):
         raise TypeError(f"run_code_tests: code must be a str, got {type(code).__name__}")
@@ -370,7 +378,8 @@ def run_code_tests(code: str, tests: Union[str, Sequence[str]], timeout_s: float
         cand_job = box.memfd(json.dumps({"code": code}).encode())
         harn_job = box.memfd(json.dumps({"tests": tests}).encode())
         box.spawn("candidate", [cand_job, req_r, resp_w],
-                  {"as_bytes": memory_mb << 20, "cpu_s": cpu_s, "fsize_bytes": min(disk_mb, 16) << 20, "nproc": _NPROC},
+                  {"as_bytes": memory_mb << 20, "cpu_s": cpu_s, "fsize_bytes": min(disk_mb, 16) << 20, "nproc": _NPROC,
+                   "audit_hook": bool(_audit_hook)},
                   stdout=out_w, stderr=err_w)
         box.spawn("harness", [harn_job, resp_r, req_w, verdict_w],
                   {"as_bytes": _HARNESS_MEMORY_MB << 20, "cpu_s": cpu_s, "fsize_bytes": 1 << 20, "nproc": _NPROC},
