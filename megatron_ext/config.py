@@ -12,6 +12,8 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
+from megatron_ext.eval_config import EvalConfig
+
 
 class ConfigError(ValueError):
     """A user-facing configuration error."""
@@ -342,6 +344,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 PRECISIONS = ("fp32", "bf16", "fp8_delayed", "fp8_current", "fp8_blockwise")
