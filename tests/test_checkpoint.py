@@ -246,14 +246,15 @@ def test_reshard_tp2_to_tp1_and_pp2(tmp_path):
     save = BASE + ["train.steps=2", f"checkpoint.dir={tmp_path}", "parallel.tp=2"]
     run_on_ranks(_run, 2, save)
     tokens = torch.randint(0, 151000, (2, 16), generator=torch.Generator().manual_seed(0))
-    load = BASE + [f"checkpoint.load={tmp_path}/iter_0000002"]
+    # BASE trains 4 steps, the checkpoint's run 2: the longer schedule is asked for.
+    load = BASE + [f"checkpoint.load={tmp_path}/iter_0000002", "checkpoint.override_schedule=true"]
     ref = run_on_ranks(_logits_after_load, 2, load + ["parallel.tp=2"], tokens)[0]
     tp1 = run_on_ranks(_logits_after_load, 1, load, tokens)[0]
     pp2 = run_on_ranks(_logits_after_load, 2, load + ["parallel.pp=2"], tokens)[1]
     torch.testing.assert_close(tp1, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pp2, ref, rtol=1e-5, atol=1e-5)
     # Training continues at the new layouts the same way it does at the saved one.
-    cont = BASE + ["train.steps=3", f"checkpoint.load={tmp_path}/iter_0000002"]
+    cont = BASE + ["train.steps=3", f"checkpoint.load={tmp_path}/iter_0000002", "checkpoint.override_schedule=true"]
     ref_loss = run_on_ranks(_run, 2, cont + ["parallel.tp=2"])[0][0][0]["loss"]
     tp1_loss = run_on_ranks(_run, 1, cont)[0][0][0]["loss"]
     pp2_loss = run_on_ranks(_run, 2, cont + ["parallel.pp=2"])[0][0][0]["loss"]
