@@ -15,7 +15,10 @@ Each optimizer step (the stage's `before_step` hook, on every rank, with the cur
    rows with "tests" are code (`run_code_tests` on its last code block). Rewards are summed over
    the DP group, so groups split across ranks are normalised together:
    A = (r - mean_group) / (std_group + 1e-4)   (centring only with posttrain.scale_rewards=false).
-4. Reference log-probs of the completions from the frozen reference model (see
+4. Log-probs of the completions at the sampling temperature (log softmax(logits / T), as TRL
+   and verl take them): the behaviour ("old") log-probs from the policy with the weights that
+   sampled them, recomputed here as verl does so that an external engine's numerics never
+   enter the ratio, and the reference log-probs from the frozen reference model (see
    `posttrain.reference`), skipped when posttrain.kl_coef=0.
 
 The loss per completion token t, with ratio = exp(logp - logp_behaviour):
@@ -23,8 +26,9 @@ The loss per completion token t, with ratio = exp(logp - logp_behaviour):
     -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + kl_coef * (exp(ref - logp) - (ref - logp) - 1)
 
 summed over tokens and normalised by the global number of completion tokens (as every loss of
-the loop). Reported per step: reward, KL, clip fraction, completion length. Log-probs are at
-temperature 1 on both sides of the ratio. Data rows: jsonl with "prompt" (text, sent as one user
+the loop). The policy's log-probs are at the sampling temperature too. Reported per step:
+reward, KL, clip fraction (as verl counts it: the tokens where the clipped term is the one
+taken, i.e. ratio > 1 + eps with A > 0 or ratio < 1 - eps with A < 0), completion length. Data rows: jsonl with "prompt" (text, sent as one user
 turn in ChatML) and "answer" or "tests"; the default is a synthetic one-digit-sum task
 (`posttrain.synthetic.arithmetic_prompts`), which a model first fine-tuned on
 `posttrain/data/arithmetic_sft.jsonl` (`python -m posttrain.sft`) can earn rewards on.
@@ -65,7 +69,7 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
                  seed: int, eos_token_id: int) -> Generation:
-        """One completion per prompt, with the log-prob (temperature 1) of each sampled token."""
+        """One completion per prompt (the stage rescores the tokens itself: see the module doc)."""
 
 
 class PolicyRollout:
@@ -106,17 +110,19 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.
     """Per-token clipped policy loss + k3 KL ([b, s] each; advantages [b]) and the pieces."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(-1)
-    policy = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    unclipped = -ratio * adv
+    clipped_loss = -torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    policy = torch.maximum(unclipped, clipped_loss)
     diff = ref_logp - logp
     kl = torch.exp(diff) - diff - 1
-    clipped = ((ratio - 1).abs() > clip_eps).float()
+    clipped = (clipped_loss > unclipped).float()  # verl's pg_clipfrac: the clip changed the loss
     return policy + kl_coef * kl, kl, clipped
 
 
 def grpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
     """loss_func for the loop: summed over completion tokens, count = completion tokens."""
     mask = batch["loss_mask"]
-    logp = -output.float()  # the model returns -log p(label) per token
+    logp = output.float()  # token log-probs at the sampling temperature (token_logps)
     ref = batch["ref_logp"] if p.kl_coef > 0 else logp.detach()
     per_token, kl, clipped = grpo_token_loss(logp, batch["old_logp"], ref, batch["advantage"], p.clip_eps, p.kl_coef)
     n_tok, n_seq = mask.sum(), mask.shape[0]
@@ -236,49 +242,56 @@ class GRPOStage:
             torch.distributed.all_reduce(on_device, group=parallel_state.get_data_parallel_group())
             rewards = on_device.cpu()
         advantages = group_advantages(rewards, p.group_size, p.scale_rewards)
-        samples = [self._sample(prompt, ids, lps, rewards[i - start], advantages[i - start])
-                   for i, prompt, ids, lps in zip(mine, prompts, out.tokens, out.logprobs)]
+        samples = [self._sample(prompt, ids, rewards[i - start], advantages[i - start])
+                   for i, prompt, ids in zip(mine, prompts, out.tokens)]
+        self._add_logps(rt.model, samples, "old_logp")
         if self.reference is not None:
-            self._add_reference_logps(samples)
+            self._add_logps(self.reference.build(), samples, "ref_logp")
         self.buffer.samples = dict(zip(mine, samples))
 
-    def _sample(self, prompt: List[int], completion: List[int], logprobs: List[float], reward_value, advantage) -> dict:
+    def _sample(self, prompt: List[int], completion: List[int], reward_value, advantage) -> dict:
         s = self.cfg.data.seq_length
         seq = prompt + completion
         what = "GRPO sample"
         start = len(prompt) - 1  # label position of the first completion token
         mask = [0] * start + [1] * len(completion)
-        old = [0.0] * start + list(logprobs)
         return {"tokens": torch.tensor(pad_to(seq[:-1], s, self.tokenizer.pad, what)),
                 "labels": torch.tensor(pad_to(seq[1:], s, self.tokenizer.pad, what)),
                 "position_ids": torch.arange(s),
                 "loss_mask": torch.tensor(pad_to(mask, s, 0, what), dtype=torch.float32),
-                "old_logp": torch.tensor(pad_to(old, s, 0.0, what), dtype=torch.float32),
-                "ref_logp": torch.zeros(s),
+                "old_logp": torch.zeros(s), "ref_logp": torch.zeros(s),  # set by _add_logps
                 "reward": reward_value.clone(), "advantage": advantage.clone()}
 
-    def _add_reference_logps(self, samples: List[dict]) -> None:
-        mbs = self.cfg.train.micro_batch_size
+    def _add_logps(self, chunks, samples: List[dict], key: str) -> None:
+        """samples[i][key] = token log-probs of chunks' model at the sampling temperature."""
+        mbs, temperature = self.cfg.train.micro_batch_size, self.cfg.posttrain.temperature
         batches = [{k: torch.stack([x[k] for x in samples[i:i + mbs]]) for k in ("tokens", "labels")}
                    for i in range(0, len(samples), mbs)]
 
         def forward(batch, model):
             batch = data.on_this_rank(batch)
-            out = token_logps(model, batch["tokens"], batch["labels"])
+            out = token_logps(model, batch["tokens"], batch["labels"], temperature)
             return out, lambda output: (output.sum() * 0, torch.tensor(1, dtype=torch.int),
                                         {"logps": output.detach().float().cpu()})
 
-        reports = forward_only(self.reference.build(), batches, forward, self.cfg.data.seq_length)
-        if reports:  # the last pipeline stage, the only one whose loss_func reads ref_logp
-            ref = torch.cat([r["logps"] for r in reports])
-            for sample, row in zip(samples, ref):
-                sample["ref_logp"] = row
+        modes = [c.training for c in chunks]
+        for c in chunks:
+            c.eval()
+        try:
+            reports = forward_only(chunks, batches, forward, self.cfg.data.seq_length)
+        finally:
+            for c, mode in zip(chunks, modes):
+                c.train(mode)
+        if reports:  # the last pipeline stage, the only one whose loss_func reads them
+            logps = torch.cat([r["logps"] for r in reports])
+            for sample, row in zip(samples, logps):
+                sample[key] = row
 
     # ------------------------------------------------------------ training and evaluation
 
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
-        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+        output = token_logps(model, batch["tokens"], batch["labels"], self.cfg.posttrain.temperature)
         return output, partial(grpo_loss_func, batch, self.cfg.posttrain, self.metrics)
 
     def accuracy(self, rt, rows: Sequence[dict], max_new_tokens: Optional[int] = None) -> float:

@@ -1,5 +1,7 @@
-"""GRPO: advantages, rollout and reference log-probs, and the clipped loss equal a hand
-computation from full logits at TP=1 and TP=2; runs resume exactly; reward rises (slow)."""
+"""GRPO: advantages, behaviour and reference log-probs (at the sampling temperature), the
+clipped loss and verl's clip fraction equal a hand computation from full logits at TP=1 and
+TP=2; pipeline parallelism (with and without virtual stages) trains like one process; runs
+resume exactly; reward rises (slow)."""
 
 import json
 import math
@@ -47,9 +49,9 @@ def test_bad_config_is_named():
         GRPOStage(cfg).datasets(cfg, 4, 0)
 
 
-def _hand_logps(model, batch):
+def _hand_logps(model, batch, temperature=1.0):
     logits = model(batch["tokens"], batch["position_ids"], attention_mask=None).float()
-    return F.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    return F.log_softmax(logits / temperature, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
 
 
 def _grpo_batch(rank, world_size, overrides):
@@ -68,11 +70,12 @@ def _grpo_batch(rank, world_size, overrides):
     stage.before_step(rt, TrainState())
     batch = next(data.loader(stage.buffer, cfg))
     model = rt.model[0]
+    temperature = cfg.posttrain.temperature
     with torch.no_grad():
-        before = _hand_logps(model, batch) if world_size == 1 else None
+        before = _hand_logps(model, batch, temperature) if world_size == 1 else None
         w = model.module.decoder.final_layernorm.weight  # move the policy off the reference
         w.mul_(1 + 0.5 * torch.sin(torch.arange(w.numel(), dtype=w.dtype)))
-        after = _hand_logps(model, batch) if world_size == 1 else None
+        after = _hand_logps(model, batch, temperature) if world_size == 1 else None
     rollout_logp = batch["old_logp"].clone()
     # Behaviour log-probs away from the policy and advantages of both signs, so clipping acts.
     mask = batch["loss_mask"]
@@ -84,7 +87,8 @@ def _grpo_batch(rank, world_size, overrides):
 
 
 def _by_hand(batch, logp, clip_eps=0.2, kl_coef=0.02):
-    total, clipped = 0.0, 0
+    """Loss, verl's clip count (the clipped term is the one taken) and the sign-blind count."""
+    total, clipped, outside = 0.0, 0, 0
     for b in range(logp.shape[0]):
         a = float(batch["advantage"][b])
         for s in range(logp.shape[1]):
@@ -92,25 +96,27 @@ def _by_hand(batch, logp, clip_eps=0.2, kl_coef=0.02):
                 continue
             lp, old, ref = float(logp[b, s]), float(batch["old_logp"][b, s]), float(batch["ref_logp"][b, s])
             ratio = math.exp(lp - old)
-            clipped += abs(ratio - 1) > clip_eps
+            outside += abs(ratio - 1) > clip_eps
+            clipped += (a > 0 and ratio > 1 + clip_eps) or (a < 0 and ratio < 1 - clip_eps)
             total += -min(ratio * a, min(max(ratio, 1 - clip_eps), 1 + clip_eps) * a)
             total += kl_coef * (math.exp(ref - lp) - (ref - lp) - 1)
-    return total, clipped
+    return total, clipped, outside
 
 
 def test_grpo_loss_matches_hand_computation_at_tp1_and_tp2():
-    (loss, n, rep, batch, rollout_logp, before, after), = run_on_ranks(_grpo_batch, 1, [])
+    """At temperature 0.7: every log-prob is log_softmax(logits / 0.7)."""
+    (loss, n, rep, batch, rollout_logp, before, after), = run_on_ranks(_grpo_batch, 1, ["posttrain.temperature=0.7"])
     mask = batch["loss_mask"].bool()
     assert n == int(mask.sum()) > 0
-    # The rollout's log-probs and the reference's are the policy's own before the update.
+    # The behaviour log-probs and the reference's are the policy's own before the update.
     torch.testing.assert_close(rollout_logp[mask], before[mask], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batch["ref_logp"][mask], before[mask], rtol=1e-4, atol=1e-4)
     assert (after - before)[mask].abs().max() > 1e-3  # the policy really moved
-    hand, clipped = _by_hand(batch, after)
-    assert clipped > 0
+    hand, clipped, outside = _by_hand(batch, after)
+    assert 0 < clipped < outside  # some tokens outside the range are not clipped given A's sign
     assert math.isclose(loss, hand, rel_tol=1e-5, abs_tol=1e-6), (loss, hand)
     assert math.isclose(rep["clip_frac"][0], clipped, abs_tol=1e-6)
-    for got, n2, _, b2, _, _, _ in run_on_ranks(_grpo_batch, 2, ["parallel.tp=2"]):
+    for got, n2, _, b2, _, _, _ in run_on_ranks(_grpo_batch, 2, ["parallel.tp=2", "posttrain.temperature=0.7"]):
         assert n2 == n and torch.equal(b2["tokens"], batch["tokens"])  # the same rollouts
         assert math.isclose(got, hand, rel_tol=1e-5, abs_tol=1e-6), (got, hand)
 
@@ -175,3 +181,32 @@ def test_grpo_raises_mean_reward_after_sft_warm_start(tmp_path):
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"GRPO mean reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}; per step {rewards}")
     assert last > first + 0.08, rewards
+
+
+def _fixed_advantages_stage(cfg):
+    """GRPO with the advantages replaced by fixed +-1 per completion: from random weights every
+    reward is 0, which would leave nothing to train on and compare."""
+    from posttrain.grpo import GRPOStage
+
+    class Stage(GRPOStage):
+        def before_step(self, rt, state):
+            super().before_step(rt, state)
+            for i, sample in self.buffer.samples.items():
+                sample["advantage"] = torch.tensor(1.0 if i % 2 == 0 else -1.0)
+
+    return Stage(cfg)
+
+
+def test_grpo_pipeline_parallel_equals_one_process(tmp_path):
+    """Same initial weights; PP=2 samples the same completions and gives one process's per-step
+    losses and metrics; at step 1 the policy is the reference (KL 0). (Not with virtual stages:
+    megatron_ext.generation's forward-only call does not drive the interleaved schedule yet.)"""
+    from tests.test_dpo import _check_layout_equals_one_process, _save_init, _train_stage
+
+    base = GRPO + ["posttrain.temperature=0.7", "train.steps=2", "train.lr=1e-3", "checkpoint.keep_last=0"]
+    run_on_ranks(_save_init, 1, base, tmp_path / "init")
+    load = [f"checkpoint.load={tmp_path}/init/iter_0000000", "checkpoint.weights_only=true"]
+    ref = run_on_ranks(_train_stage, 1, base + load, _fixed_advantages_stage)[0]
+    assert ref[1][0]["kl"] < 1e-7 and ref[1][1]["kl"] > 1e-6, ref[1]  # the policy moved at step 2
+    results = run_on_ranks(_train_stage, 2, base + load + ["parallel.pp=2"], _fixed_advantages_stage)
+    _check_layout_equals_one_process(ref, results, 2)
