@@ -38,7 +38,7 @@ import logging
 
 import torch
 
-PINNED_MEGATRON_CORE = "0.16.1"
+from megatron_ext.patches import PINNED_MEGATRON_CORE
 
 log = logging.getLogger(__name__)
 _applied = False
