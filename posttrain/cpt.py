@@ -101,7 +101,9 @@ def scheduled_datasets(cfg: Config, train_samples: int, valid_samples: int):
         train_sets.append(tr)
         valid_sets.append(va)
     for (step, weights) in phases:
-        log.info("data mixture from step %d: %s", step, dict(zip(d.paths, weights)))
+        # One entry per data.paths entry: a path listed twice is two entries of the mixture.
+        log.info("data mixture from step %d: %s", step, ", ".join(f"[{k}] {p}={w:g}" for k, (p, w) in
+                                                                 enumerate(zip(d.paths, weights))))
     train = MixtureDataset(train_sets, which, index)
     valid = None
     if valid_samples and all(v is not None for v in valid_sets):
