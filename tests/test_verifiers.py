@@ -46,6 +46,22 @@ MATH_TABLE = [
     ("no final answer", "3", False),
     (r"\boxed{2^{10000000}}", "1", False),  # refused before evaluation, no hang
     (r"\boxed{__import__('os')}", "0", False),  # never evaluated
+    # Equal strings, infinities, interval brackets, case of text answers (Qwen's grader).
+    (r"\boxed{\infty}", r"\infty", True),  # inf - inf is NaN: equal strings decide first
+    (r"\boxed{-\infty}", r"\infty", False),
+    (r"\boxed{oo}", r"\infty", True),
+    (r"\boxed{[0,\infty)}", r"[0,\infty)", True),
+    (r"\boxed{[0, \infty)}", r"[0,\infty)", True),
+    (r"\boxed{(0,\infty)}", r"[0,\infty)", False),
+    (r"\boxed{[1,2]}", "(1,2)", False),  # an interval's brackets say whether its ends are in it
+    (r"\boxed{(1,2]}", "[1,2)", False),
+    (r"\boxed{(1,2]}", r"(1, \frac{4}{2}]", True),
+    (r"\boxed{(-\infty, 1) \cup (2, \infty)}", r"(-\infty,1)\cup(2,\infty)", True),
+    (r"\boxed{(-\infty, 1] \cup (2, \infty)}", r"(-\infty,1)\cup(2,\infty)", False),
+    (r"\boxed{\text{Yes}}", "yes", True),
+    (r"\boxed{\text{YES}}", "no", False),
+    (r"\boxed{1+10^{-7}}", "1", True),  # tolerance: |a - b| <= 1e-6 * max(1, |b|)
+    (r"\boxed{1+10^{-5}}", "1", False),
 ]
 
 

@@ -4,16 +4,23 @@
 `\\boxed{}`/`\\fbox{}`, else "the answer is ...", else a GSM8K `#### ...` line, else the last
 number in the text) and compares it with the reference by value, not by string:
 
+- Equal strings are equal answers: after the decoration below is removed, answers equal up to
+  whitespace and letter case match before any parsing (as in Qwen's grader), so `\\infty`,
+  `[0,\\infty)` and `\\text{Yes}` == `yes` need no evaluation.
 - LaTeX forms are rewritten into sympy syntax (`\\frac`, `\\dfrac`, `\\sqrt[n]{}`, `\\cdot`,
   `\\times`, `^`, `\\pi`, `\\left(`...), then parsed with `sympy.parse_expr`; numbers are equal
   when their values agree to a relative 1e-6 (so `0.5 == 1/2 == \\frac{1}{2}`, but a rounded
-  `0.33 != 1/3`), expressions when they agree at three fixed rational points (`xy == yx`,
+  `0.33 != 1/3`; precisely |a - b| <= 1e-6 * max(1, |b|), so an absolute 1e-6 below 1),
+  infinities only when equal (`\\infty == oo`, `-\\infty != \\infty`), expressions when they agree at three fixed rational points (`xy == yx`,
   `(x+1)^2 == x^2+2x+1`), which stays fast where `simplify()` can take seconds.
 - Units and decoration are ignored: `$`, `\\text{cm}`, trailing unit words of 2+ letters, degrees,
   thousands separators (`1,000`), and a leading `x =`.
 - Percent: `50\\%` equals both `50` and `0.5`; an answer without `%` is compared as written.
-- Tuples/coordinates compare element-wise in order; anything that does not parse falls back
-  to comparing the normalised strings (multiple-choice letters, words).
+- Tuples/coordinates compare element-wise in order, and their brackets must match: for an
+  interval the bracket says whether an end is included, so `[1,2] != (1,2)` and
+  `(1,2] != [1,2)`; unions of intervals (`\\cup`) compare piece by piece in order.
+- Anything that does not parse falls back to comparing the normalised strings, ignoring
+  letter case (multiple-choice letters, words).
 
 Safety: `parse_expr` evaluates Python, so only a whitelist of characters and identifiers is
 ever parsed, and powers with huge exponents are refused before evaluation.
@@ -21,6 +28,7 @@ ever parsed, and powers with huge exponents are refused before evaluation.
 
 from __future__ import annotations
 
+import cmath
 import re
 from typing import List, Optional
 
@@ -175,6 +183,8 @@ def _values(s: str) -> List:
 
 def _close(a, b) -> bool:
     fa, fb = complex(sympy.N(a, 30)), complex(sympy.N(b, 30))
+    if not (cmath.isfinite(fa) and cmath.isfinite(fb)):
+        return fa == fb  # oo == oo; inf - inf would be NaN
     return abs(fa - fb) <= _REL_TOL * max(1.0, abs(fb))
 
 
@@ -195,18 +205,24 @@ def _expr_equal(a, b) -> bool:
         return False
 
 
-def _split_top(s: str) -> List[str]:
-    """Split a tuple body on commas that are not inside brackets."""
-    parts, depth, cur = [], 0, ""
-    for ch in s:
+def _split_top(s: str, sep: str = ",") -> List[str]:
+    """Split on `sep` where it is not inside brackets (a tuple body on commas, a union on \\cup)."""
+    parts, depth, cur, i = [], 0, "", 0
+    while i < len(s):
+        ch = s[i]
+        if depth == 0 and s.startswith(sep, i):
+            parts.append(cur)
+            cur, i = "", i + len(sep)
+            continue
         depth += ch in "([{"
         depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
+        cur += ch
+        i += 1
     return parts + [cur]
+
+
+def _same_string(a: str, b: str) -> bool:
+    return re.sub(r"\s+", "", a).lower() == re.sub(r"\s+", "", b).lower()
 
 
 def _scalar_equal(a: str, b: str) -> bool:
@@ -222,17 +238,27 @@ def math_equal(answer: str, reference: str) -> bool:
     a, b = _strip_decoration(answer), _strip_decoration(reference)
     if not a or not b:
         return False
-    tuple_re = r"^[(\[](.*)[)\]]$"
+    if _same_string(a, b):
+        return True
+    ua, ub = _split_top(a, "\\cup"), _split_top(b, "\\cup")
+    if len(ua) > 1 or len(ub) > 1:
+        return len(ua) == len(ub) and all(math_equal(x, y) for x, y in zip(ua, ub))
+    tuple_re = r"^([(\[])(.*)([)\]])$"
     ta, tb = re.match(tuple_re, a), re.match(tuple_re, b)
     if ta and tb:
-        pa, pb = _split_top(ta.group(1)), _split_top(tb.group(1))
+        pa, pb = _split_top(ta.group(2)), _split_top(tb.group(2))
         if len(pa) > 1 or len(pb) > 1:
-            return len(pa) == len(pb) and all(math_equal(x, y) for x, y in zip(pa, pb))
+            # Brackets carry meaning: an interval's ends are open or closed.
+            return (ta.group(1), ta.group(3)) == (tb.group(1), tb.group(3)) and len(pa) == len(pb) \
+                and all(math_equal(x, y) for x, y in zip(pa, pb))
     return _scalar_equal(a, b)
 
 
 def verify_math(answer_text: str, reference: str) -> bool:
-    """Whether a model response's final answer equals `reference` (a bare answer string)."""
+    """Whether a model response's final answer equals `reference` (a bare answer string).
+
+    Numbers agree within |a - b| <= 1e-6 * max(1, |b|) (so `0.5 == 1/2`, `0.33 != 1/3`);
+    equal strings (whitespace and letter case aside) always agree; see the module doc."""
     extracted = extract_answer(answer_text)
     if extracted is None:
         return False
