@@ -29,7 +29,7 @@ program does. It cannot learn the expected values or write the verdict.
 Frames on every pipe: a 4-byte big-endian length, then UTF-8 JSON.
 """
 
-import base64
+import binascii
 import builtins
 import json
 import os
@@ -113,7 +113,7 @@ def encode(x, handle_of, depth=0):
     if t is complex:
         return {"c": [x.real.hex(), x.imag.hex()]}
     if t is bytes or t is bytearray:
-        return {"b" if t is bytes else "ba": base64.b64encode(x).decode()}
+        return {"b" if t is bytes else "ba": binascii.b2a_base64(x, newline=False).decode()}
     if t is range:
         return {"r": [hex(x.start), hex(x.stop), hex(x.step)]}
     tag = {list: "l", tuple: "t", set: "s", frozenset: "fs"}.get(t)
@@ -144,7 +144,7 @@ def decode(v, handle, depth=0):
     if tag == "c":
         return complex(float.fromhex(body[0]), float.fromhex(body[1]))
     if tag in ("b", "ba"):
-        raw = base64.b64decode(body)
+        raw = binascii.a2b_base64(body)
         return raw if tag == "b" else bytearray(raw)
     if tag == "r":
         return range(*(int(p, 16) for p in body))
