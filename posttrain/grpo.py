@@ -28,8 +28,9 @@ The loss per completion token t, with ratio = exp(logp - logp_behaviour):
 summed over tokens and normalised by the global number of completion tokens (as every loss of
 the loop). The policy's log-probs are at the sampling temperature too. Reported per step:
 reward, KL, clip fraction (as verl counts it: the tokens where the clipped term is the one
-taken, i.e. ratio > 1 + eps with A > 0 or ratio < 1 - eps with A < 0), completion length. Data rows: jsonl with "prompt" (text, sent as one user
-turn in ChatML) and "answer" or "tests"; the default is a synthetic one-digit-sum task
+taken, i.e. ratio > 1 + eps with A > 0 or ratio < 1 - eps with A < 0), completion length.
+Data rows: jsonl with "prompt" (text, sent as one user turn in ChatML) and "answer" or
+"tests"; the default is a synthetic one-digit-sum task
 (`posttrain.synthetic.arithmetic_prompts`), which a model first fine-tuned on
 `posttrain/data/arithmetic_sft.jsonl` (`python -m posttrain.sft`) can earn rewards on.
 """

@@ -4,10 +4,11 @@
 "problem", "steps" and "step_labels" (1 correct, 0 wrong; steps after the first error are
 unlabelled), or instead of "step_labels" ProcessBench's "label" (the earliest wrong step, or -1
 when all are correct), read as step labels 1, ..., 1, 0 up to that step) or on generated
-step-by-step sums. A row with neither, or with malformed ones, is an error naming file:line. The prompt is the ChatML user turn; each step
-is encoded as `step + "\\n\\n"`, and the last token of that (the separator) carries the step's
-label. Loss: binary cross entropy on the value head's logit at each labelled separator, summed
-and normalised by the global count of labelled steps.
+step-by-step sums. A row with neither, or with malformed ones, is an error naming file:line.
+The prompt is the ChatML user turn; each step is encoded as `step + "\\n\\n"`, and the last
+token of that (the separator) carries the step's label. Loss: binary cross entropy on the
+value head's logit at each labelled separator, summed and normalised by the global count of
+labelled steps.
 
 Evaluation (the loop's validation) runs on the bundled ProcessBench-format sample
 (`posttrain/data/processbench_sample.jsonl`: "problem", "steps", "label" = earliest wrong step

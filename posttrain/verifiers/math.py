@@ -11,8 +11,9 @@ number in the text) and compares it with the reference by value, not by string:
   `\\times`, `^`, `\\pi`, `\\left(`...), then parsed with `sympy.parse_expr`; numbers are equal
   when their values agree to a relative 1e-6 (so `0.5 == 1/2 == \\frac{1}{2}`, but a rounded
   `0.33 != 1/3`; precisely |a - b| <= 1e-6 * max(1, |b|), so an absolute 1e-6 below 1),
-  infinities only when equal (`\\infty == oo`, `-\\infty != \\infty`), expressions when they agree at three fixed rational points (`xy == yx`,
-  `(x+1)^2 == x^2+2x+1`), which stays fast where `simplify()` can take seconds.
+  infinities only when equal (`\\infty == oo`, `-\\infty != \\infty`), expressions when
+  they agree at three fixed rational points (`xy == yx`, `(x+1)^2 == x^2+2x+1`), which
+  stays fast where `simplify()` can take seconds.
 - Units and decoration are ignored: `$`, `\\text{cm}`, trailing unit words of 2+ letters, degrees,
   thousands separators (`1,000`), and a leading `x =`.
 - Percent: `50\\%` equals both `50` and `0.5`; an answer without `%` is compared as written.
