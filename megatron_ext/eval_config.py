@@ -30,9 +30,9 @@ class EvalConfig:
     few_shot: int = 0
     """Worked examples put before each question as earlier chat turns (0: zero-shot)."""
     batch_size: int = 16
-    """Prompts per generation call (each repeated n times)."""
+    """Sequences per generation or scoring call (a problem's n samples are n sequences)."""
     seed: int = 0
-    """Seed of the sampling and of the held-out synthetic problems."""
+    """Seed of the sampling (the held-out synthetic problems are fixed)."""
     synth_size: int = 200
     """Problems in each held-out synthetic task (math_synth, code_synth)."""
     out: Optional[str] = None

@@ -1,0 +1,125 @@
+"""`python -m tools.eval checkpoint.load=CKPT [key=value ...]`: benchmark a checkpoint.
+
+    python -m tools.eval checkpoint.load=runs/sft 'eval.tasks=[math_synth,humaneval]' eval.limit=50
+    python -m tools.eval checkpoint.load=runs/grpo 'eval.tasks=[data/gsm8k_test.jsonl]' eval.k=8 \\
+        eval.temperature=0.7 eval.rm_load=runs/rm eval.prm_load=runs/prm eval.out=report.json
+    torchrun --nproc_per_node 2 -m tools.eval checkpoint.load=CKPT parallel.tp=2
+
+Hydra-style overrides like every entry point (the `eval.*` keys: megatron_ext/eval_config.py);
+the model, its dtype and tokenizer come from the checkpoint. Runs as one process, under torchrun
+(world size = parallel.tp * parallel.pp), or spawns the TP x PP ranks itself on CPU. Prints a table
+(one row per task) and writes the JSON report (`eval.out`, atomically) with every sample, its
+verdict and its scores. Tasks, prompts and metrics: posttrain/evals/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from megatron_ext.cli import (HELP_FLAGS, OVERRIDES_HELP, PRINT_CONFIG, config_yaml, fail, keys_help, load_config,
+                              split_flags)
+from megatron_ext.config import Config, ConfigError
+from megatron_ext.eval_config import EvalConfig
+
+KEYS = ["checkpoint.load"] + [f"eval.{f}" for f in EvalConfig.__dataclass_fields__] + \
+    ["parallel.tp", "parallel.pp", "data.tokenizer"]
+NO_VERIFY = "--no-verify"
+
+
+def help_text(cfg: Config) -> str:
+    lines = ["usage: python -m tools.eval [-h] [--print-config] [--no-verify] checkpoint.load=CKPT [key=value ...]",
+             "", __doc__.strip().split("\n\n", 2)[2] if __doc__ else "", "", "Keys, with their defaults:"]
+    lines += keys_help(cfg, KEYS)
+    lines += ["", OVERRIDES_HELP, "", "Flags:", "  -h, --help          show this help and exit",
+              "  --print-config      print the composed config (every key) as YAML and exit",
+              "  --no-verify         do not check training checkpoints against their CRC manifest",
+              "", "Exit codes: 0 done, 1 checkpoint error, 2 bad config, flag or input file."]
+    return "\n".join(lines) + "\n"
+
+
+def _rank(cfg: Config, load: str, verify: bool):
+    from posttrain.evals.runner import evaluate
+
+    return evaluate(cfg, load, verify)
+
+
+def _checkpoint(cfg: Config) -> str:
+    load = cfg.checkpoint.load
+    if not load:
+        raise ConfigError("tools.eval needs checkpoint.load=DIR (a training checkpoint, its root, or a "
+                          "tools.convert checkpoint)")
+    if load == "auto":
+        if not cfg.checkpoint.dir:
+            raise ConfigError("checkpoint.load=auto needs checkpoint.dir")
+        return cfg.checkpoint.dir
+    return load
+
+
+def _check_out(path: Optional[str]) -> None:
+    """Refuse an unwritable report location before any model is loaded."""
+    if not path:
+        return
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"eval.out={path}: {parent} is not writable")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
+    unknown = [f for f in flags if f not in (*HELP_FLAGS, PRINT_CONFIG, NO_VERIFY)]
+    if unknown:
+        fail(f"unknown flag(s) {unknown}; the flags are -h/--help, --print-config and --no-verify "
+             "(python -m tools.eval --help)")
+    try:
+        cfg = load_config(overrides)
+    except ConfigError as e:
+        if any(f in HELP_FLAGS for f in flags):
+            print(help_text(load_config([])), end="")
+            return 0
+        fail(str(e))
+    if any(f in HELP_FLAGS for f in flags):
+        print(help_text(cfg), end="")
+        return 0
+    if PRINT_CONFIG in flags:
+        print(config_yaml(cfg))
+        return 0
+    from megatron_ext import dist
+    from posttrain.evals.runner import check, table, write_report
+    from tools import launch
+    from tools import mcore_ckpt as mc
+
+    try:
+        check(cfg.eval)
+        load = _checkpoint(cfg)
+        _check_out(cfg.eval.out)
+        world = cfg.parallel.tp * cfg.parallel.pp
+        env = dist.launch_env()
+        if "RANK" in __import__("os").environ and env.world_size != world:
+            raise ConfigError(f"tools.eval runs on parallel.tp * parallel.pp = {world} ranks, not {env.world_size} "
+                              "(data-parallel evaluation is not supported)")
+        report = launch.run(_rank, world, cfg, load, NO_VERIFY not in flags)
+    except ConfigError as e:
+        fail(str(e))
+    except mc.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, launch.RankError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if report is None:  # a rank other than 0 under torchrun
+        return 0
+    print(table(report))
+    if cfg.eval.out:
+        write_report(report, cfg.eval.out)
+        print(f"report: {cfg.eval.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
