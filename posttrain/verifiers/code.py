@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from posttrain.verifiers import sandbox_seccomp
 
@@ -145,6 +145,8 @@ def _bwrap_problem() -> Optional[str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         return f"bubblewrap did not start a test sandbox within 20 s; {_UNSAFE_HINT}"
+    except SandboxUnavailableError as exc:
+        return str(exc)
     except OSError as exc:
         return f"bubblewrap could not be started ({exc}); {_UNSAFE_HINT}"
     if proc.returncode != 0:
