@@ -265,11 +265,11 @@ class CheckpointConfig:
     allow_data_change: bool = False
     """Accept a resume whose data config (paths, split, seq length, seed, global batch) changed."""
     override_schedule: bool = False
-    """Resume policy for the schedule keys (train.steps, lr, min_lr, warmup_steps, lr_schedule,
-    wsd_decay_steps, weight_decay). False: a resume whose schedule keys differ from the
-    checkpoint's is refused, naming each changed key. True: the new schedule applies from the
-    resumed step (the LR at step s is what a fresh run of the new config has at step s), like
-    Megatron-LM's --override-opt_param-scheduler. Weights-only loads always start a new schedule."""
+    """On a resume whose schedule keys differ from the checkpoint's: false refuses it, naming each
+    changed key; true applies the new schedule from the resumed step. The schedule keys are
+    train.steps, lr, min_lr, warmup_steps, lr_schedule, wsd_decay_steps and weight_decay. With
+    true, the LR of step s is what a fresh run of the new config has at step s (like Megatron-LM's
+    --override-opt_param-scheduler). Weights-only loads always start a new schedule."""
     async_save: bool = False
     """Write the tensors of a save in the background while training continues; the checkpoint is
     committed (manifest, rename, `latest`) once every rank finished writing it."""

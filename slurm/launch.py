@@ -242,10 +242,32 @@ def rendezvous_env(env: Dict[str, str], alloc: Allocation) -> Dict[str, str]:
     return out
 
 
+def help_epilog() -> str:
+    """The part of --help after the flags: stages and their modules, config groups, the most
+    used keys with their defaults, how overrides work, what the launcher adds, exit codes."""
+    from megatron_ext.cli import COMMON_KEYS, OVERRIDES_HELP, groups_help, keys_help
+
+    cfg = load_config([])
+    lines = ["Everything else is a Hydra override (key=value), e.g. stage=pretrain model=qwen3_8b parallel.tp=4.",
+             "", "The module srun runs for each stage (its `python -m MODULE --help` shows that stage's defaults):"]
+    lines += [f"  stage={stage:<13} python -m {module}" for stage, module in STAGES.items()]
+    lines += [""] + groups_help(cfg) + ["", "Most used keys, with their defaults for stage=pretrain:"]
+    lines += keys_help(cfg, COMMON_KEYS)
+    lines += ["", OVERRIDES_HELP, "",
+              f"Added for requeue: checkpoint.dir={CHECKPOINT_ROOT}/<job name>/checkpoints unless given, and "
+              "checkpoint.load=auto\n  (a checkpoint.load=PATH is used until the job's own directory holds a checkpoint).",
+              "Exit codes: srun's (75: saved after a preemption signal, requeue); 2: the config or layout was "
+              "rejected\n  before anything was launched."]
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str]):
+    argv = list(argv)
+    wants_help = any(a in ("-h", "--help") for a in argv)
     parser = argparse.ArgumentParser(
         prog="slurm/launch.py", description=__doc__.split("\n\n")[0],
-        epilog="Everything else is a Hydra override (key=value), e.g. stage=pretrain model=qwen3_8b parallel.tp=4.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=help_epilog() if wants_help else None)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command, layout and config; launch nothing")
     parser.add_argument("--nodes", type=int, help="dry run outside a job: number of nodes (default 1)")
@@ -254,7 +276,7 @@ def parse_args(argv: Sequence[str]):
                         "(default: one per GPU)")
     parser.add_argument("--job-name", help=f"dry run outside a job: job name (default {DEFAULT_JOB_NAME})")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
-    return parser.parse_args(list(argv))
+    return parser.parse_args(argv)
 
 
 def _allocation(args, env: Dict[str, str]) -> Allocation:

@@ -166,3 +166,22 @@ def test_entry_refuses_a_stage_it_does_not_run(capsys):
     with pytest.raises(SystemExit):
         _entry_help("sft", ["--print-config", "stage=dpo"], capsys)
     assert "use python -m posttrain.dpo" in capsys.readouterr().err
+
+
+def test_slurm_launcher_help(capsys):
+    import importlib.util
+
+    launch = sys.modules.get("slurm_launch")
+    if launch is None:  # slurm/ is a folder of scripts: load launch.py as tests/test_slurm.py does
+        spec = importlib.util.spec_from_file_location("slurm_launch", REPO / "slurm" / "launch.py")
+        launch = sys.modules["slurm_launch"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(launch)
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for stage, module in launch.STAGES.items():
+        assert f"stage={stage} " in out and f"python -m {module}" in out
+    assert "qwen3_235b_a22b" in out and "fp8_blockwise" in out and "--dry-run" in out
+    assert "train.steps=30 " in out and "checkpoint.override_schedule=false" in out
+    assert "checkpoint.load=auto" in out and "did you mean" not in out
