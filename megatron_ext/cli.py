@@ -353,26 +353,32 @@ Resuming (checkpoint.load): a changed train.steps, lr, min_lr, warmup_steps, lr_
   applies the new schedule from the resumed step."""
 
 
+def config_help(cfg: Config, stages: Optional[Sequence[str]] = None,
+                keys_title: str = "Most used keys, with this entry's defaults (--print-config lists every key):") -> str:
+    """The config part of any entry's help: config groups (stage options limited to `stages`),
+    the most used keys with their values in `cfg` (plus the keys of `stages`), override rules.
+    Entries with their own argparse flags can put it in their epilog."""
+    lines = groups_help(cfg, stages) + ["", keys_title]
+    lines += keys_help(cfg, COMMON_KEYS)
+    extra = list(dict.fromkeys(k for s in (stages or ()) for k in STAGE_KEYS.get(s, ()) if k not in COMMON_KEYS))
+    if extra:
+        lines.append(f"Keys of this stage ({', '.join(stages)}):")
+        lines += keys_help(cfg, extra)
+    return "\n".join(lines + ["", OVERRIDES_HELP])
+
+
 def help_text(prog: str, description: str, cfg: Config, stages: Optional[Sequence[str]] = None,
               note: Optional[str] = None) -> str:
     """`--help` of a training entry: what it does, config groups, the most used keys with the
     defaults of this entry (cfg composed with its stage), overrides, flags, exit codes."""
-    lines = [f"usage: {prog} [-h] [--print-config] [key=value ...]", "", description.strip(), ""]
-    lines += groups_help(cfg, stages) + [""]
-    lines.append("Most used keys, with this entry's defaults (--print-config lists every key):")
-    lines += keys_help(cfg, COMMON_KEYS)
-    extra = [k for s in (stages or ()) for k in STAGE_KEYS.get(s, ()) if k not in COMMON_KEYS]
-    extra = list(dict.fromkeys(extra))
-    if extra:
-        lines.append(f"Keys of this stage ({', '.join(stages)}):")
-        lines += keys_help(cfg, extra)
-    lines += ["", OVERRIDES_HELP, "",
-              "Flags:",
-              "  -h, --help          show this help and exit",
-              "  --print-config      print the composed, validated config (every key) as YAML and exit",
-              "",
-              "Exit codes: 0 done, 1 checkpoint or non-finite loss error, 2 bad config or flag,",
-              "  75 saved after a preemption signal (requeue)."]
+    lines = [f"usage: {prog} [-h] [--print-config] [key=value ...]", "", description.strip(), "",
+             config_help(cfg, stages), "",
+             "Flags:",
+             "  -h, --help          show this help and exit",
+             "  --print-config      print the composed, validated config (every key) as YAML and exit",
+             "",
+             "Exit codes: 0 done, 1 checkpoint or non-finite loss error, 2 bad config or flag,",
+             "  75 saved after a preemption signal (requeue)."]
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"

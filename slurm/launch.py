@@ -245,15 +245,13 @@ def rendezvous_env(env: Dict[str, str], alloc: Allocation) -> Dict[str, str]:
 def help_epilog() -> str:
     """The part of --help after the flags: stages and their modules, config groups, the most
     used keys with their defaults, how overrides work, what the launcher adds, exit codes."""
-    from megatron_ext.cli import COMMON_KEYS, OVERRIDES_HELP, groups_help, keys_help
+    from megatron_ext.cli import config_help
 
-    cfg = load_config([])
     lines = ["Everything else is a Hydra override (key=value), e.g. stage=pretrain model=qwen3_8b parallel.tp=4.",
              "", "The module srun runs for each stage (its `python -m MODULE --help` shows that stage's defaults):"]
     lines += [f"  stage={stage:<13} python -m {module}" for stage, module in STAGES.items()]
-    lines += [""] + groups_help(cfg) + ["", "Most used keys, with their defaults for stage=pretrain:"]
-    lines += keys_help(cfg, COMMON_KEYS)
-    lines += ["", OVERRIDES_HELP, "",
+    lines += ["", config_help(load_config([]), keys_title="Most used keys, with their defaults for stage=pretrain:"),
+              "",
               f"Added for requeue: checkpoint.dir={CHECKPOINT_ROOT}/<job name>/checkpoints unless given, and "
               "checkpoint.load=auto\n  (a checkpoint.load=PATH is used until the job's own directory holds a checkpoint).",
               "Exit codes: srun's (75: saved after a preemption signal, requeue); 2: the config or layout was "
