@@ -200,22 +200,24 @@ def _save(rank, world_size, overrides, path):
     from tools import mcore_ckpt as mc
 
     from megatron_ext.grouped_experts import sequential_named_parameters
+    from megatron_ext.layout import global_name
 
     chunk = _build(overrides)
     mc.save([chunk], path)
     cfg = load_config(MOE + overrides)
-    return {mc.global_name(chunk, n, cfg.model): p.detach().clone() for n, p in sequential_named_parameters(chunk)}
+    return {global_name(chunk, n, cfg.model): p.detach().clone() for n, p in sequential_named_parameters(chunk)}
 
 
 def _load(rank, world_size, overrides, path):
     from tools import mcore_ckpt as mc
 
     from megatron_ext.grouped_experts import sequential_named_parameters
+    from megatron_ext.layout import global_name
 
     chunk = _build(overrides + ["train.seed=99"])  # other random weights than the saved ones
     cfg = load_config(MOE + overrides)
     mc.load([chunk], mc.Source(path, cfg.model, torch.float32))
-    return {mc.global_name(chunk, n, cfg.model): p.detach().clone() for n, p in sequential_named_parameters(chunk)}
+    return {global_name(chunk, n, cfg.model): p.detach().clone() for n, p in sequential_named_parameters(chunk)}
 
 
 @pytest.mark.parametrize("save_layout,load_layout", [

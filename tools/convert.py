@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep.indexed import check_writable_dir
+from megatron_ext import layout
 from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
 from models.mapping import Entry, by_mcore_name, expand, expected_hf_shapes, fuse, split
@@ -80,15 +81,15 @@ def fill_rank(hf: HFCheckpoint, chunks, m, entries: List[Entry]) -> set:
     by_name, filled = by_mcore_name(entries), set()
     params = [(chunk, name, p) for chunk in chunks for name, p in sequential_named_parameters(chunk)]
     for chunk, name, param in tqdm(params, desc="hf-to-mcore", unit="param", disable=not _rank0(), file=sys.stderr):
-        gname = mc.global_name(chunk, name, m)
+        gname = layout.global_name(chunk, name, m)
         entry = _source_entry(gname, by_name, m.tie_word_embeddings)
-        for h, want in zip(entry.hf, expected_hf_shapes(entry, mc.full_shape(param, name), m)):
+        for h, want in zip(entry.hf, expected_hf_shapes(entry, layout.full_shape(param, name), m)):
             if hf.shape(h) != want:
                 raise HFCheckpointError(f"HF tensor {h} in {hf.file_of(h)} has shape {list(hf.shape(h))}, "
                                         f"expected {list(want)} (for Megatron parameter {gname})")
         full = fuse(entry.kind, [hf.get(h) for h in entry.hf], m)
         with torch.no_grad():
-            param.copy_(mc.tp_shard(full, name))
+            param.copy_(layout.tp_shard(full, name))
         filled.add(entry.mcore)
         del full
     return filled

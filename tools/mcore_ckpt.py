@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -37,8 +36,6 @@ META_FILE = "qwen_checkpoint.json"
 TOKENIZER_DIR = "hf_tokenizer"
 FORMAT_VERSION = 1
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -92,57 +89,6 @@ def release_layout() -> None:
     """Forget the model-parallel groups (the process group stays) so another layout can follow."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-
-
-def global_name(chunk: torch.nn.Module, name: str, m: ModelConfig) -> str:
-    """This rank's parameter name -> the TP=PP=EP=1 name (global layer and expert numbers)."""
-    match = _LAYER.match(name)
-    if match:
-        layer = chunk.decoder.layers[int(match.group(1))].layer_number - 1  # layer_number is global, 1-based
-        name = f"decoder.layers.{layer}." + name[match.end():]
-    match = _EXPERT.search(name)
-    if match:
-        per_rank = m.num_experts // parallel_state.get_expert_model_parallel_world_size()
-        expert = parallel_state.get_expert_model_parallel_rank() * per_rank + int(match.group(1))
-        name = name[:match.start()] + f".local_experts.{expert}." + name[match.end():]
-    return name
-
-
-# Tensor-parallel split dimension by parameter name, for the local layer spec. Taken from the
-# names rather than Megatron's `partition_dim` attributes because those are only attached by
-# the weight initialisers, which the converters skip.
-_SPLIT_DIM = {"embedding.word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0,
-              "linear_qkv.bias": 0, "linear_fc1.weight": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
-
-
-def _split(name: str) -> Tuple[Optional[int], int, int]:
-    """(split dim or None, TP size, TP rank) of a parameter; experts use the expert-TP group."""
-    dim = next((d for suffix, d in _SPLIT_DIM.items() if name == suffix or name.endswith("." + suffix)), None)
-    if ".mlp.experts." in name:
-        return (dim, parallel_state.get_expert_tensor_parallel_world_size(),
-                parallel_state.get_expert_tensor_parallel_rank())
-    return dim, parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-
-
-def tp_shard(full: torch.Tensor, name: str) -> torch.Tensor:
-    """This rank's tensor-parallel piece of the full tensor for parameter `name`."""
-    dim, size, rank = _split(name)
-    if dim is None or size == 1:
-        return full
-    if name.endswith("linear_fc1.weight"):
-        # SwiGLU: each rank holds [its gate rows; its up rows], not a slice of [gate; up].
-        gate, up = torch.chunk(full, 2, dim=0)
-        return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]], dim=0)
-    return torch.chunk(full, size, dim=dim)[rank]
-
-
-def full_shape(param: torch.nn.Parameter, name: str) -> Tuple[int, ...]:
-    """The unsharded shape of a (possibly tensor-parallel) parameter."""
-    dim, size, _ = _split(name)
-    shape = list(param.shape)
-    if dim is not None:
-        shape[dim] *= size
-    return tuple(shape)
 
 
 def write_meta(ckpt: Path, m: ModelConfig, dtype: torch.dtype, hf_config: Optional[Dict[str, Any]]) -> None:
