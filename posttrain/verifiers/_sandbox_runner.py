@@ -1,6 +1,6 @@
 """The two processes of one sandboxed test run (started by `posttrain.verifiers.code`); stdlib only.
 
-    python -I -S -u _sandbox_runner.py candidate JOB_FD REQ_FD RESP_FD LIMITS_JSON
+    python -I -S -u _sandbox_runner.py candidate JOB_FD REQ_FD RESP_FD STARTED_FD LIMITS_JSON
     python -I -S -u _sandbox_runner.py harness   JOB_FD RESP_FD REQ_FD VERDICT_FD LIMITS_JSON
 
 Each runs in its own sandbox (own mount, PID, network and user namespaces when bubblewrap is
@@ -236,7 +236,7 @@ def _apply_limits(limits):
         resource.setrlimit(which, (value, value))
 
 
-def candidate_main(job_fd, req_fd, resp_fd, limits):
+def candidate_main(job_fd, req_fd, resp_fd, started_fd, limits):
     code = read_all(job_fd)["code"]
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -264,6 +264,8 @@ def candidate_main(job_fd, req_fd, resp_fd, limits):
 
     ns = {"__name__": "__main__", "__builtins__": builtins}
     load_error = None
+    os.write(started_fd, b"s")  # the caller's wall clock starts now (sandbox start-up is not counted)
+    os.close(started_fd)
     try:
         exec(compile(code, "<candidate>", "exec"), ns)  # noqa: S102 - this is the sandbox
     except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt from candidates too

@@ -346,7 +346,8 @@ def run_code_tests(code: str, tests: Union[str, Sequence[str]], timeout_s: float
                    max_output_bytes: int = 1 << 20, _audit_hook: bool = True) -> CodeResult:
     """Run `code`, then judge each test snippet (e.g. "assert f(2) == 4") against it, sandboxed.
 
-    timeout_s: wall clock for the whole run; memory_mb: the candidate's address space;
+    timeout_s: wall clock from the moment the candidate's code starts (sandbox start-up, at most
+    1 s more, is not counted); memory_mb: the candidate's address space;
     disk_mb: size of its work dir; max_output_bytes: its stdout + stderr before it is killed;
     sandbox: "bwrap" (default, or $CODE_SANDBOX) or "unsafe_local" (no isolation; see module doc).
     Tests run in order in one namespace (a test may use names an earlier test defined), in
@@ -376,20 +377,22 @@ def run_code_tests(code: str, tests: Union[str, Sequence[str]], timeout_s: float
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         herr_r, herr_w = os.pipe()
-        box.fds += [req_r, req_w, resp_r, resp_w, verdict_r, verdict_w, out_r, out_w, err_r, err_w, herr_r, herr_w]
+        started_r, started_w = os.pipe()
+        box.fds += [req_r, req_w, resp_r, resp_w, verdict_r, verdict_w, out_r, out_w, err_r, err_w, herr_r, herr_w,
+                    started_r, started_w]
         cand_job = box.memfd(json.dumps({"code": code}).encode())
         harn_job = box.memfd(json.dumps({"tests": tests}).encode())
-        box.spawn("candidate", [cand_job, req_r, resp_w],
+        box.spawn("candidate", [cand_job, req_r, resp_w, started_w],
                   {"as_bytes": memory_mb << 20, "cpu_s": cpu_s, "fsize_bytes": min(disk_mb, 16) << 20, "nproc": _NPROC,
                    "audit_hook": bool(_audit_hook)},
                   stdout=out_w, stderr=err_w)
         box.spawn("harness", [harn_job, resp_r, req_w, verdict_w],
                   {"as_bytes": _HARNESS_MEMORY_MB << 20, "cpu_s": cpu_s, "fsize_bytes": 1 << 20, "nproc": _NPROC},
                   stdout=subprocess.DEVNULL, stderr=herr_w)
-        for fd in (req_r, req_w, resp_r, resp_w, verdict_w, out_w, err_w, herr_w):  # the children hold these now
+        for fd in (req_r, req_w, resp_r, resp_w, verdict_w, out_w, err_w, herr_w, started_w):  # the children hold these now
             os.close(fd)
             box.fds.remove(fd)
-        outcome = _collect(box, verdict_r, out_r, err_r, herr_r, start + timeout_s, max_output_bytes)
+        outcome = _collect(box, verdict_r, out_r, err_r, herr_r, started_r, start, timeout_s, max_output_bytes)
     verdicts, summary, why, stdout, stderr, herr = outcome
     duration = time.monotonic() - start
     passed = sum(1 for v in verdicts if v.get("ok") is True)
@@ -412,18 +415,27 @@ def run_code_tests(code: str, tests: Union[str, Sequence[str]], timeout_s: float
     return CodeResult(status, passed, len(tests), errors, violations, stdout, stderr, duration)
 
 
-def _collect(box: _Sandbox, verdict_r: int, out_r: int, err_r: int, herr_r: int, deadline: float,
-             max_output: int):
-    """Read every pipe without blocking until the harness's summary, the deadline or a cap."""
+_STARTUP_ALLOWANCE_S = 1.0   # sandbox start-up not counted against timeout_s, at most this long
+
+
+def _collect(box: _Sandbox, verdict_r: int, out_r: int, err_r: int, herr_r: int, started_r: int, start: float,
+             timeout_s: float, max_output: int):
+    """Read every pipe without blocking until the harness's summary, the deadline or a cap.
+
+    The deadline is timeout_s after the candidate process signals (on `started_r`) that it is
+    about to run the code, and never later than timeout_s + _STARTUP_ALLOWANCE_S after `start`."""
+    latest = start + timeout_s + _STARTUP_ALLOWANCE_S
+    deadline = latest
     out, err, herr = _Capture(_KEEP_CHARS), _Capture(_KEEP_CHARS, tail=True), _Capture(_KEEP_CHARS, tail=True)
     verdict_buf = bytearray()
     verdicts: List[dict] = []
     summary, why = None, None
     sel = selectors.DefaultSelector()
-    for fd, name in ((verdict_r, "verdict"), (out_r, "out"), (err_r, "err"), (herr_r, "herr")):
+    for fd, name in ((verdict_r, "verdict"), (out_r, "out"), (err_r, "err"), (herr_r, "herr"), (started_r, "started")):
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ, name)
-    open_fds = 4
+    open_fds = 5
+    started = False
     grace_end = None   # after the summary: a moment for the candidate's last output, then kill
     try:
         while open_fds:
@@ -442,7 +454,11 @@ def _collect(box: _Sandbox, verdict_r: int, out_r: int, err_r: int, herr_r: int,
                     sel.unregister(key.fd)
                     open_fds -= 1
                     continue
-                if key.data == "out":
+                if key.data == "started":
+                    if not started:
+                        started = True
+                        deadline = min(latest, time.monotonic() + timeout_s)
+                elif key.data == "out":
                     out.add(chunk)
                 elif key.data == "err":
                     err.add(chunk)
