@@ -87,6 +87,10 @@ ATTACKS = [
      "def f():\n    return C()", ["assert 3 in f()"], ("failed",), ("failed",)),
     ("lie through the value encoder", "import __main__\n__main__.encode = lambda *a, **k: {'h': 999}\ndef f():\n    return 0",
      ["assert f() == 3"], NOT_PASSED, NOT_PASSED),
+    ("shadow a builtin the tests use", "def abs(x):\n    return 0\ndef len(x):\n    return 3\ndef f(x):\n    return 0",
+     ["assert abs(f(2) - 4) < 1e-9", "assert len(f(1)) == 3"], ("failed",), ("failed",)),
+    ("fake standard module", "class math:\n    @staticmethod\n    def isclose(*a, **k):\n        return True\ndef f():\n    return 0",
+     ["assert math.isclose(f(), 0.5)"], ("failed",), ("failed",)),
     ("sqlite3 outside the work dir", "import sqlite3\nsqlite3.connect('/tmp/sbx-attack.db').execute('create table t(x)')\n"
      "sqlite3.connect('{dir}/sbx-attack.db').execute('create table t(x)')", ["assert True"], ("forbidden",), NOT_PASSED),
     ("mkfifo outside the work dir", "import os\nos.mkfifo('/tmp/sbx-attack-fifo')\nos.mkfifo('{dir}/sbx-attack-fifo')",
@@ -255,7 +259,7 @@ def test_wrong_programs_fail(name, code, tests, mode):
 @pytest.mark.parametrize("mode", _modes())
 def test_harness_attacks_fail_without_isolation_too(mode):
     """Judging happens in the harness, so even the local fallback is not gamed by these."""
-    for name, code, tests, _, _ in ATTACKS[:6]:
+    for name, code, tests, _, _ in ATTACKS[:8]:
         r = run_code_tests(_fill(code, 0, "/nonexistent"), tests, timeout_s=5, sandbox=mode)
         assert r.status != "passed" and r.passed < r.total, (name, r)
 

@@ -16,7 +16,9 @@ used); they share nothing but two pipes.
   candidate's functions are proxies. Every value that crosses the pipe is encoded as a tree of
   plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset,
   range) and rebuilt here as genuine built-in objects, so `==`, `<`, `in`, `sorted` ... run on the
-  harness's own objects. Anything else stays in the candidate as an opaque handle: calls,
+  harness's own objects. The candidate's top-level names are visible to the tests, except names
+  of built-ins (`abs`, `len`, `sorted`, ...) and of standard modules that are not that module
+  (a class called `math`): the tests' own helpers cannot be replaced. Anything else stays in the candidate as an opaque handle: calls,
   attribute access, indexing, iteration, len/str/int/float/bool go to the candidate; comparing a
   handle with a test value is never delegated (it would show the expected value to the
   candidate): `==` falls back to identity (False) and ordering raises TypeError. The verdict
@@ -535,10 +537,16 @@ def harness_main(job_fd, resp_fd, req_fd, verdict_fd, limits):
     if summary["load_error"] is not None:
         summary["load_error"] = str(summary["load_error"])[:MAX_TEXT]
     ns = {"__name__": "__test__", "__builtins__": builtins}
+    builtin_names = set(dir(builtins))
     for name, info in (names.items() if type(names) is dict else ()):
         try:
+            name = str(name)
+            if name in builtin_names or name.startswith("__"):
+                continue  # never let the candidate replace abs, len, sorted, isinstance ... used by the tests
             if "m" in info and str(info["m"]) in sys.stdlib_module_names:
                 ns[name] = __import__(str(info["m"]), fromlist=["_"])
+            elif name in sys.stdlib_module_names:
+                continue  # a `math` that is not the math module
             elif "v" in info:
                 ns[name] = decode(info["v"], conn.proxy)
             elif "g" in info:
