@@ -201,3 +201,134 @@ def test_eval_config_rules():
                        (dict(top_p=0.0), "top_p")):
         with pytest.raises(ConfigError, match=words):
             check(EvalConfig(**bad))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+STEP1 = ["model=qwen3_debug", "train.steps=1", "train.warmup_steps=0", "train.micro_batch_size=2",
+         "train.global_batch_size=2"]
+
+
+def _train_and_evaluate(rank, world, root, runs):
+    """Tiny SFT policy, RM and PRM checkpoints (one step each), then each `runs` argv through
+    tools.eval's command line; (exit code, report or None) per run."""
+    from posttrain.common import run_cli
+    from posttrain.prm import PRMStage
+    from posttrain.rm import RewardModelStage
+    from posttrain.sft import SFTStage
+    from tools.eval import main
+
+    assert run_cli("sft", SFTStage, STEP1 + [f"checkpoint.dir={root}/policy"]) == 0
+    assert run_cli("rm", RewardModelStage, STEP1 + ["data.seq_length=48", "posttrain.num_samples=4",
+                                                    f"checkpoint.dir={root}/rm"]) == 0
+    assert run_cli("prm", PRMStage, STEP1 + ["data.seq_length=80", "posttrain.num_samples=4",
+                                             f"checkpoint.dir={root}/prm"]) == 0
+    out = []
+    for i, argv in enumerate(runs):
+        path = f"{root}/report{i}.json"
+        rc = main([a.format(root=root) for a in argv] + [f"eval.out={path}"])
+        try:
+            with open(path) as f:
+                out.append((rc, json.load(f)))
+        except FileNotFoundError:
+            out.append((rc, None))
+    return out
+
+
+def _local_files(root):
+    (root / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
+        {"question": "What is 10 - 6?", "answer": "#### 4"})))
+    (root / "mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"task_id": 1, "text": "Write a function to add two numbers.", "test_list": ["assert add(1, 2) == 3"]},
+        {"task_id": 2, "prompt": "Write a function `neg(x)` returning -x.", "tests": ["assert neg(2) == -2"]})))
+
+
+def _check_sample_task(name, task, k, max_new_tokens):
+    items = task["items"]
+    assert task["problems"] == len(items) == 2, name
+    for it in items:
+        assert len(it["completions"]) == len(it["correct"]) == len(it["rm"]) == len(it["prm"]) == k, name
+        assert all(isinstance(c, bool) for c in it["correct"])
+        assert all(isinstance(s, float) and math.isfinite(s) for s in it["rm"]), name
+    # The report's numbers are the arithmetic of its own verdicts and scores.
+    from posttrain.evals.runner import sample_metrics
+
+    assert task["metrics"] == pytest.approx(sample_metrics(task["kind"], items, k)), name
+    m = task["metrics"]
+    assert m["accuracy"] == pytest.approx(sum(sum(it["correct"]) / k for it in items) / len(items))
+    rm_pick = [it["correct"][max(range(k), key=lambda j: (it["rm"][j], -j))] for it in items]
+    assert m[f"rm@{k}"] == pytest.approx(sum(rm_pick) / len(items))
+    assert set(m) >= {"accuracy", "pass@1", f"pass@{k}", f"rm@{k}", f"prm_min@{k}", f"prm_last@{k}", f"prm_prod@{k}"}
+    assert (f"maj@{k}" in m) == (task["kind"] == "math")
+
+
+def test_every_task_end_to_end_on_a_tiny_model(tmp_path, capsys):
+    """Through python -m tools.eval's main: all task kinds, k=2 sampled answers of at most 3
+    tokens, RM and PRM best-of-2, ProcessBench F1; a wrong reward checkpoint exits 2. Then the
+    same greedy run at PP=2 (two spawned ranks) gives the PP=1 completions and scores."""
+    _local_files(tmp_path)
+    k, new = 2, 3
+    full = ["checkpoint.load={root}/policy",
+            "eval.tasks=[humaneval,math_synth,code_synth,{root}/gsm.jsonl,{root}/mbpp.jsonl,processbench]",
+            "eval.limit=2", f"eval.k={k}", "eval.temperature=1.0", f"eval.max_new_tokens={new}", "eval.few_shot=1",
+            "eval.rm_load={root}/rm", "eval.prm_load={root}/prm", "eval.batch_size=3"]
+    runs = [full,
+            ["checkpoint.load={root}/policy", "eval.tasks=[math_synth]", "eval.limit=2", "eval.max_new_tokens=2",
+             "eval.rm_load={root}/policy"]]  # not a reward model: refused
+    (rc, report), (rc_bad, bad), (rc_greedy, greedy) = run_on_ranks(
+        _train_and_evaluate, 1, str(tmp_path), runs + [GREEDY], timeout=900)[0]
+    assert rc == 0 and rc_bad == 2 and bad is None
+    tasks = report["tasks"]
+    assert list(tasks) == ["humaneval", "math_synth", "code_synth", f"{tmp_path}/gsm.jsonl", f"{tmp_path}/mbpp.jsonl",
+                           "processbench"]
+    assert report["samples_per_problem"] == k and report["eval"]["k"] == k
+    for name, task in tasks.items():
+        if name != "processbench":
+            _check_sample_task(name, task, k, new)
+    assert [it["id"] for it in tasks["humaneval"]["items"]] == ["HumanEval/0", "HumanEval/1"]
+    assert tasks[f"{tmp_path}/gsm.jsonl"]["kind"] == "math" and tasks[f"{tmp_path}/mbpp.jsonl"]["kind"] == "code"
+    pb = tasks["processbench"]
+    from posttrain.prm import earliest_error, processbench_f1
+
+    assert pb["problems"] == 2 and pb["metrics"]["n_error"] == pb["metrics"]["n_correct"] == 1  # eval.limit
+    err = [it["predicted"] == it["label"] for it in pb["items"] if it["label"] >= 0]
+    ok = [it["predicted"] == it["label"] for it in pb["items"] if it["label"] < 0]
+    assert all(it["predicted"] == earliest_error(it["step_probs"]) for it in pb["items"])
+    assert pb["metrics"]["processbench_f1"] == pytest.approx(processbench_f1(sum(err) / len(err), sum(ok) / len(ok)))
+
+    # Every verdict is what the verifiers say about the stored completion.
+    from posttrain.evals.tasks import judge, load_task
+
+    for name in ("math_synth", f"{tmp_path}/gsm.jsonl", f"{tmp_path}/mbpp.jsonl"):
+        for p, it in zip(load_task(name, limit=2).problems, tasks[name]["items"]):
+            assert it["correct"] == [judge(p, c)["correct"] for c in it["completions"]], name
+    # Pipeline parallel: greedy completions, RM scores and PRM step scores equal PP=1's.
+    assert rc_greedy == 0
+    (rc2, pp2), _ = run_on_ranks(_evaluate, 2, str(tmp_path), GREEDY + ["parallel.pp=2"], timeout=600)
+    assert rc2 == 0
+    for name, task in greedy["tasks"].items():
+        for a, b in zip(task["items"], pp2["tasks"][name]["items"]):
+            if name == "processbench":
+                assert a["step_probs"] == pytest.approx(b["step_probs"], abs=1e-5)
+            else:
+                assert a["completions"] == b["completions"] and a["rm"] == pytest.approx(b["rm"], abs=1e-4)
+                assert [list(s.values()) for s in a["prm"]] == [pytest.approx(list(s.values()), abs=1e-5)
+                                                                for s in b["prm"]]
+    assert len(greedy["tasks"]["math_synth"]["items"][0]["completions"]) == 1
+
+
+GREEDY = ["checkpoint.load={root}/policy", "eval.tasks=[math_synth,processbench]", "eval.limit=2",
+          "eval.max_new_tokens=3", "eval.rm_load={root}/rm", "eval.prm_load={root}/prm"]
+
+
+def _evaluate(rank, world, root, argv):
+    from tools.eval import main
+
+    path = f"{root}/pp{world}.json"
+    rc = main([a.format(root=root) for a in argv] + [f"eval.out={path}"])
+    if rank != 0:
+        return rc, None
+    with open(path) as f:
+        return rc, json.load(f)

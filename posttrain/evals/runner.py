@@ -1,0 +1,345 @@
+"""Evaluate a checkpoint: generate samples, score them with a reward model / PRM, judge, report.
+
+`evaluate(cfg)` is collective over the model-parallel ranks (TP x PP, every rank calls it with
+the same config): the policy generates with the KV-cached `megatron_ext.generation.generate`,
+then the optional reward model (`eval.rm_load`) and PRM (`eval.prm_load`) checkpoints score every
+sample, one model in memory at a time. Rank 0 judges the samples (math: `verify_math`; code: the
+sandbox) and returns the report; the other ranks return None.
+
+Metrics per task (n = eval.num_samples or eval.k samples per problem, k = eval.k):
+`accuracy` (mean share of correct samples = unbiased pass@1), `pass@j` for j = 1, 2, 4, ..., k
+(Chen et al.'s unbiased estimator from the n samples), and on the first k samples `maj@k` (math:
+the most frequent equivalent answer), `rm@k` (the reward model's highest-scored sample) and
+`prm_min@k` / `prm_last@k` / `prm_prod@k` (the PRM's step probabilities reduced by min, last or
+product). ProcessBench-form tasks report `error_acc`, `correct_acc` and `processbench_f1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from data_prep.chat import encode_chat
+from megatron_ext.config import Config, ConfigError
+from megatron_ext.eval_config import EvalConfig
+from megatron_ext.generation import chatml_stop_ids, forward, generate
+from posttrain.evals import metrics as M
+from posttrain.evals.tasks import Problem, Task, answer_classes, fewshot_turns, judge, load_task, messages
+
+# Checkpoint reading is shared with the tools (tools/mcore_ckpt.py) for now.
+from tools import mcore_ckpt as mc  # noqa: E402
+
+STEP_SEPARATOR = "\n\n"
+
+
+def check(e: EvalConfig) -> None:
+    """The eval section's rules; ConfigError names the keys."""
+    errors = []
+    n = e.num_samples or e.k
+    if not e.tasks:
+        errors.append("eval.tasks is empty")
+    if e.k < 1 or n < e.k:
+        errors.append(f"need 1 <= eval.k <= eval.num_samples, got k={e.k}, num_samples={e.num_samples}")
+    if n > 1 and e.temperature <= 0:
+        errors.append(f"{n} samples per problem (eval.k / eval.num_samples) need eval.temperature > 0 "
+                      "(greedy decoding gives one answer)")
+    if e.temperature < 0 or not 0 < e.top_p <= 1:
+        errors.append(f"need eval.temperature >= 0 and 0 < eval.top_p <= 1, got {e.temperature}, {e.top_p}")
+    for key in ("max_new_tokens", "batch_size", "synth_size"):
+        if getattr(e, key) < 1:
+            errors.append(f"eval.{key}={getattr(e, key)} must be >= 1")
+    if e.limit is not None and e.limit < 1:
+        errors.append(f"eval.limit={e.limit} must be >= 1 (or null)")
+    if e.few_shot < 0 or e.timeout_s <= 0:
+        errors.append(f"need eval.few_shot >= 0 and eval.timeout_s > 0, got {e.few_shot}, {e.timeout_s}")
+    if "processbench" in e.tasks and not e.prm_load:
+        errors.append("eval.tasks has processbench, which scores a PRM: set eval.prm_load")
+    if errors:
+        raise ConfigError("invalid eval config:\n  - " + "\n  - ".join(errors))
+
+
+# ---------------------------------------------------------------- models
+
+
+def tokenizer_for(src: mc.Source, default: str):
+    from data_prep.tokenizer import get_tokenizer
+
+    return get_tokenizer(str(src.tokenizer_dir) if src.tokenizer_dir else (src.tokenizer_name or default))
+
+
+def _stage_of(src: mc.Source) -> Optional[str]:
+    if src.manifest_dir is None:
+        return None
+    from megatron_ext.checkpoint import read_meta
+
+    return (read_meta(src.manifest_dir).get("config") or {}).get("stage")
+
+
+def load_model(path: str, cfg: Config, verify: bool = True, value_stage: Optional[str] = None):
+    """Collective: (model chunks, Source) of a checkpoint at cfg's TP/PP layout; with
+    `value_stage` ("rm" / "prm") the checkpoint must be that stage's, and gets its value head."""
+    src = mc.open_checkpoint(path, verify=verify)
+    if value_stage is not None and _stage_of(src) != value_stage:
+        raise ValueError(f"{path}: not a {value_stage.upper()} training checkpoint (its stage is "
+                         f"{_stage_of(src)}); eval.{value_stage}_load needs one written by python -m posttrain.{value_stage}")
+    layout = mc.layout_config(src.model, src.dtype, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    chunks = mc.build(layout)
+    if value_stage is not None:
+        from posttrain.rm import add_value_head
+
+        for chunk in chunks:
+            add_value_head(chunk, layout)
+    mc.load(chunks, src)
+    return chunks, src
+
+
+def _from_last_stage(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return t
+    buf = t.to(device)
+    torch.distributed.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return buf.cpu()
+
+
+def head_values(chunks, seqs: Sequence[Sequence[int]], pad: int, batch_size: int) -> List[torch.Tensor]:
+    """Collective: a value head's output at every position of each sequence (known on every rank)."""
+    cfg = chunks[0].config
+    mult = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
+    device = next(chunks[0].parameters()).device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        group = seqs[start:start + batch_size]
+        width = -(-max(len(s) for s in group) // mult) * mult
+        tokens = torch.full((len(group), width), pad, dtype=torch.long)
+        for i, s in enumerate(group):
+            tokens[i, :len(s)] = torch.tensor(list(s))
+        values = forward(chunks, tokens)  # right padding is invisible to earlier positions (causal)
+        values = values[..., 0] if values is not None else torch.zeros(len(group), width)
+        values = _from_last_stage(values.contiguous(), device)
+        out += [values[i, :len(s)] for i, s in enumerate(group)]
+    return out
+
+
+def prm_inputs(tok, question: str, steps: Sequence[str]):
+    """PRM input ids (as posttrain/prm.py trains: the question as user turn, each step followed by
+    the separator) and the separator positions."""
+    ids, _ = encode_chat(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
+    positions = []
+    for step in steps:
+        ids = ids + tok.encode(step + STEP_SEPARATOR)
+        positions.append(len(ids) - 1)
+    return ids, positions
+
+
+def split_steps(text: str) -> List[str]:
+    return [s.strip() for s in text.split(STEP_SEPARATOR) if s.strip()]
+
+
+# ---------------------------------------------------------------- the collective run
+
+
+def _generate_task(chunks, tok, task: Task, e: EvalConfig, progress) -> List[List[str]]:
+    """n completions (text, cut at the end of the turn) per problem."""
+    n = e.num_samples or e.k
+    shots = fewshot_turns(task.kind, e.few_shot)
+    prompts = [encode_chat(tok, messages(p, shots), add_generation_prompt=True)[0] for p in task.problems]
+    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    texts: List[List[str]] = [[] for _ in prompts]
+    eos = chatml_stop_ids(tok)
+    for call, start in enumerate(range(0, len(rows), e.batch_size)):
+        batch = rows[start:start + e.batch_size]
+        out = generate(chunks, [prompts[i] for i, _ in batch], e.max_new_tokens, temperature=e.temperature,
+                       top_p=e.top_p, greedy=e.temperature == 0, seed=e.seed * 1_000_003 + call, eos_token_id=eos)
+        for (i, _), ids in zip(batch, out.tokens):
+            texts[i].append(tok.decode([t for t in ids if t not in eos]))
+        progress.update(len(batch))
+    return texts
+
+
+def _broadcast_tasks(e: EvalConfig) -> List[Task]:
+    """Rank 0 loads the problems (code_synth runs the sandbox), the others receive them."""
+    box = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = [load_task(name, e.limit, e.synth_size, e.timeout_s) for name in e.tasks]
+        except ValueError as err:
+            box[0] = err
+    torch.distributed.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def evaluate(cfg: Config, load: str, verify: bool = True) -> Optional[dict]:
+    """Collective: the report (rank 0) of checkpoint `load` on the tasks of `cfg.eval`."""
+    from tqdm import tqdm
+
+    e = cfg.eval
+    check(e)
+    policy, src = load_model(load, cfg, verify)
+    tok = tokenizer_for(src, cfg.data.tokenizer)
+    tasks = _broadcast_tasks(e)
+    gen_tasks = [t for t in tasks if t.kind != "processbench"]
+    rank0 = torch.distributed.get_rank() == 0
+    n = e.num_samples or e.k
+    total = sum(len(t.problems) for t in gen_tasks) * n
+    with tqdm(total=total, desc="generating", unit="sample", disable=not rank0 or not total, mininterval=2,
+              file=sys.stderr) as bar:
+        samples = {t.name: _generate_task(policy, tok, t, e, bar) for t in gen_tasks}
+    del policy
+    rm_scores, prm_scores, pb_probs = {}, {}, {}
+    if e.rm_load:
+        rm, _ = load_model(e.rm_load, cfg, verify, "rm")
+        for t in gen_tasks:
+            seqs = [encode_chat(tok, [{"role": "user", "content": p.question},
+                                      {"role": "assistant", "content": text}])[0]
+                    for p, texts in zip(t.problems, samples[t.name]) for text in texts]
+            flat = [float(v[-1]) for v in head_values(rm, seqs, tok.pad, e.batch_size)]
+            rm_scores[t.name] = [flat[i * n:(i + 1) * n] for i in range(len(t.problems))]
+        del rm
+    if e.prm_load:
+        prm, _ = load_model(e.prm_load, cfg, verify, "prm")
+        for t in tasks:
+            if t.kind == "processbench":
+                pb_probs[t.name] = _step_probs(prm, tok, [(p.question, p.steps) for p in t.problems], e.batch_size)
+            else:
+                items = [(p.question, split_steps(text)) for p, texts in zip(t.problems, samples[t.name])
+                         for text in texts]
+                flat = _step_probs(prm, tok, items, e.batch_size)
+                prm_scores[t.name] = [flat[i * n:(i + 1) * n] for i in range(len(t.problems))]
+        del prm
+    mc.release_layout()
+    if not rank0:
+        return None
+    report = {"checkpoint": str(load), "eval": dataclasses.asdict(e), "samples_per_problem": n, "tasks": {}}
+    for t in tasks:
+        if t.kind == "processbench":
+            report["tasks"][t.name] = processbench_report(t, pb_probs[t.name])
+        else:
+            report["tasks"][t.name] = task_report(t, samples[t.name], e, rm_scores.get(t.name),
+                                                  prm_scores.get(t.name))
+    return report
+
+
+def _step_probs(prm, tok, items, batch_size: int) -> List[List[float]]:
+    """P(step correct) at each step's separator, per (question, steps) item."""
+    inputs = [prm_inputs(tok, q, steps) for q, steps in items]
+    values = head_values(prm, [ids for ids, _ in inputs], tok.pad, batch_size)
+    return [torch.sigmoid(v[pos]).tolist() if pos else [] for v, (_, pos) in zip(values, inputs)]
+
+
+# ---------------------------------------------------------------- metrics and report (rank 0)
+
+
+def prm_reduce(probs: Sequence[float]) -> Dict[str, float]:
+    """A sample's PRM score three ways; None for a sample without steps (never chosen)."""
+    if not probs:
+        return {"min": None, "last": None, "prod": None}
+    return {"min": min(probs), "last": probs[-1], "prod": math.prod(probs)}
+
+
+def task_report(task: Task, texts: List[List[str]], e: EvalConfig, rm: Optional[List[List[float]]] = None,
+                prm: Optional[List[List[List[float]]]] = None) -> dict:
+    """Judge every sample and compute the task's metrics (see the module doc)."""
+    from tqdm import tqdm
+
+    k, n = e.k, e.num_samples or e.k
+    items = []
+    for i, (p, outs) in enumerate(tqdm(list(zip(task.problems, texts)), desc=f"judging {task.name}",
+                                       mininterval=2, file=sys.stderr, disable=len(texts) * n < 64)):
+        verdicts = [judge(p, text, e.timeout_s) for text in outs]
+        item = {"id": p.id, "correct": [v["correct"] for v in verdicts], "answers": [v["answer"] for v in verdicts],
+                "completions": outs}
+        if rm is not None:
+            item["rm"] = rm[i]
+        if prm is not None:
+            item["prm"] = [prm_reduce(s) for s in prm[i]]
+        items.append(item)
+    metrics = sample_metrics(task.kind, items, k)
+    return {"kind": task.kind, "problems": len(items), "metrics": metrics, "items": items}
+
+
+def sample_metrics(kind: str, items: List[dict], k: int) -> Dict[str, float]:
+    """accuracy, pass@j, maj@k, rm@k, prm_*@k from judged items (each: "correct" per sample, and
+    "answers", "rm", "prm" where present)."""
+    n = len(items[0]["correct"])
+    out = {"accuracy": M.mean([sum(it["correct"]) / n for it in items])}
+    for j in M.powers_of_two(k):
+        out[f"pass@{j}"] = M.mean([M.pass_at_k(n, sum(it["correct"]), j) for it in items])
+    if kind == "math" and k > 1:
+        hits = []
+        for it in items:
+            pick = M.majority_index(answer_classes(it["answers"][:k]))
+            hits.append(pick is not None and it["correct"][pick])
+        out[f"maj@{k}"] = M.mean([float(h) for h in hits])
+    if "rm" in items[0]:
+        out[f"rm@{k}"] = M.mean([float(it["correct"][M.best_index(it["rm"][:k])]) for it in items])
+    if "prm" in items[0]:
+        for how in ("min", "last", "prod"):
+            picks = [M.best_index([_nan(s[how]) for s in it["prm"][:k]]) for it in items]
+            out[f"prm_{how}@{k}"] = M.mean([float(it["correct"][i]) for it, i in zip(items, picks)])
+    return out
+
+
+def _nan(v: Optional[float]) -> float:
+    return math.nan if v is None else v
+
+
+def processbench_report(task: Task, probs: List[List[float]]) -> dict:
+    from posttrain.prm import earliest_error, processbench_f1
+
+    items, err, ok = [], [], []
+    for p, pr in zip(task.problems, probs):
+        pred = earliest_error(pr)
+        (err if p.label >= 0 else ok).append(pred == p.label)
+        items.append({"id": p.id, "label": p.label, "predicted": pred, "step_probs": pr})
+    err_acc, ok_acc = M.mean([float(x) for x in err]), M.mean([float(x) for x in ok])
+    metrics = {"error_acc": err_acc, "correct_acc": ok_acc, "n_error": len(err), "n_correct": len(ok)}
+    if err_acc is not None and ok_acc is not None:
+        metrics["processbench_f1"] = processbench_f1(err_acc, ok_acc)
+    return {"kind": "processbench", "problems": len(items), "metrics": metrics, "items": items}
+
+
+def write_report(report: dict, path: str) -> None:
+    """Write the JSON report atomically (a temp file beside it, then a rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=1, allow_nan=False, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+
+
+def _json_default(value):
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def table(report: dict) -> str:
+    """One row per task, one column per metric ("-" where a task has none)."""
+    tasks = report["tasks"]
+    columns = []
+    for t in tasks.values():
+        columns += [c for c in t["metrics"] if c not in columns]
+    order = ("accuracy", "pass@", "maj@", "rm@", "prm_", "error_acc", "correct_acc", "n_", "processbench_f1")
+    columns.sort(key=lambda c: next(i for i, p in enumerate(order + ("",)) if c.startswith(p)))  # stable
+    header = ["task", "problems"] + columns
+    # A local file is shown by its file name (the report keeps the path).
+    rows = [[Path(name).name, str(t["problems"])] + [_fmt(t["metrics"].get(c)) for c in columns]
+            for name, t in tasks.items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return str(v) if isinstance(v, int) else f"{v:.4f}"
