@@ -569,6 +569,10 @@ class Remote:
     __ge__ = _remote_cmp("ge", _not_delegated)
 
 
+_NO_IMPORT = {"antigravity", "this", "__hello__", "__phello__", "idlelib", "tkinter", "turtle", "turtledemo",
+              "webbrowser", "pydoc", "pdb", "code", "site"}   # modules whose import acts (the harness binds its own copy)
+
+
 def harness_main(job_fd, resp_fd, req_fd, verdict_fd, limits):
     tests = read_all(job_fd)["tests"]
     _apply_limits(limits)
@@ -590,7 +594,8 @@ def harness_main(job_fd, resp_fd, req_fd, verdict_fd, limits):
             name = str(name)
             if name in builtin_names or name.startswith("__"):
                 continue  # never let the candidate replace abs, len, sorted, isinstance ... used by the tests
-            if "m" in info and str(info["m"]) in sys.stdlib_module_names:
+            if "m" in info and str(info["m"]).split(".")[0] in sys.stdlib_module_names \
+                    and str(info["m"]).split(".")[0] not in _NO_IMPORT:
                 ns[name] = __import__(str(info["m"]), fromlist=["_"])
             elif name in sys.stdlib_module_names:
                 continue  # a `math` that is not the math module
