@@ -22,7 +22,7 @@ from megatron_ext import cpu_backend, dist, init, patches
 from megatron_ext.cross_entropy import GPTModel
 from megatron_ext.config import Config, TrainConfig
 from megatron_ext.spec import decoder_block_spec, use_transformer_engine
-from models import transformer_config
+from megatron_ext.transformer import transformer_config
 from models.rope import apply_rope_scaling
 
 log = logging.getLogger(__name__)

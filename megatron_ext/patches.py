@@ -17,7 +17,7 @@
   `NameError: name 'te_general_gemm' is not defined`. The patch binds it to None, which selects
   the function's own torch.mm path.
 - wgrad_accumulation_fusion: Megatron's `gradient_accumulation_fusion` (on for GPUs, see
-  models/common.py) accumulates each linear layer's weight gradient straight into its fp32
+  megatron_ext/transformer.py) accumulates each linear layer's weight gradient straight into its fp32
   `main_grad` with Apex's `fused_weight_gradient_mlp_cuda` (one GEMM, instead of a bf16 gradient
   and a separate `add_` per weight and micro-batch). Apex is not on PyPI, and without it the
   local layers refuse the option; torch's `addmm(out_dtype=float32)` (cuBLAS: bf16 inputs, fp32
@@ -93,7 +93,7 @@ class _WgradAccumulation:
 
 
 def wgrad_accumulation_fusion() -> None:
-    """Megatron's `gradient_accumulation_fusion` (set on GPUs, models/common.py) needs Apex's
+    """Megatron's `gradient_accumulation_fusion` (set on GPUs, megatron_ext/transformer.py) needs Apex's
     `fused_weight_gradient_mlp_cuda` for its local linear layers (all of the local spec, and the
     output layer under TE); Apex is not on PyPI, so torch's own GEMM stands in for it."""
     from megatron.core.tensor_parallel import layers

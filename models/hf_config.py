@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from megatron_ext.config import ModelConfig
+from models.config import ModelConfig
 from models import rope
 
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from megatron_ext.config import ModelConfig
+from models.config import ModelConfig
 
 KINDS = ("copy", "qkv", "gate_up")
 # Where a rule applies: once per model, once per layer, per dense-MLP layer, per MoE layer,

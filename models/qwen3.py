@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from megatron_ext.config import ModelConfig
+from models.config import ModelConfig
 from models import mapping as mp
 from models.hf_config import HFConfigError, as_dict, dense_from_hf, dense_to_hf, head_dim_from_hf
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from megatron_ext.config import ModelConfig
+from models.config import ModelConfig
 from models import mapping as mp
 from models.hf_config import as_dict, dense_from_hf, dense_to_hf, moe_from_hf, moe_to_hf
 from models.qwen3 import attention_fields, attention_to_hf

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Dict
 
-from megatron_ext.config import ModelConfig
+from models.config import ModelConfig
 from models import qwen2, qwen2_moe, qwen3, qwen3_moe
 from models.hf_config import HFConfigError, as_dict
 

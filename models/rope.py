@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 import torch
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
 
-from megatron_ext.config import ModelConfig
+from models.config import ModelConfig
 
 
 class RopeScalingError(ValueError):

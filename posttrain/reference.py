@@ -46,7 +46,7 @@ class Reference:
             return self.chunks
         from megatron_ext.build import build_model
         from megatron_ext.checkpoint import load_weights
-        from models import transformer_config
+        from megatron_ext.transformer import transformer_config
 
         tcfg = transformer_config(self.cfg)
         tcfg.perform_initialization = False  # weights come from a checkpoint or the snapshot

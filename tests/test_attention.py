@@ -37,7 +37,7 @@ def _attention():
     from megatron.core.transformer.enums import AttnMaskType
 
     from megatron_ext.local_layers import CoreAttention
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
     from megatron_ext.cli import load_config
 
     tcfg = transformer_config(load_config(["model=qwen3_debug"]))

@@ -44,7 +44,7 @@ def test_flops_hand_count_moe_counts_only_active_experts():
 def _built_active_params(rank, world_size, models):
     """Matmul weights per token counted from Megatron's built modules (experts scaled by k/E)."""
     from megatron_ext.build import build_model, init_parallel
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     out = {}
     for name in models:
@@ -153,7 +153,7 @@ def test_precision_maps_to_megatron_fp8_recipes():
     import torch
     from megatron.core.enums import Fp8Recipe
 
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     expected = {"fp8_delayed": ("hybrid", "delayed"), "fp8_current": ("hybrid", "tensorwise"),
                 "fp8_blockwise": ("e4m3", "blockwise")}

@@ -97,7 +97,7 @@ def measured():
 
 
 def _estimate(overrides, world, pp_rank, dp_rank, edp_rank):
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     cfg = load_config(overrides)
     return em.rank_static(cfg, em.layout(cfg, world), transformer_config(cfg), pp_rank, dp_rank, edp_rank)
@@ -128,7 +128,7 @@ def _hf_count(name: str) -> int:
 def test_published_parameter_totals(name):
     """One rank holds the whole model: its count equals transformers'; split over two pipeline
     stages the counts add up to it (plus the last stage's copy of a tied embedding)."""
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     total = _estimate([f"model={name}"], 1, 0, 0, 0)["params"]
     assert total == _hf_count(name)

@@ -38,7 +38,7 @@ def _te_local_logits(rank, world_size, model, grouped_gemm):
     from megatron_ext.build import init_parallel
     from megatron_ext.cli import load_config
     from megatron_ext.spec import _substitute
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     cfg = load_config([f"model={model}", "precision=bf16", f"moe.grouped_gemm={grouped_gemm}"])
     init_parallel(cfg)

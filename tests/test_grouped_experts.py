@@ -21,7 +21,7 @@ SEQUENTIAL, GROUPED = "moe.grouped_gemm=false", "moe.grouped_gemm=true"
 def _build(overrides):
     """This rank's model chunk, built from the run's seed (as training builds it)."""
     from megatron_ext.build import build_model, init_parallel
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     cfg = load_config(MOE + overrides)
     init_parallel(cfg)  # also reseeds, so both implementations start from the same draws
@@ -102,7 +102,7 @@ def _experts_on_given_tokens(rank, world_size):
 
     from megatron_ext.build import init_parallel
     from megatron_ext.grouped_experts import GroupedExperts
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     cfg = load_config(MOE)
     init_parallel(cfg)

@@ -39,7 +39,7 @@ def _pieces(rank, world_size, runs, megatron_init=False):
     from megatron_ext.config import validate
     from megatron_ext.grouped_experts import sequential_named_parameters
     from megatron_ext.layout import global_name, split
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     if megatron_init:
         init.initialize = lambda *args, **kwargs: None

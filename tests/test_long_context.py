@@ -131,7 +131,7 @@ def _packed_losses(rank, world, cp):
     from megatron_ext.cli import load_config
     from megatron_ext.data import packed_on_this_rank, packed_seq_params
     from megatron_ext.local_layers import thd_token_positions
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     cfg = load_config(["model=qwen3_debug", "model.vocab_size=256", f"parallel.cp={cp}", "data.seq_length=32"])
     init_parallel(cfg)

@@ -52,7 +52,7 @@ def test_published_values_spot_check():
 def _megatron_counts(rank, world_size, names):
     """Build each named model at TP=PP=1 on the meta device (no memory) and count parameters."""
     from megatron_ext.build import build_model, init_parallel
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     counts = {}
     for name in names:

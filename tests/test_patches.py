@@ -62,7 +62,7 @@ def _accumulated_weight_grads(rank, world_size):
 
     from megatron_ext.build import init_parallel
     from megatron_ext.cli import load_config
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     cfg = load_config([])
     init_parallel(cfg)  # applies the patches

@@ -67,7 +67,7 @@ def _time(fn, repeats: int):
 def _bench_rank(overrides: List[str], args) -> Dict:
     from megatron_ext.build import build_model, init_parallel
     from megatron_ext.generation import generate
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -359,7 +359,7 @@ def rank_static(cfg: Config, lay: Layout, tcfg, pp_rank: int, dp_rank=None, edp_
 
     `dp_rank` indexes the DP x CP group and `edp_rank` the expert-DP group; they only matter
     with the distributed optimizer, whose shards differ by padding. None: the most loaded."""
-    from models.common import params_dtype
+    from megatron_ext.transformer import params_dtype
 
     param_size = torch.finfo(params_dtype(cfg.precision.name)).bits // 8
     per_element = ADAM_STATE_BYTES + (MASTER_WEIGHT_BYTES if param_size != 4 else 0)
@@ -401,7 +401,7 @@ def stage_memory(cfg: Config, lay: Layout, tcfg, pp_rank: int) -> StageMemory:
 
 def estimate(cfg: Config, world_size: int) -> Dict:
     """Validate `cfg` at `world_size` and estimate every pipeline stage's per-GPU memory."""
-    from models import transformer_config
+    from megatron_ext.transformer import transformer_config
 
     validate(cfg, world_size, check_device=False)  # a plan for other machines
     lay = layout(cfg, world_size)

@@ -30,7 +30,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron_ext import checkpoint as train_checkpoint
 from megatron_ext.build import build_model, init_parallel
 from megatron_ext.config import Config, ModelConfig, ParallelConfig, PrecisionConfig, validate
-from models import transformer_config
+from megatron_ext.transformer import transformer_config
 
 META_FILE = "qwen_checkpoint.json"
 TOKENIZER_DIR = "hf_tokenizer"

@@ -1,4 +1,4 @@
-"""ModelConfig (+ layout, precision) -> Megatron-Core TransformerConfig, shared by all Qwen families.
+"""The runtime's Megatron-Core TransformerConfig: ModelConfig + layout + precision, for all Qwen families.
 
 Every Qwen family is a pre-norm decoder with RMSNorm, SwiGLU, RoPE and GQA and no linear
 biases; the families differ only in flags carried by ModelConfig (QKV bias for Qwen2, per-head
