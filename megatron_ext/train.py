@@ -93,6 +93,9 @@ def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequ
         cfg = load_config(_merge(base_overrides, overrides))
         _check_stage(cfg, name)
         validate(cfg, dist.launch_env().world_size)
+        from megatron_ext.data import check_paths
+
+        check_paths(cfg)  # before any model is built: a typo in data.paths costs seconds, not a queue wait
         stage = make_stage(cfg)
     except ConfigError as e:
         fail(str(e))

@@ -304,6 +304,16 @@ def test_data_paths_checked_naming_the_file(case, tmp_path):
     check_paths(cfg)  # the good one passes
 
 
+def test_training_refuses_missing_data_paths_before_building(tmp_path):
+    """The entry checks data.paths with the config, before any model exists (exit code 2)."""
+    missing = tmp_path / "nowhere" / "corpus"
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.train", f"data.paths=[{missing}]"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"data.paths[0]={missing}" in proc.stderr and "does not exist" in proc.stderr
+    assert "model:" not in proc.stderr  # the build logs "model: <name> ..." once it has built one
+
+
 # ---------------------------------------------------------------- checkpoint readers
 
 
