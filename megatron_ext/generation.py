@@ -116,13 +116,33 @@ def _seq_multiple(chunks) -> int:
     return cfg.tensor_model_parallel_size if cfg is not None and cfg.sequence_parallel else 1
 
 
-def _share_from_last_stage(t: torch.Tensor) -> torch.Tensor:
-    """Pipeline stages other than the last get the sampled ids / log-probs from it."""
+def _device(chunks) -> torch.device:
+    for param in chunks[0].parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _share_from_last_stage(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pipeline stages other than the last get the sampled ids / log-probs from it (the
+    broadcast runs on the model's device, as NCCL needs)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return t
     src = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(t, src=src, group=parallel_state.get_pipeline_model_parallel_group())
-    return t
+    buf = t.to(device)
+    torch.distributed.broadcast(buf, src=src, group=parallel_state.get_pipeline_model_parallel_group())
+    return buf.cpu()
+
+
+def _micro_batches(chunks) -> int:
+    """Micro-batches per forward: one, except under virtual pipeline stages (several chunks per
+    rank), whose interleaved schedule needs at least as many micro-batches as pipeline stages."""
+    return parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
+
+
+def padded_batch(chunks, batch: int) -> int:
+    """The batch a forward runs: `batch` rounded up to a whole number of micro-batches."""
+    micro = _micro_batches(chunks)
+    return -(-batch // micro) * micro
 
 
 def forward(chunks: List[torch.nn.Module], tokens: torch.Tensor, context: Optional[StaticInferenceContext] = None,
@@ -130,21 +150,37 @@ def forward(chunks: List[torch.nn.Module], tokens: torch.Tensor, context: Option
     """Full-vocab logits [batch, positions, vocab] on the last pipeline stage (None elsewhere) of
     `tokens` [batch, positions] placed at `offset`; with a context, its KV cache is read and
     written, and (where the context materializes only the last token) one position comes back
-    per sequence-parallel rank."""
+    per sequence-parallel rank. Under virtual pipeline stages the batch runs as micro-batches
+    (rows past `batch` are padding, the context's batch offset is set per micro-batch)."""
     batch, seq = tokens.shape
-    positions = (torch.arange(seq) + offset).unsqueeze(0).expand(batch, seq)
+    device = _device(chunks)
+    micro = _micro_batches(chunks)
+    size = padded_batch(chunks, batch) // micro
+    if size * micro != batch:
+        tokens = torch.cat([tokens, tokens.new_zeros(size * micro - batch, seq)])
+    tokens = tokens.to(device)
+    positions = (torch.arange(seq, device=device) + offset).unsqueeze(0).expand(size, seq)
     extra = {} if context is None else dict(inference_context=context)
 
     def step(data_iterator, model):
-        next(data_iterator)
+        i = next(data_iterator)
+        if context is not None:
+            context.batch_size_offset = i * size  # where this micro-batch's rows sit in the KV cache
         # No loss function: the schedule hands the last stage's raw output back to us.
-        return model(tokens, positions, attention_mask=None, runtime_gather_output=True, **extra), None
+        return model(tokens[i * size:(i + 1) * size], positions, attention_mask=None, runtime_gather_output=True,
+                     **extra), None
 
+    iterators = [iter(range(micro)) for _ in chunks]
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
-            seq_length=seq, micro_batch_size=batch, forward_only=True)
-    return outputs[0].float() if parallel_state.is_pipeline_last_stage() else None
+            forward_step_func=step, data_iterator=iterators if len(chunks) > 1 else iterators[0], model=chunks,
+            num_microbatches=micro, seq_length=seq, micro_batch_size=size, forward_only=True)
+    if context is not None:
+        context.reset_batch_size_offset()
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    # Sampling runs on the CPU (its seeded generator is a CPU one), whatever the model's device.
+    return torch.cat([o.float() for o in outputs])[:batch].cpu()
 
 
 class _Stopper:
@@ -191,7 +227,7 @@ def generate(rt_or_model, prompts_token_ids: Sequence[Sequence[int]], max_new_to
     tokens = torch.zeros(batch, total, dtype=torch.long)
     for i, p in enumerate(prompts_token_ids):
         tokens[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
-    state = _State(batch, max_new_tokens, seed)
+    state = _State(batch, max_new_tokens, seed, _device(chunks))
     modes = [c.training for c in chunks]
     for c in chunks:
         c.eval()
@@ -207,7 +243,8 @@ def generate(rt_or_model, prompts_token_ids: Sequence[Sequence[int]], max_new_to
 
 
 class _State:
-    def __init__(self, batch: int, max_new_tokens: int, seed: int):
+    def __init__(self, batch: int, max_new_tokens: int, seed: int, device: torch.device):
+        self.device = device
         self.gen = torch.Generator().manual_seed(seed)
         self.max_new = max_new_tokens
         self.out_ids = torch.zeros(batch, max_new_tokens, dtype=torch.long)
@@ -222,7 +259,7 @@ class _State:
         if last is not None:  # last pipeline stage
             nxt = sample_next(last, temperature, top_p, greedy, self.gen)
             lp = torch.log_softmax(last, -1).gather(-1, nxt[:, None]).squeeze(-1)
-        return _share_from_last_stage(nxt), _share_from_last_stage(lp)
+        return _share_from_last_stage(nxt, self.device), _share_from_last_stage(lp, self.device)
 
     def record(self, rows: torch.Tensor, nxt, lp, stopper: _Stopper) -> None:
         """Append the sampled ids of `rows` (indices) and mark the rows that stop."""
@@ -256,7 +293,7 @@ def _cached(chunks, tokens, lengths, state: _State, stopper, temperature, top_p,
     """KV cache: prefill the shortest prompt's length, then one position per step for every row."""
     batch, total = tokens.shape
     mult = _seq_multiple(chunks)
-    context = StaticInferenceContext(batch, total + mult)
+    context = StaticInferenceContext(padded_batch(chunks, batch), total + mult)
     longest = int(lengths.max())
     # Under SP a forward's length must be a multiple of TP: prefill the largest such prefix.
     pos = int(lengths.min()) // mult * mult
