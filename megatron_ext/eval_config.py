@@ -44,3 +44,7 @@ class EvalConfig:
     best-of-k (min, last and product of step scores), and evaluated on `processbench` tasks."""
     timeout_s: float = 10.0
     """Seconds per program in the code sandbox."""
+    train_tasks: List[str] = field(default_factory=list)
+    """Tasks evaluated on the model being trained every train.eval_interval steps (and at the
+    end), with this section's sampling settings (no RM / PRM); their metrics take the loop's
+    metrics path as `bench/<task>/<metric>`. Empty: none."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ from megatron_ext.pretrain import Stage
 
 log = logging.getLogger(__name__)
 
+
+BENCHMARK_HOOK = "posttrain.evals.runner:benchmark_hook"
+"""Builds the benchmark evaluation run during training (`eval.train_tasks`). Named by module
+path, like the stages, so the runtime does not import the post-training code."""
 
 LOSS_KEY = "lm loss"
 """The report every stage's loss_func returns: [loss sum, token (or sample) count]."""
@@ -108,6 +113,14 @@ def stage_metrics(stage: Stage, means: Dict[str, Optional[float]]) -> Dict[str, 
     return derive(out) if derive is not None else out
 
 
+def _benchmark(cfg: Config):
+    """The `eval.train_tasks` hook (see BENCHMARK_HOOK), or None when there are none."""
+    if not cfg.eval.train_tasks:
+        return None
+    module, name = BENCHMARK_HOOK.split(":")
+    return getattr(importlib.import_module(module), name)(cfg)
+
+
 @dataclass
 class TrainResult:
     history: List[Dict[str, float]]
@@ -149,6 +162,7 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
     rt = build(cfg, customize=getattr(stage, "customize_model", None))
     t = cfg.train
     state = checkpoint.resume(rt)
+    benchmark = _benchmark(cfg)
     valid_batches = t.eval_iters * (t.steps // t.eval_interval + 1) if t.eval_interval else 0
     train_ds, valid_ds = stage.datasets(cfg, t.steps * t.global_batch_size + t.max_skipped_steps * t.global_batch_size,
                                         valid_batches * t.global_batch_size)
@@ -174,10 +188,13 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
             metrics.log_step(state.step, {loss_name: record["loss"], **stage_fields, "lr": record["lr"],
                                           "grad_norm": record["grad_norm"], "tokens/s": round(record["tokens_per_s"], 1),
                                           **dict(moe_stats.log_fields(record))})
-            if t.eval_interval and valid_ds is not None and (state.step % t.eval_interval == 0 or state.step == t.steps):
-                valid = evaluate(rt, stage, valid_ds, t.eval_iters)
-                record.update({f"val_{k}": v for k, v in valid.items()})
-                metrics.log_eval(state.step, {f"val_{k}": v for k, v in valid.items()})
+            if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps):
+                if valid_ds is not None:
+                    valid = evaluate(rt, stage, valid_ds, t.eval_iters)
+                    record.update({f"val_{k}": v for k, v in valid.items()})
+                    metrics.log_eval(state.step, {f"val_{k}": v for k, v in valid.items()})
+                if benchmark is not None:
+                    metrics.log_eval(state.step, benchmark(rt))
             saver.finalize(blocking=False)  # commit an async save once every rank wrote it
             if watcher.requested():
                 if cfg.checkpoint.dir:

@@ -219,7 +219,11 @@ def _train_and_evaluate(rank, world, root, runs):
     from posttrain.sft import SFTStage
     from tools.eval import main
 
-    assert run_cli("sft", SFTStage, STEP1 + [f"checkpoint.dir={root}/policy"]) == 0
+    # The policy's run also evaluates benchmarks during training (eval.train_tasks).
+    assert run_cli("sft", SFTStage, STEP1 + [f"checkpoint.dir={root}/policy", "train.eval_interval=1",
+                                             "train.eval_iters=1", "eval.train_tasks=[math_synth,code_synth]",
+                                             "eval.limit=1", "eval.max_new_tokens=2",
+                                             f"logger.metrics_file={root}/metrics.jsonl"]) == 0
     assert run_cli("rm", RewardModelStage, STEP1 + ["data.seq_length=48", "posttrain.num_samples=4",
                                                     f"checkpoint.dir={root}/rm"]) == 0
     assert run_cli("prm", PRMStage, STEP1 + ["data.seq_length=80", "posttrain.num_samples=4",
@@ -280,6 +284,12 @@ def test_every_task_end_to_end_on_a_tiny_model(tmp_path, capsys):
     (rc, report), (rc_bad, bad), (rc_greedy, greedy) = run_on_ranks(
         _train_and_evaluate, 1, str(tmp_path), runs + [GREEDY], timeout=900)[0]
     assert rc == 0 and rc_bad == 2 and bad is None
+    # Evaluation during training: the benchmark metrics took the loop's metrics path.
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    bench = {k: v for r in records if r["kind"] == "eval" and r["step"] == 1 for k, v in r.items()
+             if k.startswith("bench/")}
+    assert set(bench) == {f"bench/{t}/{m}" for t in ("math_synth", "code_synth") for m in ("accuracy", "pass@1")}
+    assert all(v in (0.0, 1.0) for v in bench.values())  # one greedy sample of one problem
     tasks = report["tasks"]
     assert list(tasks) == ["humaneval", "math_synth", "code_synth", f"{tmp_path}/gsm.jsonl", f"{tmp_path}/mbpp.jsonl",
                            "processbench"]

@@ -230,6 +230,36 @@ def evaluate(cfg: Config, load: str, verify: bool = True) -> Optional[dict]:
     return report
 
 
+def benchmark_hook(cfg: Config):
+    """Evaluation during training (`eval.train_tasks`): checks the settings and loads the
+    problems once (collective), then returns `hook(rt) -> {"bench/<task>/<metric>": value}`,
+    collective over every rank of the job, the metrics on rank 0 (empty elsewhere). Every
+    data-parallel replica generates the same samples; rank 0 judges them."""
+    from data_prep.tokenizer import get_tokenizer
+
+    e = dataclasses.replace(cfg.eval, tasks=list(cfg.eval.train_tasks), rm_load=None, prm_load=None)
+    check(e)
+    if not cfg.train.eval_interval:
+        raise ConfigError("eval.train_tasks needs train.eval_interval > 0 (the steps it runs at)")
+    if any(name == "processbench" for name in e.tasks):
+        raise ConfigError("eval.train_tasks: processbench scores a PRM checkpoint; it runs only in python -m tools.eval")
+    tasks = _broadcast_tasks(e)
+    if any(t.kind == "processbench" for t in tasks):
+        raise ConfigError("eval.train_tasks: ProcessBench-form files score a PRM; run them with python -m tools.eval")
+    tok = get_tokenizer(cfg.data.tokenizer)
+
+    def hook(rt) -> Dict[str, float]:
+        from tqdm import tqdm
+
+        with tqdm(disable=True) as bar:
+            samples = {t.name: _generate_task(rt.model, tok, t, e, bar) for t in tasks}
+        if torch.distributed.get_rank() != 0:
+            return {}
+        return {f"bench/{Path(t.name).name}/{key}": value for t in tasks
+                for key, value in task_report(t, samples[t.name], e)["metrics"].items()}
+    return hook
+
+
 def _step_probs(prm, tok, items, batch_size: int) -> List[List[float]]:
     """P(step correct) at each step's separator, per (question, steps) item."""
     inputs = [prm_inputs(tok, q, steps) for q, steps in items]
