@@ -15,7 +15,10 @@ KV cache (the default): Megatron-Core's own `StaticInferenceContext` is passed t
 `sequence_len_offset`, slices the RoPE table to those positions and hands the cached keys/values
 to the core attention (the local spec's `CoreAttention` attends the new queries lower-right
 causal to them). This loop advances `sequence_len_offset` after every forward; pipeline stages
-run through Megatron's forward-only schedule, each stage with its own context.
+run through Megatron's forward-only schedule, each stage with its own context. With virtual
+pipeline stages the interleaved schedule needs at least PP micro-batches: the batch is split
+into PP of them and the context's `batch_size_offset` points each at its rows of the cache.
+Sampling (seeded CPU generator) runs on the last stage, which broadcasts the ids to the others.
 
 Prompts of different lengths (Megatron's static-batching scheme, no padding mask needed): the
 batch is prefilled with the shortest prompt's length, then advances one position per step for
