@@ -271,3 +271,18 @@ def test_cache_equals_recompute_tp2_sp_pp2(converted):
         for a, b in zip(*got["lp"]):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
         assert got["sampled"][0] == got["sampled"][1] == single["sampled"][0], name
+
+
+def _bench(rank, world, out):
+    from tools.bench_generate import main
+
+    assert main(["model=qwen2_debug", "--new-tokens", "8", "--prompt-len", "6", "--batch", "2", "--ragged",
+                 "--json", out]) == 0
+
+
+def test_bench_generate_runs_both_paths(tmp_path):
+    out = tmp_path / "bench.json"
+    run_on_ranks(_bench, 1, str(out))
+    r = json.loads(out.read_text())
+    assert r["same_tokens"] is True and r["prompt_lengths"] == [3, 6] and r["new_tokens"] == 8
+    assert r["cached"]["tokens_per_s"] > 0 and r["recompute"]["tokens_per_s"] > 0
