@@ -160,9 +160,16 @@ def _generate_task(chunks, tok, task: Task, e: EvalConfig, progress) -> List[Lis
         out = generate(chunks, [prompts[i] for i, _ in batch], e.max_new_tokens, temperature=e.temperature,
                        top_p=e.top_p, greedy=e.temperature == 0, seed=e.seed * 1_000_003 + call, eos_token_id=eos)
         for (i, _), ids in zip(batch, out.tokens):
-            texts[i].append(tok.decode([t for t in ids if t not in eos]))
+            texts[i].append(decode(tok, ids, eos))
         progress.update(len(batch))
     return texts
+
+
+def decode(tok, ids: Sequence[int], drop: Sequence[int] = ()) -> str:
+    """Text of generated ids without the end ids; ids past the tokenizer's vocabulary (the
+    embedding's padding rows, which an untrained model can sample) have no text and are left out."""
+    vocab = getattr(tok, "vocab_size", None)
+    return tok.decode([t for t in ids if t not in drop and (vocab is None or t < vocab)])
 
 
 def _broadcast_tasks(e: EvalConfig) -> List[Task]:
