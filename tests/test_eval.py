@@ -198,7 +198,7 @@ def test_eval_config_rules():
     check(EvalConfig())
     for bad, words in ((dict(k=4), "temperature"), (dict(k=4, num_samples=2, temperature=1.0), "eval.k"),
                        (dict(tasks=["processbench"]), "eval.prm_load"), (dict(limit=0), "eval.limit"),
-                       (dict(top_p=0.0), "top_p")):
+                       (dict(top_p=0.0), "top_p"), (dict(tasks=["gsm9k"]), "neither a task")):
         with pytest.raises(ConfigError, match=words):
             check(EvalConfig(**bad))
 

@@ -14,6 +14,7 @@ verdict and its scores. Tasks, prompts and metrics: posttrain/evals/.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -64,8 +65,6 @@ def _check_out(path: Optional[str]) -> None:
     parent = Path(path).resolve().parent
     while not parent.exists():
         parent = parent.parent
-    import os
-
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"eval.out={path}: {parent} is not writable")
 
@@ -100,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _check_out(cfg.eval.out)
         world = cfg.parallel.tp * cfg.parallel.pp
         env = dist.launch_env()
-        if "RANK" in __import__("os").environ and env.world_size != world:
+        if "RANK" in os.environ and env.world_size != world:
             raise ConfigError(f"tools.eval runs on parallel.tp * parallel.pp = {world} ranks, not {env.world_size} "
                               "(data-parallel evaluation is not supported)")
         report = launch.run(_rank, world, cfg, load, NO_VERIFY not in flags)

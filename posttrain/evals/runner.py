@@ -32,7 +32,7 @@ from megatron_ext.config import Config, ConfigError
 from megatron_ext.eval_config import EvalConfig
 from megatron_ext.generation import chatml_stop_ids, forward, generate
 from posttrain.evals import metrics as M
-from posttrain.evals.tasks import Problem, Task, answer_classes, fewshot_turns, judge, load_task, messages
+from posttrain.evals.tasks import BUILTIN, Task, answer_classes, fewshot_turns, judge, load_task, messages
 
 # Checkpoint reading is shared with the tools (tools/mcore_ckpt.py) for now.
 from tools import mcore_ckpt as mc  # noqa: E402
@@ -60,6 +60,9 @@ def check(e: EvalConfig) -> None:
         errors.append(f"eval.limit={e.limit} must be >= 1 (or null)")
     if e.few_shot < 0 or e.timeout_s <= 0:
         errors.append(f"need eval.few_shot >= 0 and eval.timeout_s > 0, got {e.few_shot}, {e.timeout_s}")
+    for name in e.tasks:
+        if name not in BUILTIN and not os.path.isfile(name):
+            errors.append(f"eval.tasks: {name!r} is neither a task ({', '.join(BUILTIN)}) nor a jsonl file")
     if "processbench" in e.tasks and not e.prm_load:
         errors.append("eval.tasks has processbench, which scores a PRM: set eval.prm_load")
     if errors:
