@@ -262,6 +262,9 @@ class Config:
     """The whole job."""
 
     stage: str = "pretrain"
+    """The stage whose defaults conf/stage/<stage>.yaml sets (see megatron_ext.stages)."""
+    stage_class: str = "megatron_ext.pretrain:PretrainStage"
+    """module:Class implementing the stage; set by its conf/stage YAML."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

@@ -16,10 +16,8 @@ from megatron_ext import data
 
 
 class Stage(Protocol):
-    """What a training stage supplies. It may also define `customize_model(chunk, cfg)`,
-    called on each model chunk before wrapping (see megatron_ext.build.build_model), and
-    `before_step(rt, state)`, called on every rank before each step's forward/backward (where
-    collective work such as RL rollouts with the current weights can run)."""
+    """What a training stage supplies; constructed as `Stage(cfg)` by megatron_ext.stages, which
+    also lists the optional hooks (customize_model, before_step, derive_metrics, loss_name)."""
 
     def datasets(self, cfg, train_samples: int, valid_samples: int): ...
 
@@ -41,6 +39,9 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 class PretrainStage:
     """Next-token prediction on Megatron GPT datasets."""
+
+    def __init__(self, cfg=None):
+        pass  # no rules beyond megatron_ext.config.validate
 
     def datasets(self, cfg, train_samples: int, valid_samples: int):
         return data.build_datasets(cfg, train_samples, valid_samples)

@@ -1,4 +1,4 @@
-"""`python -m megatron_ext.train [key=value ...]`: the main pretraining job.
+"""`python -m megatron_ext.train [stage=X] [key=value ...]`: the main job, any stage (default pretrain).
 
 Works as a single process, under `torchrun --nproc_per_node N`, or under Slurm's srun.
 The config is composed and validated before any process group exists.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 import textwrap
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
-from megatron_ext import dist, fault
+from megatron_ext import dist, fault, stages
 from megatron_ext.cli import HELP_FLAGS, PRINT_CONFIG, config_yaml, fail, help_text, load_config, split_flags
 from megatron_ext.config import ConfigError, validate
 from megatron_ext.metrics import setup_console_logging
@@ -19,23 +19,15 @@ from megatron_ext.metrics import setup_console_logging
 log = logging.getLogger("megatron_ext.train")
 
 
-# Entry name -> (the module users run, the stages it serves). Other names `X` are
+# Entry name -> (the module users run, the stages it serves). `megatron_ext.train` runs every
+# stage of the registry (megatron_ext.stages); `posttrain.cpt` its three; other names `X` are
 # `posttrain.X`, serving stage X (see posttrain.common.run_cli).
-ENTRIES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "pretrain": ("megatron_ext.train", ("pretrain",)),
-    "cpt": ("posttrain.cpt", ("cpt_math", "cpt_code", "long_context")),
-}
-
-
 def entry(name: str) -> Tuple[str, Tuple[str, ...]]:
-    return ENTRIES.get(name, (f"posttrain.{name}", (name,)))
-
-
-def entry_for_stage(stage: str) -> str:
-    for module, stages in ENTRIES.values():
-        if stage in stages:
-            return module
-    return f"posttrain.{stage}"
+    if name == "pretrain":
+        return "megatron_ext.train", tuple(stages.names())
+    if name == "cpt":
+        return "posttrain.cpt", ("cpt_math", "cpt_code", "long_context")
+    return f"posttrain.{name}", (name,)
 
 
 def _description(stages: Sequence[str]) -> str:
@@ -70,9 +62,10 @@ def _merge(base_overrides: Sequence[str], overrides: Sequence[str]) -> List[str]
     return [o for o in base_overrides if key(o) not in given] + list(overrides)
 
 
-def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequence[str] = ()) -> int:
+def run(argv, make_stage: Optional[Callable] = None, name: str = "pretrain", base_overrides: Sequence[str] = ()) -> int:
     """The shared entry of every stage: compose + validate the config (before any process
-    group), build the stage with `make_stage(cfg)` (may raise ConfigError), train, exit code.
+    group), build the stage (`make_stage(cfg)`, by default the registry's `stages.make`; may
+    raise ConfigError), train, exit code.
 
     Flags: `-h/--help` prints what the entry does, its config groups and most used keys with
     their defaults; `--print-config` prints the composed config and exits.
@@ -96,7 +89,7 @@ def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequ
         from megatron_ext.data import check_paths
 
         check_paths(cfg)  # before any model is built: a typo in data.paths costs seconds, not a queue wait
-        stage = make_stage(cfg)
+        stage = (make_stage or stages.make)(cfg)
     except ConfigError as e:
         fail(str(e))
     if PRINT_CONFIG in flags:
@@ -113,24 +106,22 @@ def run(argv, make_stage: Callable, name: str = "pretrain", base_overrides: Sequ
     finally:
         dist.destroy()
     if history and history[0]["loss"] is not None:
-        log.info("done: %s loss %.4f -> %.4f over %d steps", name, history[0]["loss"], history[-1]["loss"],
+        log.info("done: %s loss %.4f -> %.4f over %d steps", cfg.stage, history[0]["loss"], history[-1]["loss"],
                  len(history))
     return 0
 
 
 def _check_stage(cfg, name: str) -> None:
-    """stage= picks the defaults of a stage; the entry decides what is trained. Refuse a
-    stage this entry does not run (it would train this entry's objective on that config)."""
-    module, stages = entry(name)
-    if cfg.stage not in stages:
+    """A posttrain.X entry runs stage X: refuse another stage= there (it would train X's objective
+    on that stage's config); `python -m megatron_ext.train stage=...` runs any stage."""
+    module, served = entry(name)
+    if cfg.stage not in served:
         raise ConfigError(f"stage={cfg.stage} is not run by python -m {module} (it runs "
-                          f"{', '.join(stages)}); use python -m {entry_for_stage(cfg.stage)}")
+                          f"{', '.join(served)}); use python -m megatron_ext.train stage={cfg.stage}")
 
 
 def main(argv=None) -> int:
-    from megatron_ext.pretrain import PretrainStage
-
-    return run(argv, lambda cfg: PretrainStage())
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def pack_documents(batch: dict, eod: int, multiple: int) -> Tuple[dict, torch.Te
 class CPTStage(PretrainStage):
     """Next-token prediction with a scheduled data mixture, RoPE scaling and document masking."""
 
-    def __init__(self):
+    def __init__(self, cfg=None):
         self._packing: Optional[Tuple[int, int]] = None  # (eod id, length multiple) when masking
 
     def forward_step(self, data_iterator, model):

@@ -72,6 +72,9 @@ def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
 class DPOStage:
     """DPO / IPO / SimPO on the one training loop."""
 
+    uses_reference_model = True
+    """The frozen reference is the model the run starts from (megatron_ext.stages)."""
+
     def __init__(self, cfg: Config):
         require(cfg, "dpo", pairs=True)
         if cfg.posttrain.dpo_loss not in LOSSES:

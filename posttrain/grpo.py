@@ -172,6 +172,9 @@ class RolloutBuffer(torch.utils.data.Dataset):
 class GRPOStage:
     """GRPO on the one training loop (see the module doc)."""
 
+    uses_reference_model = True
+    """The frozen reference is the model the run starts from (megatron_ext.stages)."""
+
     def __init__(self, cfg: Config, engine: Optional[RolloutEngine] = None):
         require(cfg, "grpo")
         p, t = cfg.posttrain, cfg.train

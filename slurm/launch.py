@@ -29,23 +29,12 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import the proje
     sys.path.insert(0, str(REPO))
 
 from megatron_ext.cli import config_yaml, load_config  # noqa: E402
+from megatron_ext import stages  # noqa: E402
 from megatron_ext.config import Config, ConfigError, data_parallel_size, validate  # noqa: E402
 
-# Stage name -> the module srun runs (`python -m MODULE overrides...`). Add a stage here when
-# its entry point exists; every stage takes Hydra overrides and the same checkpoint keys.
-STAGES: Dict[str, str] = {
-    "pretrain": "megatron_ext.train",
-    "cpt_math": "posttrain.cpt",
-    "cpt_code": "posttrain.cpt",
-    "long_context": "posttrain.cpt",
-    "sft": "posttrain.sft",
-    "rm": "posttrain.rm",
-    "prm": "posttrain.prm",
-    "dpo": "posttrain.dpo",
-    "grpo": "posttrain.grpo",
-}
-REFERENCE_STAGES = ("dpo", "grpo")
-"""Stages with a frozen reference model: by default the model the job started from."""
+ENTRY = "megatron_ext.train"
+"""The module srun runs for every stage (`python -m megatron_ext.train stage=X ...`): stages come
+from the registry (megatron_ext.stages), so a stage added there needs nothing here."""
 
 DEFAULT_JOB_NAME = "qwen-train"
 CHECKPOINT_ROOT = "runs"  # default checkpoint.dir = runs/<job name>/checkpoints (git-ignored)
@@ -131,7 +120,7 @@ def with_checkpoint_overrides(overrides: List[str], job_name: str) -> tuple:
     if load in (None, "", "null"):
         out.append("checkpoint.load=auto")
         return out, notes
-    if load != "auto" and (_value(out, "stage") or "pretrain") in REFERENCE_STAGES \
+    if load != "auto" and stages.uses_reference_model(_value(out, "stage") or "pretrain") \
             and _value(out, "posttrain.ref_load") in (None, "", "null"):
         # After a requeue checkpoint.load becomes `auto`; the reference must stay the start model.
         out.append(f"posttrain.ref_load={load}")
@@ -146,16 +135,16 @@ def with_checkpoint_overrides(overrides: List[str], job_name: str) -> tuple:
 def resolve(overrides: List[str], alloc: Allocation) -> tuple:
     """(module, overrides, config, notes) for this allocation; ConfigError/LaunchError if it doesn't fit."""
     stage = _value(overrides, "stage") or "pretrain"
-    if stage not in STAGES:
-        raise LaunchError(f"stage={stage} has no launcher entry; known stages: {', '.join(sorted(STAGES))} "
-                          "(add one to STAGES in slurm/launch.py)")
+    if stage not in stages.names():
+        raise LaunchError(f"stage={stage} has no conf/stage/{stage}.yaml; the stages are {', '.join(stages.names())}")
     if alloc.gpus_per_node and alloc.tasks_per_node > alloc.gpus_per_node:
         raise LaunchError(f"{alloc.tasks_per_node} tasks per node but {alloc.gpus_per_node} GPUs per node: "
                           "one rank per GPU needs --ntasks-per-node <= --gpus-per-node")
     overrides, notes = with_checkpoint_overrides(overrides, alloc.job_name)
     cfg = load_config(overrides)
     validate(cfg, alloc.world_size, check_device=False)  # the ranks check their devices
-    return STAGES[stage], overrides, cfg, notes
+    stages.make(cfg)  # the stage's own rules, as the ranks will apply them
+    return ENTRY, overrides, cfg, notes
 
 
 def _span(values) -> str:
@@ -248,8 +237,9 @@ def help_epilog() -> str:
     from megatron_ext.cli import config_help
 
     lines = ["Everything else is a Hydra override (key=value), e.g. stage=pretrain model=qwen3_8b parallel.tp=4.",
-             "", "The module srun runs for each stage (its `python -m MODULE --help` shows that stage's defaults):"]
-    lines += [f"  stage={stage:<13} python -m {module}" for stage, module in STAGES.items()]
+             "", f"srun runs `python -m {ENTRY} stage=X ...` (`... stage=X --help` shows that stage's defaults); "
+             "the stages (conf/stage/):"]
+    lines += [f"  stage={stage:<13} {stages.stage_class_of(stage)}" for stage in stages.names()]
     lines += ["", config_help(load_config([]), keys_title="Most used keys, with their defaults for stage=pretrain:"),
               "",
               f"Added for requeue: checkpoint.dir={CHECKPOINT_ROOT}/<job name>/checkpoints unless given, and "

@@ -81,7 +81,7 @@ def test_dry_run_warns_when_tp_leaves_the_node(capsys):
                                                      "train.micro_batch_size*dp = 2*24"),
     (["--nodes", "1", "model=qwen3_30b_a3b", "parallel.ep=16"], "world size 8 is not divisible by parallel.ep*etp*pp"),
     (["--tasks-per-node", "16"], "16 tasks per node but 8 GPUs per node"),
-    (["stage=nosuchstage"], "stage=nosuchstage has no launcher entry; known stages: cpt_code, cpt_math, dpo, grpo, long_context, pretrain, prm, rm, sft"),
+    (["stage=nosuchstage"], "stage=nosuchstage has no conf/stage/nosuchstage.yaml; the stages are cpt_code, cpt_math, dpo, grpo, long_context, pretrain, prm, rm, sft"),
     (["parallel.tp"], "not a key=value override: parallel.tp"),
     (["parallel.nosuchkey=1"], "parallel.nosuchkey"),
 ])
@@ -117,12 +117,12 @@ def test_requeued_preference_and_rl_stages_keep_their_start_model_as_reference(t
     assert not any(o.startswith("posttrain.ref_load") for o in out)  # no reference model in SFT
 
 
-@pytest.mark.parametrize("stage", sorted(launch.STAGES))
-def test_every_stage_has_an_importable_entry_module(stage):
-    import importlib
-
-    module = importlib.import_module(launch.STAGES[stage])
-    assert hasattr(module, "main") or "__main__" in open(module.__file__).read()
+def test_dry_run_applies_the_stage_rules(capsys):
+    """The stage's own checks run before anything queues: GRPO's group size must divide the
+    global batch (the same setting python -m posttrain.grpo refuses)."""
+    rc = launch.main(["--dry-run", "stage=grpo", "posttrain.group_size=3", "train.micro_batch_size=4"], env={})
+    assert rc == 2
+    assert "posttrain.group_size=3 must be >= 2 and divide" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- real Slurm

@@ -58,7 +58,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_ext import dist
+from megatron_ext import dist, stages
 from megatron_ext.cli import fail, load_config
 from megatron_ext.config import Config, ConfigError, validate
 from megatron_ext.pretrain import PretrainStage
@@ -176,14 +176,14 @@ class SyntheticStage(PretrainStage):
 
 
 def make_stage(cfg: Config, data: str):
-    """The bench's stage: synthetic or configured data, document-masked when the config says so
-    (the CPT stage's packing, so long-context runs measure the path they train on)."""
-    if not cfg.data.document_mask:
-        return SyntheticStage() if data == "synthetic" else PretrainStage()
-    from posttrain.cpt import CPTStage
-
+    """The bench's stage: `corpus` is the configured stage itself (the registry's, on its own
+    data); `synthetic` pretrains on random tokens, document-masked when the config says so (the
+    CPT stage's packing, so long-context runs measure the path they train on)."""
     if data == "corpus":
-        return CPTStage()
+        return stages.make(cfg)
+    if not cfg.data.document_mask:
+        return SyntheticStage()
+    from posttrain.cpt import CPTStage
 
     class SyntheticDocumentStage(CPTStage):
         def datasets(self, cfg, train_samples: int, valid_samples: int):
@@ -435,7 +435,9 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--layers", type=int, default=None, help="keep the first N layers")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    parser.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic")
+    parser.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic",
+                        help="synthetic: random tokens, pretraining loss (document-masked when data.document_mask); "
+                             "corpus: the configured stage= itself on its own data (the stage registry's class)")
     parser.add_argument("--compare", choices=("transformers",), default=None,
                         help="also train the same model with Hugging Face transformers in this process and "
                              "report ours / transformers (single process only: refused under a world size > 1)")
