@@ -342,3 +342,22 @@ def _evaluate(rank, world, root, argv):
         return rc, None
     with open(path) as f:
         return rc, json.load(f)
+
+
+def test_command_line_refuses_bad_input_before_loading_a_model(tmp_path, capsys):
+    from tools.eval import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint.load=CKPT" in out and "eval.k=1" in out and "eval.train_tasks=[]" in out
+    for argv, words in ((["eval.taks=[x]"], "did you mean eval.tasks"),
+                        ([], "needs checkpoint.load"),
+                        ([f"checkpoint.load={tmp_path}/none"], "no such checkpoint"),
+                        ([f"checkpoint.load={tmp_path}", "eval.tasks=[gsm9k]"], "neither a task"),
+                        ([f"checkpoint.load={tmp_path}", "eval.k=2"], "eval.temperature"),
+                        (["--bogus"], "unknown flag")):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        assert rc == 2 and words in capsys.readouterr().err, argv

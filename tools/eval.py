@@ -36,7 +36,7 @@ def help_text(cfg: Config) -> str:
     lines += ["", OVERRIDES_HELP, "", "Flags:", "  -h, --help          show this help and exit",
               "  --print-config      print the composed config (every key) as YAML and exit",
               "  --no-verify         do not check training checkpoints against their CRC manifest",
-              "", "Exit codes: 0 done, 1 checkpoint error, 2 bad config, flag or input file."]
+              "", "Exit codes: 0 done, 2 bad config, flag, checkpoint or input file."]
     return "\n".join(lines) + "\n"
 
 
@@ -102,13 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "RANK" in os.environ and env.world_size != world:
             raise ConfigError(f"tools.eval runs on parallel.tp * parallel.pp = {world} ranks, not {env.world_size} "
                               "(data-parallel evaluation is not supported)")
+        for path in (load, cfg.eval.rm_load, cfg.eval.prm_load):
+            if path:
+                mc.open_checkpoint(path)  # metadata only: a missing or foreign directory fails here, not in the ranks
         report = launch.run(_rank, world, cfg, load, NO_VERIFY not in flags)
     except ConfigError as e:
         fail(str(e))
-    except mc.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, launch.RankError) as e:
+    except (ValueError, FileNotFoundError, launch.RankError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if report is None:  # a rank other than 0 under torchrun
