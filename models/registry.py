@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from models.config import ModelConfig
 from models import qwen2, qwen2_moe, qwen3, qwen3_moe
@@ -36,3 +36,15 @@ def config_from_hf(hf: Any, name: str = None) -> ModelConfig:
 def config_to_hf(m: ModelConfig) -> Dict[str, Any]:
     """ModelConfig -> HF `config.json` fields of its family."""
     return family(m.family).config_to_hf(m)
+
+
+def hf_config_for(m: ModelConfig, dtype, base: Optional[dict]) -> dict:
+    """config.json: the source HF config (keeps token ids etc.) updated from the ModelConfig;
+    `dtype` is the torch dtype of the weights written next to it."""
+    derived = config_to_hf(m)
+    config = dict(base or {})
+    if isinstance(config.get("rope_parameters"), dict):  # transformers 5 spelling: keep one source of truth
+        config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": derived.pop("rope_theta")}
+    config.update(derived)
+    config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).replace("torch.", "")
+    return config

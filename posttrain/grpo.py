@@ -50,11 +50,11 @@ from data_prep.synth.backends import extract_code
 from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
+from megatron_ext.generation import Generation, generate
 from posttrain.common import Cycled, StageMetrics, pad_to, read_jsonl, report, require, run_cli, token_logps
 from posttrain.reference import Reference, forward_only
 from posttrain.synthetic import arithmetic_prompts
 from posttrain.verifiers import run_code_tests, verify_math
-from tools.generate import Generation, generate
 
 log = logging.getLogger(__name__)
 

@@ -142,7 +142,6 @@ def export_hf(chunk, cfg: Config, out_dir) -> Path:
     from megatron_ext.grouped_experts import sequential_named_parameters
     from models import registry
     from models.mapping import expand, split
-    from tools.convert import hf_config_for
 
     m = cfg.model
     chunk = getattr(chunk, "module", chunk)
@@ -159,7 +158,7 @@ def export_hf(chunk, cfg: Config, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok = get_tokenizer(cfg.data.tokenizer)
-    config = hf_config_for(m, next(iter(params.values())).dtype, None)
+    config = registry.hf_config_for(m, next(iter(params.values())).dtype, None)
     config.update(architectures=[HF_ARCH[m.family]], num_labels=1, pad_token_id=tok.pad,
                   bos_token_id=tok.eod, eos_token_id=tok.eod)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -143,17 +143,6 @@ def hf_to_mcore(hf_dir: str, out: str, tp=1, pp=1, ep=1, etp=None, overwrite=Fal
     return launch.run(_hf_to_mcore_rank, world, hf_dir, out, layout, overwrite)
 
 
-def hf_config_for(m, dtype: torch.dtype, base: Optional[dict]) -> dict:
-    """config.json: the source HF config (keeps token ids etc.) updated from the ModelConfig."""
-    derived = registry.config_to_hf(m)
-    config = dict(base or {})
-    if isinstance(config.get("rope_parameters"), dict):  # transformers 5 spelling: keep one source of truth
-        config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": derived.pop("rope_theta")}
-    config.update(derived)
-    config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).replace("torch.", "")
-    return config
-
-
 def _named_tokenizer(name: str, m, out: Path) -> Optional[dict]:
     """Write the tokenizer a training job named (Qwen family or HF directory) into `out`.
 
@@ -189,7 +178,7 @@ def _write_hf(m, dtype, src: mc.Source, params: dict, out: Path, max_shard_bytes
         shutil.copy2(f, out / f.name)
     if src.tokenizer_name and base is None:
         base = _named_tokenizer(src.tokenizer_name, m, out)
-    (out / "config.json").write_text(json.dumps(hf_config_for(m, dtype, base), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(registry.hf_config_for(m, dtype, base), indent=2) + "\n")
     return shards, writer.total_bytes
 
 
