@@ -328,3 +328,19 @@ def _cached_forward(chunks, real: torch.Tensor, context: StaticInferenceContext,
     # Only the last position of each SP rank's slice comes back: [batch, mult, vocab]. The last
     # real token is the last of all when nothing was padded, else (n == 1, width == mult) the first.
     return logits[:, -1] if width == n else logits[:, 0]
+
+
+class MegatronBackend:
+    """A `data_prep.synth.backends.Backend` over our own model (collective over its model-parallel
+    group): synthetic data sampled with the same generation as GRPO's rollouts."""
+
+    def __init__(self, model, tokenizer, eos_token_id: Optional[int] = None, top_p: float = 1.0, name: str = "megatron"):
+        self.model, self.tokenizer, self.eos_token_id, self.top_p = model, tokenizer, eos_token_id, top_p
+        self.name = name
+
+    def complete(self, prompts, n, temperature, max_tokens, seed):
+        ids = [self.tokenizer.encode(p) for p in prompts for _ in range(n)]
+        out = generate(self.model, ids, max_tokens, temperature=temperature, top_p=self.top_p,
+                       greedy=temperature == 0, seed=seed, eos_token_id=self.eos_token_id)
+        texts = [self.tokenizer.decode([t for t in row if t != self.eos_token_id]) for row in out.tokens]
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -100,7 +100,7 @@ def _api_variants(rank, world, ckpt):
     out["sampled"] = [generate(chunks, EQUAL, NEW, temperature=1.2, top_p=0.9, seed=7, use_cache=c).tokens
                       for c in (True, False)]
     # The synthesis backend over the same model: text in, text out through a byte tokenizer.
-    from data_prep.synth.backends import MegatronBackend
+    from megatron_ext.generation import MegatronBackend
 
     backend = MegatronBackend(chunks, _ByteTokenizer())
     texts = backend.complete(["ab", "xyz"], 2, temperature=0, max_tokens=NEW, seed=0)

@@ -107,3 +107,17 @@ def test_cli_programmatic_output_tokenizes(tmp_path):
                           str(tmp_path / "tok"), "--tokenizer", "qwen3", "--quiet"]) == 0
     assert (tmp_path / "tok.bin").stat().st_size > 0
     assert synth_main(["model", "--tasks", "code", "--n", "1", "--out", str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_checkpoint_sampling_lives_with_the_runtime(tmp_path, capsys):
+    """data_prep loads no models: `--ckpt` there names tools.synth, which is the same CLI plus
+    the Megatron backend (its own test: tests/test_generate.py, MegatronBackend)."""
+    rc = synth_main(["model", "--tasks", "math:linear", "--n", "1", "--ckpt", str(tmp_path / "c"),
+                     "--out", str(tmp_path / "o.jsonl")])
+    assert rc == 2 and "python -m tools.synth" in capsys.readouterr().err
+    from tools import synth
+
+    rc = synth.main(["model", "--tasks", "math:linear", "--n", "1", "--ckpt", str(tmp_path / "missing"),
+                     "--out", str(tmp_path / "o.jsonl")])
+    assert rc == 2 and "missing" in capsys.readouterr().err  # reached the checkpoint reader
+    assert not (tmp_path / "o.jsonl").exists()

@@ -4,7 +4,10 @@
     python -m data_prep.synth programmatic --domain code --n 500 --out code.jsonl
     python -m data_prep.synth model --tasks math:linear --n 100 --base-url http://localhost:8000 \\
         --model NAME [--chat] --samples 4 --temperature 0.8 --out model_math.jsonl
-    python -m data_prep.synth model --tasks tasks.jsonl --ckpt CKPT [--tokenizer qwen3] ...   # our own model
+    python -m tools.synth model --tasks tasks.jsonl --ckpt CKPT [--tokenizer qwen3] ...   # our own model
+
+(data_prep depends on no training code: sampling from a Megatron checkpoint is `tools.synth`,
+the same command with the training runtime as one more backend.)
 
 Then: python -m data_prep.tokenize --input math.jsonl --output-prefix out/math --tokenizer qwen3 --append-eod
 """
@@ -39,26 +42,13 @@ def _load_tasks(spec: str, n: int, seed: int):
         return [json.loads(line) for line in f if line.strip()][:n]
 
 
-def _megatron_rank(a, tasks):
-    from data_prep.tokenizer import get_tokenizer
-    from tools import mcore_ckpt as mc
-
-    src = mc.open_checkpoint(a.ckpt)
-    tok_name = a.tokenizer or (str(src.tokenizer_dir) if src.tokenizer_dir else src.tokenizer_name)
-    if not tok_name:
-        raise ValueError(f"{a.ckpt} names no tokenizer: pass --tokenizer")
-    chunks = mc.build(mc.layout_config(src.model, src.dtype))
-    mc.load(chunks, src)
-    backend = backends.MegatronBackend(chunks, get_tokenizer(tok_name), a.eos, a.top_p, name=f"megatron:{a.ckpt}")
-    return list(backends.rejection_sample(backend, tasks, a.samples, a.temperature, a.max_tokens, a.seed))
-
-
-def _model(a) -> int:
+def _model(a, checkpoint_backend) -> int:
     tasks = _load_tasks(a.tasks, a.n, a.seed)
     if a.ckpt:
-        from tools import launch
-
-        records = launch.run(_megatron_rank, 1, a, tasks)
+        if checkpoint_backend is None:
+            raise ValueError("--ckpt samples from a Megatron checkpoint, which needs the training runtime: "
+                             "run python -m tools.synth with the same arguments")
+        records = checkpoint_backend(a, tasks)
     elif a.base_url and a.model:
         backend = backends.OpenAIBackend(a.base_url, a.model, chat=a.chat)
         records = backends.rejection_sample(backend, tasks, a.samples, a.temperature, a.max_tokens, a.seed)
@@ -67,9 +57,11 @@ def _model(a) -> int:
     return write_jsonl(records, a.out)
 
 
-def main(argv=None) -> int:
-    """Command-line entry; returns the exit status (2 with a one-line message on bad input)."""
-    ap = argparse.ArgumentParser(prog="python -m data_prep.synth", description=__doc__.split("\n\n")[0])
+def main(argv=None, checkpoint_backend=None, prog: str = "python -m data_prep.synth") -> int:
+    """Command-line entry; returns the exit status (2 with a one-line message on bad input).
+
+    `checkpoint_backend(args, tasks) -> records` serves `model --ckpt` (tools.synth passes one)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("programmatic", help="generated problems with computed answers / tests")
     p.add_argument("--domain", choices=["math", "code"], required=True)
@@ -79,7 +71,7 @@ def main(argv=None) -> int:
     m.add_argument("--base-url")
     m.add_argument("--model")
     m.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
-    m.add_argument("--ckpt", help="sample from this Megatron checkpoint instead of an endpoint")
+    m.add_argument("--ckpt", help="sample from this Megatron checkpoint instead of an endpoint (python -m tools.synth)")
     m.add_argument("--tokenizer")
     m.add_argument("--eos", type=int, default=None)
     m.add_argument("--samples", type=int, default=4)
@@ -92,7 +84,7 @@ def main(argv=None) -> int:
         q.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     try:
-        n = _programmatic(a) if a.mode == "programmatic" else _model(a)
+        n = _programmatic(a) if a.mode == "programmatic" else _model(a, checkpoint_backend)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

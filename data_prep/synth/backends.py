@@ -1,7 +1,7 @@
 """Model-generated synthesis: pluggable generation backends + rejection sampling via the verifiers.
 
     backend = OpenAIBackend("http://localhost:8000", model="Qwen/Qwen2.5-Math-7B")   # vLLM, SGLang, ...
-    backend = MegatronBackend(rt_or_chunks, tokenizer, eos_token_id=...)            # tools.generate
+    backend = MegatronBackend(rt_or_chunks, tokenizer, eos_token_id=...)   # megatron_ext.generation
     for rec in rejection_sample(backend, tasks, samples_per_task=4, temperature=0.8, max_tokens=512):
         ...
 
@@ -67,23 +67,6 @@ class OpenAIBackend:
                 raise RuntimeError(f"generation endpoint returned {len(texts)} choices for n={n}")
             out.append(texts)
         return out
-
-
-class MegatronBackend:
-    """Our own model through `tools.generate.generate` (collective over its model-parallel group)."""
-
-    def __init__(self, model, tokenizer, eos_token_id: Optional[int] = None, top_p: float = 1.0, name: str = "megatron"):
-        self.model, self.tokenizer, self.eos_token_id, self.top_p = model, tokenizer, eos_token_id, top_p
-        self.name = name
-
-    def complete(self, prompts, n, temperature, max_tokens, seed):
-        from tools.generate import generate
-
-        ids = [self.tokenizer.encode(p) for p in prompts for _ in range(n)]
-        out = generate(self.model, ids, max_tokens, temperature=temperature, top_p=self.top_p,
-                       greedy=temperature == 0, seed=seed, eos_token_id=self.eos_token_id)
-        texts = [self.tokenizer.decode([t for t in row if t != self.eos_token_id]) for row in out.tokens]
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def extract_code(text: str) -> str:
