@@ -271,7 +271,8 @@ def _check_sample_task(name, task, k, max_new_tokens):
 def test_every_task_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """Through python -m tools.eval's main: all task kinds, k=2 sampled answers of at most 3
     tokens, RM and PRM best-of-2, ProcessBench F1; a wrong reward checkpoint exits 2. Then the
-    same greedy run at PP=2 (two spawned ranks) gives the PP=1 completions and scores."""
+    same greedy run at PP=2 and with two data-parallel replicas (two spawned ranks) gives the
+    one-process completions and scores."""
     _local_files(tmp_path)
     k, new = 2, 3
     full = ["checkpoint.load={root}/policy",
@@ -316,8 +317,12 @@ def test_every_task_end_to_end_on_a_tiny_model(tmp_path, capsys):
             assert it["correct"] == [judge(p, c)["correct"] for c in it["completions"]], name
     # Pipeline parallel: greedy completions, RM scores and PRM step scores equal PP=1's.
     assert rc_greedy == 0
-    (rc2, pp2), _ = run_on_ranks(_evaluate, 2, str(tmp_path), GREEDY + ["parallel.pp=2"], timeout=600)
-    assert rc2 == 0
+    (rc2, pp2, rc3, dp2), _ = run_on_ranks(_evaluate, 2, str(tmp_path), [GREEDY + ["parallel.pp=2"], GREEDY],
+                                           timeout=600)
+    assert rc2 == rc3 == 0
+    # Two data-parallel replicas (each a whole model) share the samples: the same report.
+    assert [it["completions"] for it in dp2["tasks"]["math_synth"]["items"]] == \
+        [it["completions"] for it in greedy["tasks"]["math_synth"]["items"]]
     for name, task in greedy["tasks"].items():
         for a, b in zip(task["items"], pp2["tasks"][name]["items"]):
             if name == "processbench":
@@ -333,15 +338,19 @@ GREEDY = ["checkpoint.load={root}/policy", "eval.tasks=[math_synth,processbench]
           "eval.max_new_tokens=3", "eval.rm_load={root}/rm", "eval.prm_load={root}/prm"]
 
 
-def _evaluate(rank, world, root, argv):
+def _evaluate(rank, world, root, runs):
     from tools.eval import main
 
-    path = f"{root}/pp{world}.json"
-    rc = main([a.format(root=root) for a in argv] + [f"eval.out={path}"])
-    if rank != 0:
-        return rc, None
-    with open(path) as f:
-        return rc, json.load(f)
+    out = []
+    for i, argv in enumerate(runs):
+        path = f"{root}/spawned{i}.json"
+        out.append(main([a.format(root=root) for a in argv] + [f"eval.out={path}"]))
+        if rank == 0:
+            with open(path) as f:
+                out.append(json.load(f))
+        else:
+            out.append(None)
+    return out
 
 
 def test_command_line_refuses_bad_input_before_loading_a_model(tmp_path, capsys):

@@ -7,7 +7,8 @@
 
 Hydra-style overrides like every entry point (the `eval.*` keys: megatron_ext/eval_config.py);
 the model, its dtype and tokenizer come from the checkpoint. Runs as one process, under torchrun
-(world size = parallel.tp * parallel.pp), or spawns the TP x PP ranks itself on CPU. Prints a table
+(ranks beyond parallel.tp * parallel.pp are data-parallel replicas, each sampling a share of the
+problems), or spawns the TP x PP ranks itself on CPU. Prints a table
 (one row per task) and writes the JSON report (`eval.out`, atomically) with every sample, its
 verdict and its scores. Tasks, prompts and metrics: posttrain/evals/.
 """
@@ -98,10 +99,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         load = _checkpoint(cfg)
         _check_out(cfg.eval.out)
         world = cfg.parallel.tp * cfg.parallel.pp
-        env = dist.launch_env()
-        if "RANK" in os.environ and env.world_size != world:
-            raise ConfigError(f"tools.eval runs on parallel.tp * parallel.pp = {world} ranks, not {env.world_size} "
-                              "(data-parallel evaluation is not supported)")
+        if "RANK" in os.environ:  # torchrun / srun: extra ranks are data-parallel replicas
+            if dist.launch_env().world_size % world:
+                raise ConfigError(f"the world size {dist.launch_env().world_size} is not a multiple of "
+                                  f"parallel.tp * parallel.pp = {world}")
+            world = None
         for path in (load, cfg.eval.rm_load, cfg.eval.prm_load):
             if path:
                 mc.open_checkpoint(path)  # metadata only: a missing or foreign directory fails here, not in the ranks

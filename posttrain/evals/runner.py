@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: generate samples, score them with a reward model / PRM, judge, report.
 
-`evaluate(cfg)` is collective over the model-parallel ranks (TP x PP, every rank calls it with
-the same config): the policy generates with the KV-cached `megatron_ext.generation.generate`,
+`evaluate(cfg)` is collective over every rank of the job (each calls it with the same config):
+TP x PP ranks hold one model replica, further ranks are data-parallel replicas that take a share
+of the samples (`dp_map`). The policy generates with the KV-cached `megatron_ext.generation.generate`,
 then the optional reward model (`eval.rm_load`) and PRM (`eval.prm_load`) checkpoints score every
 sample, one model in memory at a time. Rank 0 judges the samples (math: `verify_math`; code: the
 sandbox) and returns the report; the other ranks return None.
@@ -93,7 +94,10 @@ def load_model(path: str, cfg: Config, verify: bool = True, value_stage: Optiona
     if value_stage is not None and _stage_of(src) != value_stage:
         raise ValueError(f"{path}: not a {value_stage.upper()} training checkpoint (its stage is "
                          f"{_stage_of(src)}); eval.{value_stage}_load needs one written by python -m posttrain.{value_stage}")
-    layout = mc.layout_config(src.model, src.dtype, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    from megatron_ext.dist import launch_env
+
+    layout = mc.layout_config(src.model, src.dtype, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+                              world=launch_env().world_size)  # ranks beyond TP x PP: data-parallel replicas
     chunks = mc.build(layout)
     if value_stage is not None:
         from posttrain.rm import add_value_head
@@ -150,22 +154,44 @@ def split_steps(text: str) -> List[str]:
 # ---------------------------------------------------------------- the collective run
 
 
+def dp_map(fn, items: Sequence) -> List:
+    """`fn(list) -> list` over `items` split round-robin over the data-parallel replicas (each
+    replica's model-parallel ranks run fn together on their share), gathered back in order on
+    every rank. One replica: fn(items)."""
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp == 1:
+        return list(fn(list(items)))
+    rank = parallel_state.get_data_parallel_rank()
+    parts = [None] * dp
+    torch.distributed.all_gather_object(parts, list(fn(list(items[rank::dp]))),
+                                        group=parallel_state.get_data_parallel_group())
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::dp] = part
+    return out
+
+
 def _generate_task(chunks, tok, task: Task, e: EvalConfig, progress) -> List[List[str]]:
     """n completions (text, cut at the end of the turn) per problem."""
     n = e.num_samples or e.k
     shots = fewshot_turns(task.kind, e.few_shot)
     prompts = [encode_chat(tok, messages(p, shots), add_generation_prompt=True)[0] for p in task.problems]
-    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    texts: List[List[str]] = [[] for _ in prompts]
     eos = chatml_stop_ids(tok)
-    for call, start in enumerate(range(0, len(rows), e.batch_size)):
-        batch = rows[start:start + e.batch_size]
-        out = generate(chunks, [prompts[i] for i, _ in batch], e.max_new_tokens, temperature=e.temperature,
-                       top_p=e.top_p, greedy=e.temperature == 0, seed=e.seed * 1_000_003 + call, eos_token_id=eos)
-        for (i, _), ids in zip(batch, out.tokens):
-            texts[i].append(decode(tok, ids, eos))
-        progress.update(len(batch))
-    return texts
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+
+    def run(rows: List[int]) -> List[str]:
+        texts = []
+        for call, start in enumerate(range(0, len(rows), e.batch_size)):
+            batch = rows[start:start + e.batch_size]
+            out = generate(chunks, [prompts[i] for i in batch], e.max_new_tokens, temperature=e.temperature,
+                           top_p=e.top_p, greedy=e.temperature == 0, eos_token_id=eos,
+                           seed=(e.seed * 1_000_003 + call) * 1009 + dp_rank)
+            texts += [decode(tok, ids, eos) for ids in out.tokens]
+            progress.update(min(len(batch) * dp, max((progress.total or 0) - progress.n, 0)))
+        return texts
+
+    flat = dp_map(run, [i for i in range(len(prompts)) for _ in range(n)])
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def decode(tok, ids: Sequence[int], drop: Sequence[int] = ()) -> str:
@@ -213,7 +239,7 @@ def evaluate(cfg: Config, load: str, verify: bool = True) -> Optional[dict]:
             seqs = [encode_chat(tok, [{"role": "user", "content": p.question},
                                       {"role": "assistant", "content": text}])[0]
                     for p, texts in zip(t.problems, samples[t.name]) for text in texts]
-            flat = [float(v[-1]) for v in head_values(rm, seqs, tok.pad, e.batch_size)]
+            flat = dp_map(lambda part: [float(v[-1]) for v in head_values(rm, part, tok.pad, e.batch_size)], seqs)
             rm_scores[t.name] = [flat[i * n:(i + 1) * n] for i in range(len(t.problems))]
         del rm
     if e.prm_load:
@@ -243,8 +269,8 @@ def evaluate(cfg: Config, load: str, verify: bool = True) -> Optional[dict]:
 def benchmark_hook(cfg: Config):
     """Evaluation during training (`eval.train_tasks`): checks the settings and loads the
     problems once (collective), then returns `hook(rt) -> {"bench/<task>/<metric>": value}`,
-    collective over every rank of the job, the metrics on rank 0 (empty elsewhere). Every
-    data-parallel replica generates the same samples; rank 0 judges them."""
+    collective over every rank of the job, the metrics on rank 0 (empty elsewhere). The
+    data-parallel replicas share the sampling; rank 0 judges the samples."""
     from data_prep.tokenizer import get_tokenizer
 
     e = dataclasses.replace(cfg.eval, tasks=list(cfg.eval.train_tasks), rm_load=None, prm_load=None)
@@ -272,9 +298,11 @@ def benchmark_hook(cfg: Config):
 
 def _step_probs(prm, tok, items, batch_size: int) -> List[List[float]]:
     """P(step correct) at each step's separator, per (question, steps) item."""
-    inputs = [prm_inputs(tok, q, steps) for q, steps in items]
-    values = head_values(prm, [ids for ids, _ in inputs], tok.pad, batch_size)
-    return [torch.sigmoid(v[pos]).tolist() if pos else [] for v, (_, pos) in zip(values, inputs)]
+    def run(part):
+        inputs = [prm_inputs(tok, q, steps) for q, steps in part]
+        values = head_values(prm, [ids for ids, _ in inputs], tok.pad, batch_size)
+        return [torch.sigmoid(v[pos]).tolist() if pos else [] for v, (_, pos) in zip(values, inputs)]
+    return dp_map(run, items)
 
 
 # ---------------------------------------------------------------- metrics and report (rank 0)
