@@ -177,6 +177,7 @@ def test_heldout_synthetic_problems_come_from_their_own_seed_namespace():
 
     math_task = load_task("math_synth", limit=10)
     assert len(math_task.problems) == 10 and len({p.id.split("/")[1] for p in math_task.problems}) == 5
+    assert len({p.question for p in load_task("math_synth", limit=60).problems}) == 60  # no repeats
     first = math_task.problems[0]
     kind, index = first.id.split("/")[1:]
     (heldout,) = [r for r in math_gen.generate(kind, int(index) + 1, HELDOUT) if r["index"] == int(index)]

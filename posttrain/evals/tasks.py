@@ -5,7 +5,7 @@ Task names (`eval.tasks`):
   a completion passes when the program (the problem's prompt code, then the answer's code) passes
   the problem's `check(entry_point)` in the project's code sandbox.
 - `math_synth` / `code_synth`: held-out problems of the verified generators
-  (`data_prep.synth.math_gen`, `code_gen`) drawn from the seed namespace `heldout:` (see `HELDOUT`).
+  (`data_prep.synth.math_gen`, `code_gen`) drawn from the seed namespace `heldout:` (see `HELDOUT`), distinct questions.
 - `processbench`: the bundled ProcessBench-form sample (PRM checkpoints only).
 - a path to a local `.jsonl` / `.jsonl.gz` file, whose form is read from its fields:
   GSM8K/MATH (`question` or `problem`, and `answer` (GSM8K's `#### x` or a `\\boxed{}`) or a
@@ -37,8 +37,9 @@ HELDOUT = "heldout"
 by the string f"{seed}:{kind}:{index}" (math) or f"{seed}:code:{index}" (code), and corpora for
 training take an integer seed (`python -m data_prep.synth --seed INT`), whose text never starts
 with a letter: no training key can equal a `heldout:...` key, so the held-out stream is disjoint
-from every training stream. (Identical problem *texts* can still occur by chance where a
-template has few variants; decontaminate training corpora against the eval set for that.)"""
+from every training stream. Identical problem *texts* still occur by chance where a template
+has few variants (quadratic: about 190; the word problems a few thousand), so a large training
+corpus contains most of those: decontaminate training corpora against the eval set."""
 FEWSHOT = "fewshot"
 """Seed namespace of the few-shot examples (disjoint from training and held-out streams likewise)."""
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -97,10 +98,17 @@ def humaneval_problems() -> List[Problem]:
 
 
 def _math_stream(namespace: str, n: int) -> List[dict]:
-    """n verified math records, the kinds interleaved (kind by kind, index by index)."""
-    per = -(-n // len(math_gen.KINDS))
-    streams = [math_gen.generate(kind, per, namespace) for kind in sorted(math_gen.KINDS)]
-    rows = [r for group in zip_longest(*streams) for r in group if r is not None]
+    """n verified math records with distinct questions, the kinds interleaved (a template with
+    few variants repeats questions; a repeat is skipped rather than counted twice)."""
+    streams = [math_gen.generate(kind, 10 * n, namespace) for kind in sorted(math_gen.KINDS)]  # lazy
+    rows, seen = [], set()
+    for group in zip_longest(*streams):
+        for r in group:
+            if r is not None and r["problem"] not in seen:
+                seen.add(r["problem"])
+                rows.append(r)
+        if len(rows) >= n:
+            break
     return rows[:n]
 
 
