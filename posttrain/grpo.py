@@ -54,7 +54,7 @@ from megatron_ext.generation import Generation, generate
 from posttrain.common import Cycled, StageMetrics, pad_to, read_jsonl, report, require, run_cli, token_logps
 from posttrain.reference import Reference, forward_only
 from posttrain.synthetic import arithmetic_prompts
-from posttrain.verifiers import run_code_tests, verify_math
+from data_prep.verifiers import run_code_tests, verify_math
 
 log = logging.getLogger(__name__)
 

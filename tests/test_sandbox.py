@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from posttrain.verifiers import code as sandbox_code
-from posttrain.verifiers import run_code_tests
-from posttrain.verifiers.code import SandboxUnavailableError, sandbox_problem
+from data_prep.verifiers import code as sandbox_code
+from data_prep.verifiers import run_code_tests
+from data_prep.verifiers.code import SandboxUnavailableError, sandbox_problem
 
 _PROBLEM = sandbox_problem("bwrap")
 needs_bwrap = pytest.mark.skipif(_PROBLEM is not None, reason=f"isolated sandbox unavailable: {_PROBLEM}")
@@ -312,7 +312,7 @@ def test_refuses_without_isolation_unless_opted_in(monkeypatch):
 
 
 def test_seccomp_filter_shape():
-    from posttrain.verifiers import sandbox_seccomp as sc
+    from data_prep.verifiers import sandbox_seccomp as sc
     for machine in sc.ARCHES:
         prog = sc.filter_bytes(machine)
         assert len(prog) % 8 == 0 and 20 < len(prog) // 8 < 4096
@@ -322,7 +322,7 @@ def test_seccomp_filter_shape():
 
 def test_seccomp_numbers_match_the_kernel_headers():
     """The hand-written syscall tables agree with the installed kernel headers (when present)."""
-    from posttrain.verifiers import sandbox_seccomp as sc
+    from data_prep.verifiers import sandbox_seccomp as sc
     import re
     headers = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h", "aarch64": "/usr/include/asm-generic/unistd.h"}
     checked = 0

@@ -14,7 +14,7 @@ import sympy
 
 from data_prep.synth import backends, code_gen, math_gen
 from data_prep.synth.__main__ import main as synth_main
-from posttrain.verifiers import run_code_tests, verify_math
+from data_prep.verifiers import run_code_tests, verify_math
 
 
 @pytest.mark.parametrize("kind", sorted(math_gen.KINDS))

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from posttrain.verifiers import extract_answer, math_equal, run_code_tests, verify_math
+from data_prep.verifiers import extract_answer, math_equal, run_code_tests, verify_math
 
 MATH_TABLE = [
     # (response, reference, expected)

@@ -6,7 +6,7 @@
   unit tests, checked in the sandbox.
 - `data_prep.synth.backends`: model-generated synthesis behind one interface (an
   OpenAI-compatible HTTP endpoint, or our own Megatron model via `tools.generate`) with
-  rejection sampling through `posttrain.verifiers`.
+  rejection sampling through `data_prep.verifiers`.
 - `python -m data_prep.synth`: writes jsonl records ({"text", "domain", "kind", "source",
   "generator", "seed", "index", "verified", "id", ...}) that `python -m data_prep.tokenize`
   reads directly (`--text-key text`).

@@ -19,7 +19,7 @@ import urllib.request
 from typing import Dict, Iterable, Iterator, List, Optional, Protocol
 
 from data_prep.synth.records import make_record
-from posttrain.verifiers import run_code_tests, verify_math
+from data_prep.verifiers import run_code_tests, verify_math
 
 
 class Backend(Protocol):

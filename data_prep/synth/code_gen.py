@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Tuple
 
 from data_prep.synth.records import make_record
-from posttrain.verifiers import run_code_tests
+from data_prep.verifiers import run_code_tests
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Every problem is generated from `random.Random(f"{seed}:{index}")`, so record i of a corpus is
 reproducible on its own. Answers are exact (`fractions.Fraction`); a record is kept only when
-(a) its solution's `\\boxed{}` answer is accepted by `posttrain.verifiers.verify_math` against
+(a) its solution's `\\boxed{}` answer is accepted by `data_prep.verifiers.verify_math` against
 the stored answer and (b) sympy, working from the problem's own statement (the printed
 expression or equation), reaches the same value, so a generator bug cannot slip through.
 """
@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import sympy
 
 from data_prep.synth.records import make_record
-from posttrain.verifiers import verify_math
+from data_prep.verifiers import verify_math
 
 Problem = Tuple[str, str, Fraction, Optional[str]]  # (question, solution, answer, sympy check or None)
 

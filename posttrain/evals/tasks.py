@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 from data_prep.synth import code_gen, math_gen
 from posttrain.common import DATA_DIR
-from posttrain.verifiers import extract_answer, math_equal, run_code_tests, verify_math
+from data_prep.verifiers import extract_answer, math_equal, run_code_tests, verify_math
 
 HELDOUT = "heldout"
 """Seed namespace of the held-out synthetic problems. The generators key problem i of a corpus

@@ -57,7 +57,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from posttrain.verifiers import sandbox_seccomp
+from data_prep.verifiers import sandbox_seccomp
 
 _RUNNER = Path(__file__).with_name("_sandbox_runner.py")
 STATUSES = ("passed", "failed", "error", "timeout", "memory", "forbidden", "output_limit", "crashed")

@@ -6,7 +6,7 @@
   assert-style tests in a sandboxed subprocess.
 """
 
-from posttrain.verifiers.code import CodeResult, run_code_tests
-from posttrain.verifiers.math import extract_answer, math_equal, verify_math
+from data_prep.verifiers.code import CodeResult, run_code_tests
+from data_prep.verifiers.math import extract_answer, math_equal, verify_math
 
 __all__ = ["CodeResult", "run_code_tests", "extract_answer", "math_equal", "verify_math"]
