@@ -1,20 +1,16 @@
 """Pieces every post-training stage shares: per-step stage metrics, padding, checks, the CLI.
 
-Stage metrics: the one loop reduces and logs the "lm loss" report only. A stage's loss_func
-also reports extra [sum, count] pairs (accuracy, margins, rewards); `StageMetrics` sums them
-over the micro-batches of one global batch, reduces them over data parallelism when the last
-micro-batch of the batch arrives, logs them, and keeps their history for tests and callers.
-
-Only the last pipeline stage computes a loss, so the numbers exist on its ranks alone; its
-first data/tensor-parallel rank prints the line (global rank 0 without pipeline parallelism).
-They cannot be sent to rank 0 from inside the pipeline schedule: the first stage is waiting
-for gradients there and would deadlock on a collective.
+Stage metrics: a stage's loss_func reports [sum, count] pairs (loss, accuracy, margins,
+rewards); the one loop reduces every one of them, sends them along the pipeline and logs them
+(`megatron_ext.loop.reduce_reports`). `StageMetrics` also keeps a per-step history of them on
+the last pipeline stage's ranks (where the loss_func runs) for tests and callers: it sums them
+over the micro-batches of one global batch and reduces them over data parallelism when the
+last micro-batch of the batch arrives. It does not log: the loop's line is the one record.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,8 +19,6 @@ from megatron.core import parallel_state
 
 from megatron_ext.config import Config, ConfigError
 
-log = logging.getLogger(__name__)
-metrics_log = logging.getLogger("posttrain.metrics")
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -49,7 +43,7 @@ class StageMetrics:
         return per_batch if training else per_batch * t.eval_iters
 
     def add(self, report: Dict[str, torch.Tensor]) -> None:
-        """Accumulate one micro-batch's report; reduce and log after the batch's last one."""
+        """Accumulate one micro-batch's report; reduce after the batch's last one."""
         training = torch.is_grad_enabled()  # the loop evaluates under no_grad
         for key, value in report.items():
             value = value.detach().float().cpu()
@@ -69,13 +63,6 @@ class StageMetrics:
         if self.derive is not None:
             means = self.derive(means)
         (self.history if training else self.valid_history).append(means)
-        if parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0:
-            # The printing rank of stage metrics (the last stage's first rank) logs at INFO even
-            # where the console setup keeps ranks other than 0 at warnings.
-            if metrics_log.getEffectiveLevel() > logging.INFO:
-                metrics_log.setLevel(logging.INFO)
-            tag = f"step {len(self.history)}" if training else f"eval after step {len(self.history)}"
-            metrics_log.info("%s %s: %s", self.cfg.stage, tag, "  ".join(f"{k}={v:.4f}" for k, v in means.items()))
 
 
 def report(pairs: Dict[str, tuple]) -> Dict[str, torch.Tensor]:

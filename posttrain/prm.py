@@ -19,6 +19,7 @@ reported F1 is their harmonic mean.
 
 from __future__ import annotations
 
+import math
 import sys
 from functools import partial
 from typing import List, Sequence
@@ -122,8 +123,9 @@ def prm_loss(batch: dict, metrics: StageMetrics, output: torch.Tensor):
 
 
 def _with_f1(means: dict) -> dict:
-    if "error_subset_acc" in means:
-        means["processbench_f1"] = processbench_f1(means["error_subset_acc"], means["correct_subset_acc"])
+    err, ok = means.get("error_subset_acc"), means.get("correct_subset_acc")
+    if err is not None and ok is not None and not (math.isnan(err) or math.isnan(ok)):
+        means["processbench_f1"] = processbench_f1(err, ok)
     return means
 
 
@@ -135,6 +137,8 @@ class PRMStage:
         self.metrics = StageMetrics(cfg, derive=_with_f1)
 
     customize_model = staticmethod(add_value_head)
+    derive_metrics = staticmethod(_with_f1)
+    """The loop's hook: ProcessBench F1 from the reduced subset accuracies."""
 
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
         tok = get_tokenizer(cfg.data.tokenizer)

@@ -144,35 +144,15 @@ def _save_init(rank, world_size, overrides, out):
     checkpoint.save(rt, checkpoint.TrainState())
 
 
-def _capture_stage_metrics_lines():
-    """Console logging as the entry point sets it up, plus a list of the stage-metrics lines."""
-    import logging
-
-    from megatron_ext.metrics import setup_console_logging
-
-    setup_console_logging()
-    lines = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            if record.name.startswith("posttrain") and "step" in record.getMessage():
-                lines.append(record.getMessage())
-
-    logging.getLogger().addHandler(Keep())
-    return lines
-
-
 def _train_stage(rank, world_size, overrides, make_stage):
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
     from megatron_ext.loop import train
 
-    lines = _capture_stage_metrics_lines()
     cfg = load_config(overrides)
     validate(cfg, world_size)
     stage = make_stage(cfg)
-    result = train(cfg, stage)
-    return [h["loss"] for h in result.history], stage.metrics.history, lines
+    return train(cfg, stage).history, stage.metrics.history
 
 
 def _dpo_stage(cfg):
@@ -181,23 +161,22 @@ def _dpo_stage(cfg):
     return DPOStage(cfg)
 
 
-def _check_layout_equals_one_process(ref, results, steps):
-    """Per-step losses on every rank and the stage metrics of the last stage equal one process's;
-    the metrics line is printed by exactly one rank, once per step."""
-    ref_losses, ref_metrics, ref_lines = ref
-    assert len(ref_lines) == steps, ref_lines
-    for losses, _, _ in results:
-        assert len(losses) == steps
-        for got, want in zip(losses, ref_losses):
-            assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-7), (losses, ref_losses)
+def _check_layout_equals_one_process(ref, results, steps, keys):
+    """Every rank's per-step loss and stage metrics (`keys`; the loop sends them along the
+    pipeline) and the last stage's own metric history equal one process's."""
+    ref_records, ref_metrics = ref
+    for records, _ in results:
+        assert len(records) == steps
+        for got, want in zip(records, ref_records):
+            assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-7), (records, ref_records)
+            for k in keys:
+                assert math.isclose(got[k], want[k], rel_tol=1e-4, abs_tol=1e-5), (k, got, want)
     metrics = results[-1][1]
     assert len(metrics) == steps, metrics
     for got, want in zip(metrics, ref_metrics):
         assert got.keys() == want.keys()
         for k in want:
             assert math.isclose(got[k], want[k], rel_tol=1e-4, abs_tol=1e-5), (k, got, want)
-    printed = [lines for _, _, lines in results if lines]
-    assert len(printed) == 1 and len(printed[0]) == steps, [lines for _, _, lines in results]
 
 
 def test_dpo_pipeline_parallel_equals_one_process(tmp_path):
@@ -206,10 +185,11 @@ def test_dpo_pipeline_parallel_equals_one_process(tmp_path):
     run_on_ranks(_save_init, 1, PP, tmp_path / "init")
     load = [f"checkpoint.load={tmp_path}/init/iter_0000000", "checkpoint.weights_only=true"]
     ref = run_on_ranks(_train_stage, 1, PP + load, _dpo_stage)[0]
-    assert abs(ref[0][0] - math.log(2)) < 1e-6, ref[0]
-    assert abs(ref[1][0]["margin"]) < 1e-6 and ref[0][1] < ref[0][0]  # then it learns
+    losses = [r["loss"] for r in ref[0]]
+    assert abs(losses[0] - math.log(2)) < 1e-6 and losses[1] < losses[0], losses  # then it learns
+    assert abs(ref[0][0]["margin"]) < 1e-6 and ref[0][1]["margin"] > 0, ref[0]
     for layout in (["parallel.pp=2"], ["parallel.pp=2", "parallel.vpp=2"]):
         results = run_on_ranks(_train_stage, 2, PP + load + layout, _dpo_stage)
-        for losses, _, _ in results:
-            assert abs(losses[0] - math.log(2)) < 1e-6, (layout, losses)
-        _check_layout_equals_one_process(ref, results, 3)
+        for records, _ in results:
+            assert abs(records[0]["loss"] - math.log(2)) < 1e-6, (layout, records)
+        _check_layout_equals_one_process(ref, results, 3, ("accuracy", "margin", "chosen_reward", "rejected_reward"))

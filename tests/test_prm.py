@@ -95,3 +95,13 @@ def test_bad_prm_rows_are_named_by_file_and_line(tmp_path, row, message):
     with pytest.raises(ValueError, match=message) as info:
         _datasets(tmp_path, [good, "", row])
     assert str(info.value).startswith(f"{tmp_path / 'prm.jsonl'}:3: ")
+
+
+def test_processbench_f1_reaches_the_loop_metrics():
+    """The loop calls the stage's derive_metrics on the reduced means (train and validation)."""
+    from posttrain.prm import PRMStage
+
+    got = PRMStage.derive_metrics({"loss": 0.3, "error_subset_acc": 0.5, "correct_subset_acc": 1.0})
+    assert math.isclose(got["processbench_f1"], 2 / 3)
+    assert "processbench_f1" not in PRMStage.derive_metrics({"loss": 0.3, "error_subset_acc": None,
+                                                             "correct_subset_acc": 1.0})
