@@ -44,8 +44,9 @@ _ITER = re.compile(r"^iter_(\d{7})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the file or key."""
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (missing, corrupted, foreign, not matching the model); the
+    message names the file or key. The one error of every checkpoint reader."""
 
 
 @dataclass

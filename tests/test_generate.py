@@ -82,7 +82,7 @@ class _ByteTokenizer:
 
 def _api_variants(rank, world, ckpt):
     """Load once, then generate with each sampling setting through the Python API."""
-    from tools import mcore_ckpt as mc
+    from megatron_ext import checkpoint_io as mc
     from tools.generate import generate
 
     src = mc.open_checkpoint(ckpt)
@@ -242,7 +242,7 @@ LAYOUTS = {"tp2": dict(tp=2), "tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2)}
 def _layouts(rank, world, ckpt):
     """Per layout: greedy ids and log-probs with and without the cache, a sampled run of each path
     on equal-length prompts, and the cached single-prompt runs."""
-    from tools import mcore_ckpt as mc
+    from megatron_ext import checkpoint_io as mc
     from tools.generate import generate
 
     src = mc.open_checkpoint(ckpt)

@@ -197,7 +197,7 @@ def test_matmuls_per_moe_layer_do_not_grow_with_experts():
 
 
 def _save(rank, world_size, overrides, path):
-    from tools import mcore_ckpt as mc
+    from megatron_ext import checkpoint_io as mc
 
     from megatron_ext.grouped_experts import sequential_named_parameters
     from megatron_ext.layout import global_name
@@ -209,7 +209,7 @@ def _save(rank, world_size, overrides, path):
 
 
 def _load(rank, world_size, overrides, path):
-    from tools import mcore_ckpt as mc
+    from megatron_ext import checkpoint_io as mc
 
     from megatron_ext.grouped_experts import sequential_named_parameters
     from megatron_ext.layout import global_name
@@ -225,7 +225,7 @@ def _load(rank, world_size, overrides, path):
     pytest.param((1, [SEQUENTIAL]), (2, ["parallel.ep=2", GROUPED]), marks=pytest.mark.slow),
 ], ids=["grouped_etp2_to_sequential", "sequential_to_grouped_ep2"])
 def test_checkpoint_round_trip_across_implementations(tmp_path, save_layout, load_layout):
-    from tools import mcore_ckpt as mc
+    from megatron_ext import checkpoint_io as mc
 
     (tmp_path / "ckpt").mkdir()
     saved_by_rank = run_on_ranks(_save, save_layout[0], save_layout[1], tmp_path / "ckpt")

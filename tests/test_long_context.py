@@ -66,7 +66,7 @@ def _training_runtime_logits(rank, world, ckpt, ids):
     from megatron_ext import checkpoint
     from megatron_ext.build import build
     from megatron_ext.cli import load_config
-    from tools import mcore_ckpt as mc
+    from megatron_ext import checkpoint_io as mc
     from tools.logits import forward_logits
 
     cfg = load_config([f"checkpoint.load={ckpt}", "checkpoint.weights_only=true"])

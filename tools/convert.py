@@ -32,7 +32,7 @@ from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
 from models.mapping import Entry, by_mcore_name, expand, expected_hf_shapes, fuse, split
 from tools import launch
-from tools import mcore_ckpt as mc
+from megatron_ext import checkpoint_io as mc
 from tools.hf_io import HFCheckpoint, HFCheckpointError, ShardWriter, dtype_of, parse_size, tokenizer_files
 
 

@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_ext import dist
     from posttrain.evals.runner import check, table, write_report
     from tools import launch
-    from tools import mcore_ckpt as mc
+    from megatron_ext import checkpoint_io as mc
 
     try:
         check(cfg.eval)

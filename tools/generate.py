@@ -32,7 +32,7 @@ from typing import List, Optional
 from megatron_ext.generation import (Generation, chatml_stop_ids, check_args as _check_args, cut_at_stop,
                                      generate, sample_next)
 from tools import launch
-from tools import mcore_ckpt as mc
+from megatron_ext import checkpoint_io as mc
 
 __all__ = ["Generation", "generate", "sample_next", "chatml_stop_ids", "main"]
 

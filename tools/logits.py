@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from data_prep.indexed import check_writable_dir
 from tools import launch
-from tools import mcore_ckpt as mc
+from megatron_ext import checkpoint_io as mc
 
 
 def parse_tokens(text: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from data_prep.synth.__main__ import main as synth_main
 from data_prep.tokenizer import get_tokenizer
 from megatron_ext.generation import MegatronBackend
 from tools import launch
-from tools import mcore_ckpt as mc
+from megatron_ext import checkpoint_io as mc
 
 
 def _rank(a, tasks):

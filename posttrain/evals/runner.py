@@ -35,8 +35,8 @@ from megatron_ext.generation import chatml_stop_ids, forward, generate
 from posttrain.evals import metrics as M
 from posttrain.evals.tasks import BUILTIN, Task, answer_classes, fewshot_turns, judge, load_task, messages
 
-# Checkpoint reading is shared with the tools (tools/mcore_ckpt.py) for now.
-from tools import mcore_ckpt as mc  # noqa: E402
+# Checkpoint reading is shared with the tools (megatron_ext/checkpoint_io.py) for now.
+from megatron_ext import checkpoint_io as mc  # noqa: E402
 
 STEP_SEPARATOR = "\n\n"
 

@@ -1,4 +1,8 @@
-"""Megatron-side checkpoints of a Qwen model: `dist_checkpointing` (torch_dist) + a metadata file.
+"""Checkpoints outside training (converters, tools, evaluation, weights-only starts): the converted
+format, opening either format as a Source, building a layout to read it into.
+
+The format itself (directory layout, meta.json with its CRC manifest, the converted metadata
+file, errors) is defined once, in `megatron_ext.checkpoint`; this module reads and writes it.
 
 A checkpoint directory holds Megatron-Core's distributed checkpoint of the model's
 `sharded_state_dict()` (resharded on load, so it loads at any TP/PP/EP layout), and
@@ -32,14 +36,11 @@ from megatron_ext.build import build_model, init_parallel
 from megatron_ext.config import Config, ModelConfig, ParallelConfig, PrecisionConfig, validate
 from megatron_ext.transformer import transformer_config
 
-META_FILE = "qwen_checkpoint.json"
+META_FILE = train_checkpoint.CONVERTED_META
+FORMAT_VERSION = train_checkpoint.FORMAT_VERSION
+CheckpointError = train_checkpoint.CheckpointError
 TOKENIZER_DIR = "hf_tokenizer"
-FORMAT_VERSION = 1
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
-
-class CheckpointError(ValueError):
-    """A missing or malformed Megatron checkpoint; the message names the path."""
 
 
 def precision_for(dtype: torch.dtype) -> str:
