@@ -23,9 +23,10 @@ Interceptions (each a named function below, listed in INTERCEPTIONS):
   padded to the largest (gather) or reduced whole and sliced (reduce-scatter).
 - eager_fusions: Megatron's `jit_fuser` is `torch.compile`, used by a few functions that run on
   CPU too (the expert-bias update, weighted SwiGLU). Its fusions are written for GPUs; on CPU
-  inductor generates C++ for the host's vector ISA, which fails to compile under
-  `ATEN_CPU_CAPABILITY=default` and costs compile time in every process. TorchDynamo is turned
-  off, so they run as the plain PyTorch they are written in.
+  inductor builds C++ for the host's vector ISA with the host compiler at first use, which
+  depends on the toolchain (it has failed to build under `ATEN_CPU_CAPABILITY=default`) and
+  costs compile time in every process. TorchDynamo is turned off, so they run as the plain
+  PyTorch they are written in.
 
 (The MoE router's `te_general_gemm` is undefined wherever Transformer Engine is absent, GPUs
 included, so its fix is a patch in megatron_ext/patches.py, applied on every machine.)
