@@ -30,7 +30,9 @@ def _late_shares(history):
 
 def test_aux_loss_free_balancing_keeps_every_expert_busy():
     run = MOE + ["train.steps=50", "moe.load_balancing=none"]
-    (balanced,) = run_on_ranks(_train, 1, run + ["moe.expert_bias=true", "moe.bias_update_rate=1e-2"])
+    # A rate that balances within the window from any initial weights: at 3e-2 the late shares
+    # are all within 0.03 of 1/E; at 1e-2 whether 50 steps suffice depends on the initial router.
+    (balanced,) = run_on_ranks(_train, 1, run + ["moe.expert_bias=true", "moe.bias_update_rate=3e-2"])
     (free,) = run_on_ranks(_train, 1, run + ["moe.expert_bias=false"])
     floor = SHARE_FLOOR / 4
     assert _late_shares(balanced).min().item() >= floor, _late_shares(balanced)
