@@ -72,6 +72,8 @@ def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
 class DPOStage:
     """DPO / IPO / SimPO on the one training loop."""
 
+    loss_name = "dpo_loss"  # the console and metrics-file name of the loss (DPO / IPO / SimPO)
+
     uses_reference_model = True
     """The frozen reference is the model the run starts from (megatron_ext.stages)."""
 

@@ -172,6 +172,8 @@ class RolloutBuffer(torch.utils.data.Dataset):
 class GRPOStage:
     """GRPO on the one training loop (see the module doc)."""
 
+    loss_name = "grpo_loss"  # the console and metrics-file name of the loss (clipped policy loss + KL)
+
     uses_reference_model = True
     """The frozen reference is the model the run starts from (megatron_ext.stages)."""
 

@@ -132,6 +132,8 @@ def _with_f1(means: dict) -> dict:
 class PRMStage:
     """Process reward model on the one training loop."""
 
+    loss_name = "prm_loss"  # the console and metrics-file name of the loss (per-step BCE)
+
     def __init__(self, cfg: Config):
         require(cfg, "prm")
         self.metrics = StageMetrics(cfg, derive=_with_f1)

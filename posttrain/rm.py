@@ -116,6 +116,8 @@ def bradley_terry_loss(last: torch.Tensor, metrics: StageMetrics, output: torch.
 class RewardModelStage:
     """Bradley-Terry reward model on the one training loop."""
 
+    loss_name = "rm_loss"  # the console and metrics-file name of the loss (Bradley-Terry)
+
     def __init__(self, cfg: Config):
         require(cfg, "rm", pairs=True)
         self.metrics = StageMetrics(cfg)
