@@ -55,7 +55,7 @@ def _init_fn(name: str, tcfg: TransformerConfig) -> Optional[Callable]:
 def _constant(name: str, tcfg: TransformerConfig) -> float:
     if name.endswith(_NORMS):
         return 0.0 if tcfg.layernorm_zero_centered_gamma else 1.0
-    if name.endswith("bias") or name.endswith("layer_norm_bias"):
+    if name.endswith("bias"):  # linear and norm biases
         return 0.0
     raise ValueError(f"layout-independent init: no rule for parameter {name!r}; add it to megatron_ext/init.py")
 

@@ -60,11 +60,6 @@ def reduce_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, Optional
     return means
 
 
-def reduce_report(reports: List[Dict[str, torch.Tensor]], key: str = LOSS_KEY) -> Optional[float]:
-    """One metric of `reduce_reports` (by default the loss)."""
-    return reduce_reports(reports).get(key)
-
-
 def _device(t: torch.Tensor) -> torch.Tensor:
     return t.cuda() if torch.cuda.is_available() else t
 

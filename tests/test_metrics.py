@@ -13,7 +13,7 @@ SHORT = ["train.steps=4", "train.global_batch_size=4", "train.micro_batch_size=2
          "train.eval_interval=2", "train.eval_iters=1"]
 
 
-class _ReportsTokenShare:
+class _ReportsThree:
     """Pretraining with one extra metric in the report, and a derived one."""
 
     def __init__(self):
@@ -47,7 +47,7 @@ def _train(rank, world_size, overrides, extra_metric=False):
 
     cfg = load_config(overrides)
     validate(cfg, world_size)
-    return train(cfg, _ReportsTokenShare() if extra_metric else PretrainStage()).history
+    return train(cfg, _ReportsThree() if extra_metric else PretrainStage()).history
 
 
 def _records(path: Path):
