@@ -70,6 +70,37 @@ def _check_out(path: Optional[str]) -> None:
         raise ConfigError(f"eval.out={path}: {parent} is not writable")
 
 
+def launched_world() -> Optional[int]:
+    """The world size when a launcher started the ranks (torchrun sets RANK; srun sets
+    SLURM_PROCID/SLURM_NTASKS, which megatron_ext.dist reads the same way): those ranks run the
+    evaluation themselves. None when this is one plain process (it spawns TP x PP ranks itself)."""
+    from megatron_ext import dist
+
+    world = dist.launch_env().world_size
+    return world if "RANK" in os.environ or world > 1 else None
+
+
+def check_config(cfg: Config, world: Optional[int] = None) -> str:
+    """What is checked before any model is loaded: the eval section, checkpoint.load, eval.out,
+    the launcher's world size (`world`, None: not launched) against parallel.tp * parallel.pp,
+    and that the checkpoints open (metadata only). Returns the checkpoint to load; raises
+    ConfigError, or ValueError (CheckpointError) / FileNotFoundError, naming the problem.
+    `slurm/launch.py` calls it too, so a bad eval job fails before it is queued."""
+    from megatron_ext import checkpoint_io as mc
+    from posttrain.evals.runner import check
+
+    check(cfg.eval)
+    load = _checkpoint(cfg)
+    _check_out(cfg.eval.out)
+    layout = cfg.parallel.tp * cfg.parallel.pp
+    if world is not None and world % layout:
+        raise ConfigError(f"the world size {world} is not a multiple of parallel.tp * parallel.pp = {layout}")
+    for path in (load, cfg.eval.rm_load, cfg.eval.prm_load):
+        if path:
+            mc.open_checkpoint(path)  # metadata only: a missing or foreign directory fails here, not in the ranks
+    return load
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
     unknown = [f for f in flags if f not in (*HELP_FLAGS, PRINT_CONFIG, NO_VERIFY)]
@@ -89,25 +120,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if PRINT_CONFIG in flags:
         print(config_yaml(cfg))
         return 0
-    from megatron_ext import dist
-    from posttrain.evals.runner import check, table, write_report
+    from posttrain.evals.runner import table, write_report
     from tools import launch
-    from megatron_ext import checkpoint_io as mc
 
     try:
-        check(cfg.eval)
-        load = _checkpoint(cfg)
-        _check_out(cfg.eval.out)
-        world = cfg.parallel.tp * cfg.parallel.pp
-        if "RANK" in os.environ:  # torchrun / srun: extra ranks are data-parallel replicas
-            if dist.launch_env().world_size % world:
-                raise ConfigError(f"the world size {dist.launch_env().world_size} is not a multiple of "
-                                  f"parallel.tp * parallel.pp = {world}")
-            world = None
-        for path in (load, cfg.eval.rm_load, cfg.eval.prm_load):
-            if path:
-                mc.open_checkpoint(path)  # metadata only: a missing or foreign directory fails here, not in the ranks
-        report = launch.run(_rank, world, cfg, load, NO_VERIFY not in flags)
+        world = launched_world()
+        load = check_config(cfg, world)
+        layout = None if world is not None else cfg.parallel.tp * cfg.parallel.pp  # None: the launcher's ranks
+        report = launch.run(_rank, layout, cfg, load, NO_VERIFY not in flags)
     except ConfigError as e:
         fail(str(e))
     except (ValueError, FileNotFoundError, launch.RankError) as e:  # CheckpointError is a ValueError
