@@ -1,16 +1,21 @@
-"""Launch one training stage on a Slurm allocation: one srun task per GPU, each task one rank.
+"""Launch one training stage, or an evaluation, on a Slurm allocation: one srun task per GPU, each task one rank.
 
 Called by `slurm/train.sbatch` inside a job; also runs anywhere as a dry run:
 
     python slurm/launch.py --dry-run --nodes 2 stage=pretrain model=qwen3_8b parallel.tp=4
+    python slurm/launch.py --dry-run stage=eval checkpoint.load=runs/sft/checkpoints \
+        'eval.tasks=[math_synth]' eval.out=report.json
 
-It resolves the stage to a module, adds the checkpoint overrides that make requeue work
-(`checkpoint.dir` derived from the job name unless given, `checkpoint.load=auto`), composes and
-validates the config for the allocation's world size with the same code the training entry
-uses, prints the command, the parallel layout per node and the config, and then (unless
-`--dry-run`) replaces itself with `srun`. Its exit code is srun's: 75 means "saved after a
-preemption signal, requeue me" (the sbatch script acts on it), 2 means the config or the layout
-was rejected before anything was launched.
+For a training stage it adds the checkpoint overrides that make requeue work (`checkpoint.dir`
+derived from the job name unless given, `checkpoint.load=auto`), composes and validates the
+config for the allocation's world size with the same code the training entry uses, and
+constructs the stage so its own rules apply. `stage=eval` is not a training stage: srun runs
+`python -m tools.eval` with the other overrides as given (no requeue overrides, no reference
+model), after checking the eval config and the checkpoint the way tools.eval does. Then it prints
+the command, the layout per node and the config, and (unless `--dry-run`) replaces itself with
+`srun`. Its exit code is srun's: 75 means "saved after a preemption signal, requeue me" (the
+sbatch script acts on it, for training only), 2 means the config or the layout was rejected
+before anything was launched.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ from megatron_ext.config import Config, ConfigError, data_parallel_size, validat
 ENTRY = "megatron_ext.train"
 """The module srun runs for every stage (`python -m megatron_ext.train stage=X ...`): stages come
 from the registry (megatron_ext.stages), so a stage added there needs nothing here."""
+
+EVAL_STAGE = "eval"
+EVAL_ENTRY = "tools.eval"
+"""`stage=eval` runs `python -m tools.eval` on the ranks instead of a training stage (there is no
+conf/stage/eval.yaml: evaluation composes the default config plus the `eval.*` keys)."""
 
 DEFAULT_JOB_NAME = "qwen-train"
 CHECKPOINT_ROOT = "runs"  # default checkpoint.dir = runs/<job name>/checkpoints (git-ignored)
@@ -132,19 +142,62 @@ def with_checkpoint_overrides(overrides: List[str], job_name: str) -> tuple:
     return out, notes
 
 
+def is_eval(overrides: Sequence[str]) -> bool:
+    return _value(overrides, "stage") == EVAL_STAGE
+
+
 def resolve(overrides: List[str], alloc: Allocation) -> tuple:
     """(module, overrides, config, notes) for this allocation; ConfigError/LaunchError if it doesn't fit."""
     stage = _value(overrides, "stage") or "pretrain"
-    if stage not in stages.names():
-        raise LaunchError(f"stage={stage} has no conf/stage/{stage}.yaml; the stages are {', '.join(stages.names())}")
+    if stage != EVAL_STAGE and stage not in stages.names():
+        raise LaunchError(f"stage={stage} has no conf/stage/{stage}.yaml; the stages are {', '.join(stages.names())}"
+                          f" (and stage={EVAL_STAGE} evaluates a checkpoint with python -m {EVAL_ENTRY})")
     if alloc.gpus_per_node and alloc.tasks_per_node > alloc.gpus_per_node:
         raise LaunchError(f"{alloc.tasks_per_node} tasks per node but {alloc.gpus_per_node} GPUs per node: "
                           "one rank per GPU needs --ntasks-per-node <= --gpus-per-node")
+    if stage == EVAL_STAGE:
+        return resolve_eval(overrides, alloc)
     overrides, notes = with_checkpoint_overrides(overrides, alloc.job_name)
     cfg = load_config(overrides)
     validate(cfg, alloc.world_size, check_device=False)  # the ranks check their devices
     stages.make(cfg)  # the stage's own rules, as the ranks will apply them
     return ENTRY, overrides, cfg, notes
+
+
+def resolve_eval(overrides: List[str], alloc: Allocation) -> tuple:
+    """`stage=eval`: the overrides tools.eval gets (the user's, less `stage=`), checked by
+    tools.eval's own pre-flight for this world size (every rank beyond TP x PP is a data-parallel
+    replica sampling a share of the problems)."""
+    from tools.eval import check_config
+
+    overrides = [o for o in overrides if "=" not in o or _override_key(o) != "stage"]
+    cfg = load_config(overrides)
+    try:
+        check_config(cfg, alloc.world_size)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, or a checkpoint that does not open
+        raise LaunchError(str(e)) from None
+    return EVAL_ENTRY, overrides, cfg, []
+
+
+def eval_lines(cfg: Config, alloc: Allocation) -> List[str]:
+    """What the evaluation runs where: world, model layout and replicas, tasks and sampling."""
+    p, e, world, tpn = cfg.parallel, cfg.eval, alloc.world_size, alloc.tasks_per_node
+    model = p.tp * p.pp
+    lines = [
+        f"world: {alloc.nodes} node(s) x {tpn} ranks = {world} ranks"
+        + (f" (one GPU each, {alloc.gpus_per_node} GPUs per node)" if alloc.gpus_per_node else " (CPU, gloo)"),
+        f"eval: checkpoint {cfg.checkpoint.load} | TP={p.tp} PP={p.pp} | {world // model} data-parallel "
+        "replica(s), each sampling a share of the problems",
+        f"tasks: {', '.join(e.tasks)} | k={e.k} samples/problem={e.num_samples or e.k} temperature={e.temperature} "
+        f"limit={e.limit} max_new_tokens={e.max_new_tokens}"
+        + (f" | rm_load={e.rm_load}" if e.rm_load else "") + (f" | prm_load={e.prm_load}" if e.prm_load else ""),
+        f"report: {e.out or '- (eval.out not set: only the printed table)'}",
+    ]
+    for node in range(alloc.nodes):
+        ranks = range(node * tpn, (node + 1) * tpn)
+        host = f" {alloc.hosts[node]}" if alloc.hosts else ""
+        lines.append(f"node {node}{host}: ranks {_span(ranks)} | replica {_span(r // model for r in ranks)}")
+    return lines
 
 
 def _span(values) -> str:
@@ -240,12 +293,19 @@ def help_epilog() -> str:
              "", f"srun runs `python -m {ENTRY} stage=X ...` (`... stage=X --help` shows that stage's defaults); "
              "the stages (conf/stage/):"]
     lines += [f"  stage={stage:<13} {stages.stage_class_of(stage)}" for stage in stages.names()]
+    pad = " " * 22
+    lines += [f"  stage={EVAL_STAGE:<13} not a training stage: srun runs `python -m {EVAL_ENTRY} ...` with the other",
+              f"{pad}overrides (checkpoint.load=DIR, eval.tasks=[...], eval.k, eval.limit, eval.temperature,",
+              f"{pad}eval.out=FILE.json; `python -m {EVAL_ENTRY} --help` lists them). Nothing is added for",
+              f"{pad}requeue, and the job is not requeued. E.g. stage=eval checkpoint.load=runs/sft/checkpoints",
+              f"{pad}'eval.tasks=[math_synth]' eval.out=report.json"]
     lines += ["", config_help(load_config([]), keys_title="Most used keys, with their defaults for stage=pretrain:"),
               "",
-              f"Added for requeue: checkpoint.dir={CHECKPOINT_ROOT}/<job name>/checkpoints unless given, and "
-              "checkpoint.load=auto\n  (a checkpoint.load=PATH is used until the job's own directory holds a checkpoint).",
-              "Exit codes: srun's (75: saved after a preemption signal, requeue); 2: the config or layout was "
-              "rejected\n  before anything was launched."]
+              f"Added for requeue (training stages): checkpoint.dir={CHECKPOINT_ROOT}/<job name>/checkpoints unless "
+              "given, and checkpoint.load=auto\n  (a checkpoint.load=PATH is used until the job's own directory holds "
+              "a checkpoint).",
+              "Exit codes: srun's (75: saved after a preemption signal, requeue); 2: the config, the layout or "
+              "(stage=eval)\n  the checkpoint was rejected before anything was launched."]
     return "\n".join(lines)
 
 
@@ -302,9 +362,16 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Dict[str, str]] = N
     print("command:", " ".join(f"{k}={v}" for k, v in rdzv.items()), shlex.join(cmd))
     for line in notes:
         print("note:", line)
-    for line in layout_lines(cfg, alloc):
-        print(line)
-    print("config:\n" + config_yaml(cfg), flush=True)
+    if module == EVAL_ENTRY:
+        from omegaconf import OmegaConf
+
+        for line in eval_lines(cfg, alloc):
+            print(line)
+        print("config (eval):\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg.eval)), flush=True)
+    else:
+        for line in layout_lines(cfg, alloc):
+            print(line)
+        print("config:\n" + config_yaml(cfg), flush=True)
     if args.dry_run:
         return 0
     os.execvpe(cmd[0], cmd, {**env, **rdzv})  # srun's exit code becomes this process's

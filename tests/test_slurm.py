@@ -1,16 +1,20 @@
 """Slurm launch: the launcher's dry run, and `slurm/train.sbatch` on a real one-node Slurm.
 
 The cluster tests start munged + slurmctld + slurmd on localhost (tests/slurm_cluster.py) and
-submit the real template with CPU settings: 2 tasks, gloo, the debug model, a few steps. They
-skip, saying why, only where Slurm cannot be started (packages missing, not root).
+submit the real template with CPU settings: 2 tasks, gloo, the debug model, a few steps (and
+one `stage=eval` job on a one-step checkpoint). They skip, saying why, only where Slurm cannot
+be started (packages missing, not root).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,9 +124,61 @@ def test_requeued_preference_and_rl_stages_keep_their_start_model_as_reference(t
 def test_dry_run_applies_the_stage_rules(capsys):
     """The stage's own checks run before anything queues: GRPO's group size must divide the
     global batch (the same setting python -m posttrain.grpo refuses)."""
-    rc = launch.main(["--dry-run", "stage=grpo", "posttrain.group_size=3", "train.micro_batch_size=4"], env={})
+    rc = launch.main(["--dry-run", "stage=grpo", "grpo.group_size=3", "train.micro_batch_size=4"], env={})
     assert rc == 2
-    assert "posttrain.group_size=3 must be >= 2 and divide" in capsys.readouterr().err
+    assert "grpo.group_size=3 must be >= 2 and divide" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- stage=eval
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A one-step debug-model pretraining checkpoint (one process), to evaluate."""
+    root = tmp_path_factory.mktemp("tiny-ckpt")
+    res = subprocess.run([sys.executable, "-m", launch.ENTRY, "stage=pretrain", "train.steps=1",
+                          "train.warmup_steps=0", "data.seq_length=32", "train.global_batch_size=2",
+                          "train.micro_batch_size=2", f"checkpoint.dir={root}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (root / "latest").read_text().strip() == "iter_0000001"
+    root.chmod(0o755)  # the Slurm job reads it
+    return root
+
+
+def test_dry_run_eval_runs_tools_eval_with_the_users_overrides(capsys, tiny_checkpoint, tmp_path):
+    user = [f"checkpoint.load={tiny_checkpoint}", "eval.tasks=[math_synth,code_synth]", "eval.limit=2",
+            "eval.temperature=0.7", "eval.k=2", f"eval.out={tmp_path}/report.json"]
+    code, out, err = dry_run(capsys, "--nodes", "2", "stage=eval", *user)
+    assert code == 0, err
+    command = next(line for line in out.splitlines() if line.startswith("command:"))
+    # The user's overrides as given, less stage=eval: no checkpoint.dir / checkpoint.load=auto
+    # (requeue) and no posttrain.ref_load (reference model) added.
+    assert command.endswith(shlex.join(["srun", "--ntasks=16", "--ntasks-per-node=8", "--distribution=block",
+                                        "--wait=60", "--label", sys.executable, "-m", "tools.eval", *user])), command
+    assert "MASTER_ADDR=<first node>" in command and "OMP_NUM_THREADS=" in command  # the training rank env
+    assert "world: 2 node(s) x 8 ranks = 16 ranks" in out
+    assert "TP=1 PP=1 | 16 data-parallel replica(s)" in out
+    assert "tasks: math_synth, code_synth | k=2" in out and f"report: {tmp_path}/report.json" in out
+    assert not (tmp_path / "report.json").exists()  # a dry run evaluates nothing
+    assert "eval" not in launch.stages.names()  # not a training stage (megatron_ext.train refuses it)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval.tasks=[math_synth]"], "tools.eval needs checkpoint.load=DIR"),
+    (["checkpoint.load={ckpt}", "eval.tasks=[gsm9k]"], "eval.tasks: 'gsm9k' is neither a task"),
+    (["checkpoint.load={ckpt}", "eval.taks=[math_synth]"], "unknown config key eval.taks"),
+    (["checkpoint.load={ckpt}", "eval.k=4"], "need eval.temperature > 0"),
+    (["checkpoint.load={ckpt}/none"], "no such checkpoint directory"),
+    (["checkpoint.load={ckpt}", "parallel.tp=3"], "world size 8 is not a multiple of parallel.tp * parallel.pp = 3"),
+])
+def test_dry_run_rejects_bad_eval_configs(capsys, tmp_path, args, message):
+    """Checked the way tools.eval checks before loading a model; the checkpoint here is an
+    empty directory, which only the checks after the eval section reach."""
+    code, out, err = dry_run(capsys, "stage=eval", *[a.format(ckpt=tmp_path) for a in args])
+    assert code == 2
+    assert message in err, err
+    assert "command:" not in out
 
 
 # ---------------------------------------------------------------- real Slurm
@@ -243,3 +299,26 @@ def test_layout_that_does_not_fit_fails_before_srun(cluster):
     assert "world size 2 is not divisible by parallel.tp*pp*cp = 4*1*1 = 4" in log
     assert "command:" not in log and "process group" not in log  # no srun step started
     assert info["Restarts"] == "0"
+
+
+def test_sbatch_evaluates_a_checkpoint(cluster, tiny_checkpoint):
+    """stage=eval through the real template: tools.eval on 2 ranks (two data-parallel replicas)
+    writes the report; nothing is requeued."""
+    report = cluster.work / "eval-report.json"
+    job = submit(cluster, "eval", ["stage=eval", f"checkpoint.load={tiny_checkpoint}",
+                                   "eval.tasks=[math_synth,code_synth]", "eval.limit=2", "eval.max_new_tokens=2",
+                                   f"eval.out={report}"])
+    info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=300)
+    log = job_log(cluster, "eval", job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert info["Restarts"] == "0"
+    assert "-m tools.eval" in log and "checkpoint.load=auto" not in log
+    # Both ranks ran one evaluation together: rank 1 loaded the model (its lines are there) and
+    # only rank 0 printed the table and wrote the report (each rank alone would print its own).
+    assert "\n1: " in log and "\n1: | task" not in log and "\n1: report:" not in log, log[-3000:]
+    assert "\n0: | math_synth | 2 " in log and f"\n0: report: {report}" in log
+    data = json.loads(report.read_text())
+    assert list(data["tasks"]) == ["math_synth", "code_synth"]
+    for name, task in data["tasks"].items():
+        assert task["problems"] == len(task["items"]) == 2, name
+        assert all(len(it["completions"]) == 1 for it in task["items"]), name
