@@ -26,11 +26,10 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megatron_ext import stages
 from megatron_ext.config import Config, ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-ConfigStore.instance().store(name="base_config", node=Config)
 
 HELP_FLAGS = ("-h", "--help")
 PRINT_CONFIG = "--print-config"
@@ -42,17 +41,46 @@ PRINT_CONFIG = "--print-config"
 def load_config(overrides: Sequence[str] = (), config_name: str = "config") -> Config:
     """Compose `conf/<config_name>.yaml` with Hydra overrides into a typed Config.
 
+    The schema is Config plus the chosen stage's own section (`megatron_ext.stages.schema_for`).
     Unknown keys (with or without Hydra's `+`), wrong types and missing values raise
     ConfigError naming the key. Cross-field rules are checked separately by
-    `megatron_ext.config.validate`.
+    `megatron_ext.config.validate`, the stage's own by the stage when it is constructed.
     """
-    check_overrides(overrides)
+    schema = job_schema(overrides)
+    check_overrides(overrides, schema)
+    ConfigStore.instance().store(name="base_config", node=schema)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))
         return OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"bad config or override: {e}") from None
+
+
+def _parsed(overrides: Sequence[str]) -> list:
+    """The overrides Hydra can parse (check_overrides reports the others)."""
+    parser, out = OverridesParser.create(), []
+    for raw in overrides:
+        if not str(raw).startswith("-"):
+            try:
+                out += parser.parse_overrides([str(raw)])
+            except HydraException:
+                pass
+    return out
+
+
+def job_schema(overrides: Sequence[str] = ()) -> type:
+    """The schema a job with these overrides is composed into: Config plus the section of its
+    stage (the last `stage=X`, else conf/config.yaml's default; `stage_class=` if set)."""
+    stage, spec = _default_groups().get("stage", "pretrain"), None
+    for o in _parsed(overrides):
+        if o.is_delete():
+            continue
+        if o.key_or_group == "stage" and o.package is None:
+            stage = str(o.value())
+        elif o.key_or_group == "stage_class":
+            spec = str(o.value())
+    return stages.schema_for(spec or stages.stage_class_of(stage))
 
 
 def config_groups() -> Dict[str, List[str]]:
@@ -95,9 +123,9 @@ def field_names(cls) -> List[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _resolve(parts: Sequence[str]) -> Tuple[int, object]:
-    """Walk `parts` down the Config schema: (how many parts resolved, the type reached)."""
-    node: object = Config
+def _resolve(parts: Sequence[str], schema: type = Config) -> Tuple[int, object]:
+    """Walk `parts` down the schema: (how many parts resolved, the type reached)."""
+    node: object = schema
     for i, part in enumerate(parts):
         if not _is_dataclass_type(node) or part not in field_names(node):
             return i, node
@@ -105,12 +133,12 @@ def _resolve(parts: Sequence[str]) -> Tuple[int, object]:
     return len(parts), node
 
 
-def is_schema_key(key: str) -> bool:
-    return _resolve(key.split("."))[0] == len(key.split("."))
+def is_schema_key(key: str, schema: type = Config) -> bool:
+    return _resolve(key.split("."), schema)[0] == len(key.split("."))
 
 
 @lru_cache(maxsize=None)
-def _leaf_paths() -> Tuple[str, ...]:
+def _leaf_paths(schema: type = Config) -> Tuple[str, ...]:
     out = []
 
     def walk(cls, prefix):
@@ -121,11 +149,20 @@ def _leaf_paths() -> Tuple[str, ...]:
             else:
                 out.append(f"{prefix}{name}")
 
-    walk(Config, "")
+    walk(schema, "")
     return tuple(out)
 
 
-def suggest(key: str, limit: int = 3) -> List[str]:
+# Keys that moved into a stage's own section: old key -> new key (for the error message).
+MOVED_KEYS = {
+    "posttrain.sft_packing": "sft.packing",
+    "posttrain.dpo_loss": "dpo.loss", "posttrain.beta": "dpo.beta", "posttrain.simpo_gamma": "dpo.simpo_gamma",
+    **{f"posttrain.{k}": f"grpo.{k}" for k in ("group_size", "max_new_tokens", "temperature", "clip_eps",
+                                                 "kl_coef", "scale_rewards")},
+}
+
+
+def suggest(key: str, limit: int = 3, schema: type = Config) -> List[str]:
     """Schema keys close to an unknown `key`: the same last name in another section
     (`lr` -> `train.lr`, `train.tp` -> `parallel.tp`), then names close to it among the fields
     of the section it names (difflib over the dataclass field names), then close last names
@@ -133,24 +170,38 @@ def suggest(key: str, limit: int = 3) -> List[str]:
     parts = key.split(".")
     last = parts[-1]
     by_leaf: Dict[str, List[str]] = {}
-    for path in _leaf_paths():
+    for path in _leaf_paths(schema):
         by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
     found = list(by_leaf.get(last, []))
-    depth, node = _resolve(parts)
+    depth, node = _resolve(parts, schema)
     if _is_dataclass_type(node):
         prefix = parts[:depth]
         for name in difflib.get_close_matches(parts[depth], field_names(node), n=limit, cutoff=0.6):
             candidate = ".".join([*prefix, name, *parts[depth + 1:]])
-            found.append(candidate if is_schema_key(candidate) else ".".join([*prefix, name]))
+            found.append(candidate if is_schema_key(candidate, schema) else ".".join([*prefix, name]))
     if not found:
         for name in difflib.get_close_matches(last, list(by_leaf), n=limit, cutoff=0.75):
             found += by_leaf[name]
     return [k for k in dict.fromkeys(found) if k != key][:limit]
 
 
-def check_overrides(overrides: Sequence[str]) -> None:
-    """Every override must set a key of the schema (megatron_ext/config.py) or pick a config
-    group option; raise ConfigError naming each one that does not, with a did-you-mean.
+def _unknown_key(key: str, text: str, schema: type) -> str:
+    """Why `key` (set by the override `text`) is not in this job's schema, with the nearest keys."""
+    if key in MOVED_KEYS:
+        return f"unknown config key {key} in {text!r}: it is now {MOVED_KEYS[key]} (the stage's own section)"
+    section = key.split(".", 1)[0]
+    if "." in key and section in stages.names() and not is_schema_key(section, schema):
+        return f"unknown config key {key} in {text!r}: {section}.* is the section of stage={section}, " \
+               "which this job does not run"
+    near = suggest(key, schema=schema)
+    hint = f"; did you mean {', '.join(near[:-1]) + ' or ' if len(near) > 1 else ''}{near[-1]}?" if near else ""
+    return f"unknown config key {key} in {text!r}{hint}"
+
+
+def check_overrides(overrides: Sequence[str], schema: type = Config) -> None:
+    """Every override must set a key of the schema (megatron_ext/config.py, plus the stage's own
+    section) or pick a config group option; raise ConfigError naming each one that does not,
+    with a did-you-mean.
 
     Hydra's `+key=value` adds a key to a config; the schema is closed, so here it is an
     error like any unknown key (Hydra would otherwise let it through and nothing reads it).
@@ -185,15 +236,12 @@ def check_overrides(overrides: Sequence[str]) -> None:
         if parsed.package is not None:
             errors.append(f"{text!r}: key@package is only for config groups ({', '.join(groups)})")
             continue
-        depth, node = _resolve(key.split("."))
+        depth, node = _resolve(key.split("."), schema)
         if depth == len(key.split(".")) - 1 and _is_list_type(node) and key.rsplit(".", 1)[1].isdigit():
             errors.append(f"{text!r}: set the whole list, e.g. {key.rsplit('.', 1)[0]}=[...]")
-        elif not is_schema_key(key):
-            near = suggest(key)
-            hint = f"; did you mean {', '.join(near[:-1]) + ' or ' if len(near) > 1 else ''}{near[-1]}?" \
-                if near else ""
-            errors.append(f"unknown config key {key} in {text!r}{hint} "
-                          "(every key: --print-config; the schema: megatron_ext/config.py"
+        elif not is_schema_key(key, schema):
+            errors.append(f"{_unknown_key(key, text, schema)} "
+                          "(every key: --print-config; the schema: megatron_ext/config.py and the stage's class"
                           + ("; a + does not add keys to it" if parsed.is_add() else "") + ")")
         elif parsed.is_add():
             errors.append(f"{text!r}: {key} already exists; set it with {text[1:]} (no +)")
@@ -237,9 +285,9 @@ def field_docs(cls) -> Dict[str, str]:
     return docs
 
 
-def key_doc(key: str) -> str:
+def key_doc(key: str, schema: type = Config) -> str:
     section, _, name = key.rpartition(".")
-    depth, cls = _resolve(section.split(".")) if section else (0, Config)
+    depth, cls = _resolve(section.split("."), schema) if section else (0, schema)
     return field_docs(cls).get(name, "") if _is_dataclass_type(cls) else ""
 
 
@@ -269,19 +317,18 @@ COMMON_KEYS = (
     "checkpoint.override_schedule",
     "logger.tensorboard_dir", "logger.wandb",
 )
-# Keys read by one stage only (posttrain/*, CPT), listed in that stage's help.
+# Keys outside a stage's own section that only some stages read, listed in their help (the
+# keys of the stage's own section are listed too).
 STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
     "cpt_math": ("data.mixture_steps", "data.mixture_weights", "data.document_mask"),
     "cpt_code": ("data.mixture_steps", "data.mixture_weights", "data.document_mask"),
     "long_context": ("data.document_mask", "model.rope_scaling_type", "model.rope_scaling_factor",
                      "model.rope_original_max_position_embeddings"),
-    "sft": ("posttrain.data_path", "posttrain.sft_packing"),
+    "sft": ("posttrain.data_path",),
     "rm": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed"),
     "prm": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed"),
-    "dpo": ("posttrain.data_path", "posttrain.dpo_loss", "posttrain.beta", "posttrain.simpo_gamma",
-            "posttrain.ref_load"),
-    "grpo": ("posttrain.data_path", "posttrain.group_size", "posttrain.max_new_tokens", "posttrain.temperature",
-             "posttrain.clip_eps", "posttrain.kl_coef", "posttrain.scale_rewards", "posttrain.ref_load"),
+    "dpo": ("posttrain.data_path", "posttrain.num_samples", "posttrain.ref_load"),
+    "grpo": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed", "posttrain.ref_load"),
 }
 
 
@@ -331,7 +378,7 @@ def groups_help(cfg: Optional[Config], stages: Optional[Sequence[str]] = None) -
 
 def keys_help(cfg: Config, keys: Sequence[str], width: int = 100) -> List[str]:
     """One row per key: `key=value` (this entry's value) and the first sentence of its docstring."""
-    rows = [(f"{k}={_value_text(_get(cfg, k))}", _first_sentence(key_doc(k))) for k in keys]
+    rows = [(f"{k}={_value_text(_get(cfg, k))}", _first_sentence(key_doc(k, type(cfg)))) for k in keys]
     left = max(len(r[0]) for r in rows) + 4
     lines = []
     for setting, doc in rows:
@@ -361,6 +408,8 @@ def config_help(cfg: Config, stages: Optional[Sequence[str]] = None,
     lines = groups_help(cfg, stages) + ["", keys_title]
     lines += keys_help(cfg, COMMON_KEYS)
     extra = list(dict.fromkeys(k for s in (stages or ()) for k in STAGE_KEYS.get(s, ()) if k not in COMMON_KEYS))
+    own = [f.name for f in dataclasses.fields(type(cfg)) if f.name not in field_names(Config)]
+    extra += [f"{section}.{name}" for section in own for name in field_names(_hints(type(cfg))[section])]
     if extra:
         lines.append(f"Keys of this stage ({', '.join(stages)}):")
         lines += keys_help(cfg, extra)

@@ -223,7 +223,8 @@ class LoggerConfig:
 
 @dataclass
 class PostTrainConfig:
-    """Options of the post-training stages (`posttrain/`); each stage reads the fields it names."""
+    """Options shared by the post-training stages (`posttrain/`); each stage's own options are its
+    own config section (`sft.*`, `dpo.*`, `grpo.*`; see `megatron_ext.stages`)."""
 
     data_path: Optional[str] = None
     """jsonl input of the stage; None = its bundled sample or synthetic task."""
@@ -231,30 +232,9 @@ class PostTrainConfig:
     """Size of a generated synthetic task (pairs for RM/DPO, problems for PRM/GRPO)."""
     task_seed: int = 0
     """Seed of the synthetic task generator (held-out data uses a different stream)."""
-    sft_packing: bool = False
-    """SFT: pack several conversations per sequence with document-masked attention (thd),
-    each padded to a multiple of 2*CP; needs parallel.pp=1. False: one padded conversation each."""
     ref_load: Optional[str] = None
     """Checkpoint holding the frozen reference model (DPO, GRPO). None: checkpoint.load when it
     names a path, else the policy's initial weights (deterministic from train.seed)."""
-    dpo_loss: str = "sigmoid"
-    """`sigmoid` (DPO), `ipo` (identity preference optimisation) or `simpo` (reference-free)."""
-    beta: float = 0.1
-    """DPO/IPO/SimPO inverse temperature on the log-prob margins."""
-    simpo_gamma: float = 0.5
-    """SimPO target reward margin."""
-    group_size: int = 8
-    """GRPO: completions sampled per prompt; train.global_batch_size must be a multiple."""
-    max_new_tokens: int = 8
-    """GRPO: longest sampled completion."""
-    temperature: float = 1.0
-    """GRPO: sampling temperature of rollouts."""
-    clip_eps: float = 0.2
-    """GRPO: PPO ratio clipping range."""
-    kl_coef: float = 0.02
-    """GRPO: weight of the k3 KL estimate to the reference model (0: no reference model)."""
-    scale_rewards: bool = True
-    """GRPO: divide group-centred rewards by the group's std (False: centring only, as Dr. GRPO)."""
 
 
 @dataclass

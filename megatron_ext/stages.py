@@ -12,6 +12,10 @@ from the validated config (raising ConfigError). Optional hooks, looked up on th
 - `loss_name`: what the console and the metrics file call the loss (default `lm_loss`);
 - `uses_reference_model` (class attribute): the stage keeps a frozen copy of the model it
   starts from, so a launcher must pin that model across requeues.
+- `config_section` + `config_options` (class attributes): the stage's own config section, a
+  dataclass whose fields are the stage's keys (`dpo.beta`, `grpo.group_size`); the YAML sets its
+  defaults, overrides are checked against it like any key, and only the chosen stage's section
+  is in the job's schema (`schema_for`). The stage validates it when constructed.
 
 Adding a stage is one module and one YAML; `python -m megatron_ext.train stage=X`, the
 `posttrain.*` entries, `slurm/launch.py` (whose dry run constructs the stage, so its rules apply
@@ -20,9 +24,11 @@ before a job queues) and `tools.bench --data corpus` all go through `make()`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from functools import lru_cache
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 from megatron_ext.config import Config, ConfigError
 
@@ -70,3 +76,44 @@ def make(cfg: Config):
 def uses_reference_model(name: str) -> bool:
     return bool(getattr(resolve(stage_class_of(name), f"conf/stage/{name}.yaml stage_class"),
                         "uses_reference_model", False))
+
+
+def section_of(spec: str) -> Optional[Tuple[str, type]]:
+    """(section name, options dataclass) that the stage class `spec` declares, or None."""
+    cls = resolve(spec)
+    name, options = getattr(cls, "config_section", None), getattr(cls, "config_options", None)
+    if name is None and options is None:
+        return None
+    if not (isinstance(name, str) and name.isidentifier() and dataclasses.is_dataclass(options)):
+        raise ConfigError(f"{spec}: config_section must be a name and config_options a dataclass "
+                          f"(got {name!r}, {options!r})")
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"{spec}: config_section={name!r} is already a section of every job")
+    return name, options
+
+
+@lru_cache(maxsize=None)
+def schema_for(spec: str) -> type:
+    """The config schema of a job running the stage class `spec`: Config plus the stage's own
+    section (Config itself for stages without one). Each job's schema holds only its stage's
+    section, so another stage's key is an unknown key rather than a silently unread one."""
+    section = section_of(spec)
+    if section is None:
+        return Config
+    name, options = section
+    cls = dataclasses.make_dataclass(
+        f"Config_{name}", [(name, options, dataclasses.field(default_factory=options))], bases=(Config,),
+        namespace={"__doc__": f"The whole job, with the `{name}` section of stage class {spec}."})
+    cls.__module__ = __name__  # found again by name (pickling) through the module __getattr__
+    return cls
+
+
+def __getattr__(attr: str):
+    """`Config_<section>`, the schema classes `schema_for` makes, by name (so they pickle)."""
+    if attr.startswith("Config_"):
+        for name in names():
+            spec = stage_class_of(name)
+            section = section_of(spec)
+            if section is not None and f"Config_{section[0]}" == attr:
+                return schema_for(spec)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

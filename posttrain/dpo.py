@@ -1,6 +1,6 @@
 """DPO, IPO and SimPO on preference pairs, with reference log-probs precomputed in the run.
 
-`python -m posttrain.dpo [posttrain.dpo_loss=sigmoid|ipo|simpo] [k=v ...]`. Before training,
+`python -m posttrain.dpo [dpo.loss=sigmoid|ipo|simpo] [k=v ...]`. Before training,
 the frozen reference model (see `posttrain.reference`) scores every reply once through the
 pipeline; each sample carries its reference log-prob, so training needs no second model in
 memory and works at any TP/PP layout. With pi/ref the summed reply log-probs, |c|/|r| the
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from functools import partial
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def preference_loss(kind: str, beta: float, gamma: float, pi: torch.Tensor, ref:
 def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
     """loss_func for the loop: sum over pairs, count = pairs, metrics as [sum, count]."""
     pi = sequence_logps(output, batch["loss_mask"])  # token log-probs from token_logps
-    losses, rc, rr = preference_loss(p.dpo_loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"],
+    losses, rc, rr = preference_loss(p.loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"],
                                      batch["loss_mask"].sum(-1))
     n = losses.numel()
     rep = report({"lm loss": (losses.sum(), n), "accuracy": ((rc > rr).float().sum(), n),
@@ -69,8 +70,23 @@ def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
     return losses.sum(), torch.tensor(n, dtype=torch.int), rep
 
 
+@dataclass
+class DPOOptions:
+    """DPO's own options (the `dpo` config section)."""
+
+    loss: str = "sigmoid"
+    """`sigmoid` (DPO), `ipo` (TRL's length-normalised IPO), `ipo_sum` (IPO on summed log-probs)
+    or `simpo` (reference-free)."""
+    beta: float = 0.1
+    """DPO/IPO/SimPO inverse temperature on the log-prob margins."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin."""
+
+
 class DPOStage:
     """DPO / IPO / SimPO on the one training loop."""
+
+    config_section, config_options = "dpo", DPOOptions
 
     loss_name = "dpo_loss"  # the console and metrics-file name of the loss (DPO / IPO / SimPO)
 
@@ -79,10 +95,10 @@ class DPOStage:
 
     def __init__(self, cfg: Config):
         require(cfg, "dpo", pairs=True)
-        if cfg.posttrain.dpo_loss not in LOSSES:
-            raise ConfigError(f"posttrain.dpo_loss={cfg.posttrain.dpo_loss!r} is not one of {LOSSES}")
-        if cfg.posttrain.beta <= 0:
-            raise ConfigError(f"posttrain.beta={cfg.posttrain.beta} must be positive")
+        if cfg.dpo.loss not in LOSSES:
+            raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} is not one of {LOSSES}")
+        if cfg.dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be positive")
         self.cfg = cfg
         self.metrics = StageMetrics(cfg)
         self.reference = Reference(cfg)
@@ -94,7 +110,7 @@ class DPOStage:
         """Reference log-prob of each distinct item of a Cycled pair dataset, indexed like it."""
         items = dataset.items
         n = len(items)
-        if self.cfg.posttrain.dpo_loss == "simpo":
+        if self.cfg.dpo.loss == "simpo":
             return torch.zeros(n)
         bs = 2 * math.gcd(n // 2, 8)  # equal-size batches: the pipeline's p2p shape is fixed
         batches = [{k: torch.stack([it[k] for it in items[i:i + bs]]) for k in items[0]} for i in range(0, n, bs)]
@@ -128,7 +144,7 @@ class DPOStage:
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
         output = token_logps(model, batch["tokens"], batch["labels"])
-        return output, partial(dpo_loss_func, batch, self.cfg.posttrain, self.metrics)
+        return output, partial(dpo_loss_func, batch, self.cfg.dpo, self.metrics)
 
 
 if __name__ == "__main__":

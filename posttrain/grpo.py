@@ -5,21 +5,21 @@
 Each optimizer step (the stage's `before_step` hook, on every rank, with the current weights):
 
 1. Prompts: global batch = global_batch_size / group_size prompts, each repeated
-   `posttrain.group_size` times; every DP rank takes the samples its micro-batches will read.
+   `grpo.group_size` times; every DP rank takes the samples its micro-batches will read.
 2. Rollouts: a `RolloutEngine` samples one completion per sample (temperature
-   `posttrain.temperature`, up to `posttrain.max_new_tokens`, stopping at `<|im_end|>`) and
+   `grpo.temperature`, up to `grpo.max_new_tokens`, stopping at `<|im_end|>`) and
    returns the behaviour log-probs of the sampled tokens. `PolicyRollout` samples from the
    training model itself (collective over TP/PP), so weight sync is trivial; an external engine
    (vLLM, SGLang) implements the same two methods and receives the weights in `sync`.
 3. Rewards from the verifiers: rows with "answer" are math (`verify_math` on the completion),
    rows with "tests" are code (`run_code_tests` on its last code block). Rewards are summed over
    the DP group, so groups split across ranks are normalised together:
-   A = (r - mean_group) / (std_group + 1e-4)   (centring only with posttrain.scale_rewards=false).
+   A = (r - mean_group) / (std_group + 1e-4)   (centring only with grpo.scale_rewards=false).
 4. Log-probs of the completions at the sampling temperature (log softmax(logits / T), as TRL
    and verl take them): the behaviour ("old") log-probs from the policy with the weights that
    sampled them, recomputed here as verl does so that an external engine's numerics never
    enter the ratio, and the reference log-probs from the frozen reference model (see
-   `posttrain.reference`), skipped when posttrain.kl_coef=0.
+   `posttrain.reference`), skipped when grpo.kl_coef=0.
 
 The loss per completion token t, with ratio = exp(logp - logp_behaviour):
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import sys
 from functools import partial
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
@@ -169,8 +170,28 @@ class RolloutBuffer(torch.utils.data.Dataset):
         return self.samples[i]
 
 
+@dataclass
+class GRPOOptions:
+    """GRPO's own options (the `grpo` config section)."""
+
+    group_size: int = 8
+    """Completions sampled per prompt; train.global_batch_size must be a multiple."""
+    max_new_tokens: int = 8
+    """Longest sampled completion."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (policy, behaviour and reference log-probs use it too)."""
+    clip_eps: float = 0.2
+    """PPO ratio clipping range."""
+    kl_coef: float = 0.02
+    """Weight of the k3 KL estimate to the reference model (0: no reference model)."""
+    scale_rewards: bool = True
+    """Divide group-centred rewards by the group's std (False: centring only, as Dr. GRPO)."""
+
+
 class GRPOStage:
     """GRPO on the one training loop (see the module doc)."""
+
+    config_section, config_options = "grpo", GRPOOptions
 
     loss_name = "grpo_loss"  # the console and metrics-file name of the loss (clipped policy loss + KL)
 
@@ -179,13 +200,13 @@ class GRPOStage:
 
     def __init__(self, cfg: Config, engine: Optional[RolloutEngine] = None):
         require(cfg, "grpo")
-        p, t = cfg.posttrain, cfg.train
+        p, t = cfg.grpo, cfg.train
         errors = []
         if p.group_size < 2 or t.global_batch_size % p.group_size:
-            errors.append(f"posttrain.group_size={p.group_size} must be >= 2 and divide "
+            errors.append(f"grpo.group_size={p.group_size} must be >= 2 and divide "
                           f"train.global_batch_size={t.global_batch_size}")
         if p.max_new_tokens < 1 or p.temperature <= 0 or p.clip_eps <= 0 or p.kl_coef < 0:
-            errors.append(f"need posttrain.max_new_tokens >= 1 (got {p.max_new_tokens}), temperature > 0 "
+            errors.append(f"need grpo.max_new_tokens >= 1 (got {p.max_new_tokens}), temperature > 0 "
                           f"({p.temperature}), clip_eps > 0 ({p.clip_eps}), kl_coef >= 0 ({p.kl_coef})")
         if cfg.data.num_workers:
             errors.append(f"data.num_workers={cfg.data.num_workers}: GRPO's rollouts live in this process; use 0")
@@ -215,12 +236,12 @@ class GRPOStage:
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
         rows = prompt_rows(cfg)
         longest = max(len(self.encode_prompt(r)) for r in rows)
-        need = longest + cfg.posttrain.max_new_tokens - 1
+        need = longest + cfg.grpo.max_new_tokens - 1
         if need > cfg.data.seq_length:
             raise ConfigError(f"data.seq_length={cfg.data.seq_length} is too short for GRPO: the longest prompt "
-                              f"has {longest} tokens + posttrain.max_new_tokens={cfg.posttrain.max_new_tokens} "
+                              f"has {longest} tokens + grpo.max_new_tokens={cfg.grpo.max_new_tokens} "
                               f"needs {need}")
-        g = cfg.posttrain.group_size
+        g = cfg.grpo.group_size
         self.prompts = Cycled(rows, train_samples // g + 1, cfg.train.seed)
         self.buffer = RolloutBuffer(train_samples)
         return self.buffer, None
@@ -228,7 +249,7 @@ class GRPOStage:
     # ------------------------------------------------------------ one step's rollouts
 
     def before_step(self, rt, state) -> None:
-        cfg, p, t = self.cfg, self.cfg.posttrain, self.cfg.train
+        cfg, p, t = self.cfg, self.cfg.grpo, self.cfg.train
         dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         start = state.consumed_samples
         mine = [i for mb in data.micro_batch_indices(start, t.global_batch_size, t.micro_batch_size, dp_rank, dp)
@@ -270,7 +291,7 @@ class GRPOStage:
 
     def _add_logps(self, chunks, samples: List[dict], key: str) -> None:
         """samples[i][key] = token log-probs of chunks' model at the sampling temperature."""
-        mbs, temperature = self.cfg.train.micro_batch_size, self.cfg.posttrain.temperature
+        mbs, temperature = self.cfg.train.micro_batch_size, self.cfg.grpo.temperature
         batches = [{k: torch.stack([x[k] for x in samples[i:i + mbs]]) for k in ("tokens", "labels")}
                    for i in range(0, len(samples), mbs)]
 
@@ -297,13 +318,13 @@ class GRPOStage:
 
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
-        output = token_logps(model, batch["tokens"], batch["labels"], self.cfg.posttrain.temperature)
-        return output, partial(grpo_loss_func, batch, self.cfg.posttrain, self.metrics)
+        output = token_logps(model, batch["tokens"], batch["labels"], self.cfg.grpo.temperature)
+        return output, partial(grpo_loss_func, batch, self.cfg.grpo, self.metrics)
 
     def accuracy(self, rt, rows: Sequence[dict], max_new_tokens: Optional[int] = None) -> float:
         """Fraction of `rows` answered correctly with greedy decoding (collective)."""
         prompts = [self.encode_prompt(r) for r in rows]
-        out = generate(rt, prompts, max_new_tokens or self.cfg.posttrain.max_new_tokens, greedy=True,
+        out = generate(rt, prompts, max_new_tokens or self.cfg.grpo.max_new_tokens, greedy=True,
                        eos_token_id=self.eos)
         texts = [self.text(ids) for ids in out.tokens]
         return sum(reward(r, x) for r, x in zip(rows, texts)) / len(rows)

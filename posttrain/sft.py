@@ -7,7 +7,7 @@ summed per token and normalised by the global count of assistant tokens (reporte
 per-token loss).
 
 - Default: each sample is one conversation right-padded to data.seq_length.
-- `posttrain.sft_packing=true`: conversations are packed first-fit (longest first) into
+- `sft.packing=true`: conversations are packed first-fit (longest first) into
   samples of data.seq_length tokens. Each conversation is shifted on its own (no label crosses
   into the next one), padded to a multiple of 2*CP, and the tail padding forms a last segment;
   a sample records its boundaries (`cu_seqlens`, padded to a common length by repeating the
@@ -21,6 +21,7 @@ per-token loss).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
@@ -114,14 +115,25 @@ def split_rows(rows: List[dict]) -> Tuple[List[dict], List[dict]]:
     return rows[:-n_valid], rows[-n_valid:]
 
 
+@dataclass
+class SFTOptions:
+    """SFT's own options (the `sft` config section)."""
+
+    packing: bool = False
+    """Pack several conversations per sequence with document-masked attention (thd), each padded
+    to a multiple of 2*CP; needs parallel.pp=1. False: one padded conversation each."""
+
+
 class SFTStage:
     """Chat SFT on the one training loop."""
 
+    config_section, config_options = "sft", SFTOptions
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.packing = cfg.posttrain.sft_packing
+        self.packing = cfg.sft.packing
         if self.packing and cfg.parallel.pp > 1:
-            raise ConfigError(f"invalid config:\n  - posttrain.sft_packing=true needs parallel.pp=1 "
+            raise ConfigError(f"invalid config:\n  - sft.packing=true needs parallel.pp=1 "
                               f"(got {cfg.parallel.pp}): packed micro-batches are one thd sequence")
 
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):

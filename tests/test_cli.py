@@ -82,7 +82,7 @@ def test_help_lists_only_the_stages_an_entry_runs(capsys):
     stages = out.split("  stage:\n")[1].split("\n\n")[0]
     assert "cpt_code" in stages and "long_context" in stages and "sft" not in stages
     _, out, _ = _entry_help("sft", ["-h"], capsys)
-    assert "posttrain.sft_packing=false" in out and "posttrain.dpo_loss" not in out
+    assert "sft.packing=false" in out and "dpo.loss" not in out
 
 
 def test_help_shows_the_overridden_values(capsys):
@@ -100,7 +100,7 @@ def test_help_and_dash_h_from_the_command_line():
         assert proc.stdout.startswith("usage: python -m megatron_ext.train") and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "posttrain.dpo", "-h"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0 and "posttrain.dpo_loss=sigmoid" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "dpo.loss=sigmoid" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_unknown_flag_is_refused(capsys):

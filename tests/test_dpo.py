@@ -70,7 +70,7 @@ def _by_hand(kind, pi, ref, lengths, beta=0.1, gamma=0.5):
 
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "ipo_sum", "simpo"])
 def test_preference_losses_match_hand_computation_at_tp1_and_tp2(kind):
-    args = DPO + [f"posttrain.dpo_loss={kind}"]
+    args = DPO + [f"dpo.loss={kind}"]
     (loss, n, rep, ref, hand_ref, hand_pi), = run_on_ranks(_dpo_batch, 1, args)
     if kind != "simpo":  # the precomputed reference log-probs are the hand-computed ones
         torch.testing.assert_close(ref, hand_ref, rtol=1e-5, atol=1e-4)

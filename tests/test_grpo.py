@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tests.gloo import run_on_ranks
 
 GRPO = ["stage=grpo", "model=qwen3_debug", "train.micro_batch_size=2", "train.global_batch_size=4",
-        "posttrain.group_size=2", "posttrain.max_new_tokens=3"]
+        "grpo.group_size=2", "grpo.max_new_tokens=3"]
 
 
 def test_group_advantages():
@@ -42,8 +42,8 @@ def test_bad_config_is_named():
     from megatron_ext.config import ConfigError
     from posttrain.grpo import GRPOStage
 
-    with pytest.raises(ConfigError, match="posttrain.group_size=3 must be >= 2 and divide train.global_batch_size=4"):
-        GRPOStage(load_config(GRPO + ["posttrain.group_size=3"]))
+    with pytest.raises(ConfigError, match="grpo.group_size=3 must be >= 2 and divide train.global_batch_size=4"):
+        GRPOStage(load_config(GRPO + ["grpo.group_size=3"]))
     cfg = load_config(GRPO + ["data.seq_length=8"])
     with pytest.raises(ConfigError, match="data.seq_length=8 is too short for GRPO"):
         GRPOStage(cfg).datasets(cfg, 4, 0)
@@ -70,7 +70,7 @@ def _grpo_batch(rank, world_size, overrides):
     stage.before_step(rt, TrainState())
     batch = next(data.loader(stage.buffer, cfg))
     model = rt.model[0]
-    temperature = cfg.posttrain.temperature
+    temperature = cfg.grpo.temperature
     with torch.no_grad():
         before = _hand_logps(model, batch, temperature) if world_size == 1 else None
         w = model.module.decoder.final_layernorm.weight  # move the policy off the reference
@@ -105,7 +105,7 @@ def _by_hand(batch, logp, clip_eps=0.2, kl_coef=0.02):
 
 def test_grpo_loss_matches_hand_computation_at_tp1_and_tp2():
     """At temperature 0.7: every log-prob is log_softmax(logits / 0.7)."""
-    (loss, n, rep, batch, rollout_logp, before, after), = run_on_ranks(_grpo_batch, 1, ["posttrain.temperature=0.7"])
+    (loss, n, rep, batch, rollout_logp, before, after), = run_on_ranks(_grpo_batch, 1, ["grpo.temperature=0.7"])
     mask = batch["loss_mask"].bool()
     assert n == int(mask.sum()) > 0
     # The behaviour log-probs and the reference's are the policy's own before the update.
@@ -116,7 +116,7 @@ def test_grpo_loss_matches_hand_computation_at_tp1_and_tp2():
     assert 0 < clipped < outside  # some tokens outside the range are not clipped given A's sign
     assert math.isclose(loss, hand, rel_tol=1e-5, abs_tol=1e-6), (loss, hand)
     assert math.isclose(rep["clip_frac"][0], clipped, abs_tol=1e-6)
-    for got, n2, _, b2, _, _, _ in run_on_ranks(_grpo_batch, 2, ["parallel.tp=2", "posttrain.temperature=0.7"]):
+    for got, n2, _, b2, _, _, _ in run_on_ranks(_grpo_batch, 2, ["parallel.tp=2", "grpo.temperature=0.7"]):
         assert n2 == n and torch.equal(b2["tokens"], batch["tokens"])  # the same rollouts
         assert math.isclose(got, hand, rel_tol=1e-5, abs_tol=1e-6), (got, hand)
 
@@ -203,7 +203,7 @@ def test_grpo_pipeline_parallel_equals_one_process(tmp_path):
     megatron_ext.generation's forward-only call does not drive the interleaved schedule yet.)"""
     from tests.test_dpo import _check_layout_equals_one_process, _save_init, _train_stage
 
-    base = GRPO + ["posttrain.temperature=0.7", "train.steps=2", "train.lr=1e-3", "checkpoint.keep_last=0"]
+    base = GRPO + ["grpo.temperature=0.7", "train.steps=2", "train.lr=1e-3", "checkpoint.keep_last=0"]
     run_on_ranks(_save_init, 1, base, tmp_path / "init")
     load = [f"checkpoint.load={tmp_path}/init/iter_0000000", "checkpoint.weights_only=true"]
     ref = run_on_ranks(_train_stage, 1, base + load, _fixed_advantages_stage)[0]

@@ -1,5 +1,5 @@
 """SFT: the loss mask covers assistant tokens only, and the stage's loss equals a direct
-PyTorch cross entropy on the same batch at TP=1 and TP=2. Packed SFT (`posttrain.sft_packing`):
+PyTorch cross entropy on the same batch at TP=1 and TP=2. Packed SFT (`sft.packing`):
 a micro-batch's loss equals the sum of its conversations' unpacked losses (document masking,
 positions restarting per conversation) at TP=1, TP=2 and CP=2 (slow), and the mask stays
 assistant-only."""
@@ -14,7 +14,7 @@ from tests.gloo import run_on_ranks
 SFT = ["model=qwen3_debug", "data.seq_length=96", "train.micro_batch_size=2", "train.global_batch_size=2"]
 # The sample's first 6 conversations (40-73 tokens) fill 3 packs of 128 tokens, 2 per pack.
 PACKED = ["model=qwen3_debug", "data.seq_length=128", "train.micro_batch_size=3", "train.global_batch_size=3",
-          "posttrain.sft_packing=true"]
+          "sft.packing=true"]
 N_ROWS = 6
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
@@ -118,8 +118,8 @@ def test_packing_with_pipeline_parallelism_is_rejected():
     from megatron_ext.config import ConfigError
     from posttrain.sft import SFTStage
 
-    with pytest.raises(ConfigError, match=r"posttrain.sft_packing=true needs parallel.pp=1 \(got 2\)"):
-        SFTStage(load_config(["stage=sft", "posttrain.sft_packing=true", "parallel.pp=2"]))
+    with pytest.raises(ConfigError, match=r"sft.packing=true needs parallel.pp=1 \(got 2\)"):
+        SFTStage(load_config(["stage=sft", "sft.packing=true", "parallel.pp=2"]))
 
 
 def _packed_and_unpacked(rank, world_size, overrides):
@@ -152,7 +152,7 @@ def _packed_and_unpacked(rank, world_size, overrides):
     torch.distributed.all_reduce(total, group=parallel_state.get_context_parallel_group())
     if world_size > 1:
         return total.tolist(), None, None
-    plain = SFTStage(dataclasses.replace(cfg, posttrain=dataclasses.replace(cfg.posttrain, sft_packing=False)))
+    plain = SFTStage(dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, packing=False)))
     unpacked = torch.utils.data.default_collate(encode_rows(rows, tok, cfg.data.seq_length, "sample"))
     with torch.no_grad():
         out, loss_func = plain.forward_step(iter([unpacked]), model)

@@ -1,7 +1,9 @@
 """The stage registry: one way from stage=X to the class that trains it, for every entry."""
 
+import pickle
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,47 @@ def test_train_entry_dispatches_the_stage():
 
 
 def test_stage_rules_refuse_before_training():
-    proc = subprocess.run([sys.executable, "-m", "megatron_ext.train", "stage=grpo", "posttrain.group_size=3",
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.train", "stage=grpo", "grpo.group_size=3",
                            "train.micro_batch_size=4"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "posttrain.group_size=3" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "grpo.group_size=3" in proc.stderr, proc.stderr[-2000:]
+
+
+@dataclass
+class _ToyOptions:
+    alpha: float = 1.0
+    """A toy stage's own key."""
+
+
+class _ToyStage:
+    """A stage defined outside the project: its section comes with it, nothing else changes."""
+
+    config_section, config_options = "toy", _ToyOptions
+
+    def __init__(self, cfg):
+        if cfg.toy.alpha <= 0:
+            raise ConfigError(f"toy.alpha={cfg.toy.alpha} must be positive")
+        self.cfg = cfg
+
+
+def test_a_stage_brings_its_own_config_section():
+    spec = f"{__name__}:_ToyStage"
+    cfg = load_config([f"stage_class={spec}", "toy.alpha=2.5"])
+    assert cfg.toy.alpha == 2.5 and stages.make(cfg).cfg is cfg
+    with pytest.raises(ConfigError, match="toy.alpha=-1.0 must be positive"):
+        stages.make(load_config([f"stage_class={spec}", "toy.alpha=-1"]))
+    with pytest.raises(ConfigError, match="did you mean toy.alpha"):
+        load_config([f"stage_class={spec}", "toy.alpah=1"])
+    with pytest.raises(ConfigError, match="toy.alpha"):
+        load_config([f"stage_class={spec}", "toy.alpha=abc"])  # typed like every key
+
+
+def test_only_the_chosen_stage_section_is_in_the_job():
+    dpo = load_config(["stage=dpo", "dpo.beta=0.3", "dpo.loss=ipo"])
+    assert (dpo.dpo.beta, dpo.dpo.loss) == (0.3, "ipo") and not hasattr(dpo, "grpo")
+    assert pickle.loads(pickle.dumps(dpo)).dpo.beta == 0.3  # configs cross process boundaries
+    assert load_config(["stage=grpo"]).grpo.group_size == 8  # conf/stage/grpo.yaml's default
+    assert not hasattr(load_config([]), "dpo")
+    with pytest.raises(ConfigError, match="grpo.kl_coef in 'grpo.kl_coef=0': grpo.. is the section of stage=grpo"):
+        load_config(["stage=dpo", "grpo.kl_coef=0"])
+    with pytest.raises(ConfigError, match="posttrain.beta in 'posttrain.beta=0.2': it is now dpo.beta"):
+        load_config(["stage=dpo", "posttrain.beta=0.2"])
