@@ -1,5 +1,5 @@
 """The `eval` section of the config: what `python -m tools.eval` (and evaluation during
-training) runs and how it samples. The tasks and metrics live in `posttrain/evaluation.py`."""
+training) runs and how it samples. The tasks and metrics live in `posttrain/evals/`."""
 
 from __future__ import annotations
 
@@ -48,3 +48,7 @@ class EvalConfig:
     """Tasks evaluated on the model being trained every train.eval_interval steps (and at the
     end), with this section's sampling settings (no RM / PRM); their metrics take the loop's
     metrics path as `bench/<task>/<metric>`. Empty: none."""
+    train_hook: str = "posttrain.evals.runner:benchmark_hook"
+    """module:function building the evaluation run during training from the config (called once;
+    returns a function of the runtime giving {metric: value}). Named here, like stage_class, so
+    the runtime does not import the post-training code."""

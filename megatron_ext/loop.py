@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext import checkpoint, data, fault, moe_stats
+from megatron_ext import checkpoint, data, fault, moe_stats, stages
 from megatron_ext.build import Runtime, build
 from megatron_ext.checkpoint import TrainState
 from megatron_ext.config import Config
@@ -21,10 +20,6 @@ from megatron_ext.pretrain import Stage
 
 log = logging.getLogger(__name__)
 
-
-BENCHMARK_HOOK = "posttrain.evals.runner:benchmark_hook"
-"""Builds the benchmark evaluation run during training (`eval.train_tasks`). Named by module
-path, like the stages, so the runtime does not import the post-training code."""
 
 LOSS_KEY = "lm loss"
 """The report every stage's loss_func returns: [loss sum, token (or sample) count]."""
@@ -109,11 +104,10 @@ def stage_metrics(stage: Stage, means: Dict[str, Optional[float]]) -> Dict[str, 
 
 
 def _benchmark(cfg: Config):
-    """The `eval.train_tasks` hook (see BENCHMARK_HOOK), or None when there are none."""
+    """The evaluation of `eval.train_tasks` built by `eval.train_hook`, or None when there are none."""
     if not cfg.eval.train_tasks:
         return None
-    module, name = BENCHMARK_HOOK.split(":")
-    return getattr(importlib.import_module(module), name)(cfg)
+    return stages.resolve(cfg.eval.train_hook, "eval.train_hook")(cfg)
 
 
 @dataclass

@@ -90,6 +90,8 @@ def run(argv, make_stage: Optional[Callable] = None, name: str = "pretrain", bas
 
         check_paths(cfg)  # before any model is built: a typo in data.paths costs seconds, not a queue wait
         stage = (make_stage or stages.make)(cfg)
+        if cfg.eval.train_tasks:
+            stages.resolve(cfg.eval.train_hook, "eval.train_hook")  # a typo fails here, not after the build
     except ConfigError as e:
         fail(str(e))
     if PRINT_CONFIG in flags:

@@ -1,11 +1,9 @@
-"""Pieces every post-training stage shares: per-step stage metrics, padding, checks, the CLI.
+"""Pieces every post-training stage shares: metric reports, padding, checks, the CLI.
 
 Stage metrics: a stage's loss_func reports [sum, count] pairs (loss, accuracy, margins,
-rewards); the one loop reduces every one of them, sends them along the pipeline and logs them
-(`megatron_ext.loop.reduce_reports`). `StageMetrics` also keeps a per-step history of them on
-the last pipeline stage's ranks (where the loss_func runs) for tests and callers: it sums them
-over the micro-batches of one global batch and reduces them over data parallelism when the
-last micro-batch of the batch arrives. It does not log: the loop's line is the one record.
+rewards) with `report`; the one loop reduces every one of them over micro-batches and data
+parallelism, sends them along the pipeline, logs them and returns them in each step's record
+(`megatron_ext.loop`), validation means as `val_*`.
 """
 
 from __future__ import annotations
@@ -15,54 +13,11 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_ext.config import Config, ConfigError
 
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-
-
-class StageMetrics:
-    """Per-global-batch reduction of a stage's [sum, count] reports (training and validation)."""
-
-    def __init__(self, cfg: Config, derive: Optional[Callable[[dict], dict]] = None):
-        self.cfg = cfg
-        self.derive = derive
-        """Optional function adding metrics computed from the reduced means (e.g. an F1)."""
-        self.history: List[Dict[str, float]] = []
-        """One dict of means per training step, on the last pipeline stage's ranks."""
-        self.valid_history: List[Dict[str, float]] = []
-        """One dict of means per evaluation (all its batches)."""
-        self._pending: Dict[str, torch.Tensor] = {}
-        self._seen = 0
-
-    def _micro_batches(self, training: bool) -> int:
-        t = self.cfg.train
-        per_batch = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
-        return per_batch if training else per_batch * t.eval_iters
-
-    def add(self, report: Dict[str, torch.Tensor]) -> None:
-        """Accumulate one micro-batch's report; reduce after the batch's last one."""
-        training = torch.is_grad_enabled()  # the loop evaluates under no_grad
-        for key, value in report.items():
-            value = value.detach().float().cpu()
-            self._pending[key] = self._pending.get(key, torch.zeros(2)) + value
-        self._seen += 1
-        if self._seen < self._micro_batches(training):
-            return
-        keys = sorted(self._pending)
-        total = torch.stack([self._pending[k] for k in keys])
-        if torch.cuda.is_available():
-            total = total.cuda()
-        # Every rank of this DP(xCP) group is at the same micro-batch of the same step.
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        means = {k: (total[i, 0] / total[i, 1]).item() if total[i, 1] > 0 else float("nan")
-                 for i, k in enumerate(keys)}
-        self._pending, self._seen = {}, 0
-        if self.derive is not None:
-            means = self.derive(means)
-        (self.history if training else self.valid_history).append(means)
 
 
 def report(pairs: Dict[str, tuple]) -> Dict[str, torch.Tensor]:

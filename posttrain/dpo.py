@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
-from posttrain.common import StageMetrics, report, require, run_cli, token_logps
+from posttrain.common import report, require, run_cli, token_logps
 from posttrain.reference import Reference, forward_only
 from posttrain.rm import preference_datasets
 
@@ -58,7 +58,7 @@ def preference_loss(kind: str, beta: float, gamma: float, pi: torch.Tensor, ref:
     return -F.logsigmoid(beta * h), rc, rr
 
 
-def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
+def dpo_loss_func(batch: dict, p, output: torch.Tensor):
     """loss_func for the loop: sum over pairs, count = pairs, metrics as [sum, count]."""
     pi = sequence_logps(output, batch["loss_mask"])  # token log-probs from token_logps
     losses, rc, rr = preference_loss(p.loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"],
@@ -66,7 +66,6 @@ def dpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
     n = losses.numel()
     rep = report({"lm loss": (losses.sum(), n), "accuracy": ((rc > rr).float().sum(), n),
                   "margin": ((rc - rr).sum(), n), "chosen_reward": (rc.sum(), n), "rejected_reward": (rr.sum(), n)})
-    metrics.add(rep)
     return losses.sum(), torch.tensor(n, dtype=torch.int), rep
 
 
@@ -100,7 +99,6 @@ class DPOStage:
         if cfg.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be positive")
         self.cfg = cfg
-        self.metrics = StageMetrics(cfg)
         self.reference = Reference(cfg)
 
     def customize_model(self, chunk, cfg: Config) -> None:
@@ -144,7 +142,7 @@ class DPOStage:
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
         output = token_logps(model, batch["tokens"], batch["labels"])
-        return output, partial(dpo_loss_func, batch, self.cfg.dpo, self.metrics)
+        return output, partial(dpo_loss_func, batch, self.cfg.dpo)
 
 
 if __name__ == "__main__":

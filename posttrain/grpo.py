@@ -52,7 +52,7 @@ from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.generation import Generation, generate
-from posttrain.common import Cycled, StageMetrics, pad_to, read_jsonl, report, require, run_cli, token_logps
+from posttrain.common import Cycled, pad_to, read_jsonl, report, require, run_cli, token_logps
 from posttrain.reference import Reference, forward_only
 from posttrain.synthetic import arithmetic_prompts
 from data_prep.verifiers import run_code_tests, verify_math
@@ -121,7 +121,7 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.
     return policy + kl_coef * kl, kl, clipped
 
 
-def grpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
+def grpo_loss_func(batch: dict, p, output: torch.Tensor):
     """loss_func for the loop: summed over completion tokens, count = completion tokens."""
     mask = batch["loss_mask"]
     logp = output.float()  # token log-probs at the sampling temperature (token_logps)
@@ -132,7 +132,6 @@ def grpo_loss_func(batch: dict, p, metrics: StageMetrics, output: torch.Tensor):
     rep = report({"lm loss": (loss, n_tok), "reward": (batch["reward"].sum(), n_seq),
                   "kl": ((kl * mask).sum(), n_tok), "clip_frac": ((clipped * mask).sum(), n_tok),
                   "completion_len": (mask.sum(), n_seq)})
-    metrics.add(rep)
     return loss, n_tok.to(torch.int), rep
 
 
@@ -214,7 +213,6 @@ class GRPOStage:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
         self.cfg = cfg
         self.engine = engine or PolicyRollout()
-        self.metrics = StageMetrics(cfg)
         self.reference = Reference(cfg) if p.kl_coef > 0 else None
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.eos = self.tokenizer.token_to_id("<|im_end|>")
@@ -319,7 +317,7 @@ class GRPOStage:
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
         output = token_logps(model, batch["tokens"], batch["labels"], self.cfg.grpo.temperature)
-        return output, partial(grpo_loss_func, batch, self.cfg.grpo, self.metrics)
+        return output, partial(grpo_loss_func, batch, self.cfg.grpo)
 
     def accuracy(self, rt, rows: Sequence[dict], max_new_tokens: Optional[int] = None) -> float:
         """Fraction of `rows` answered correctly with greedy decoding (collective)."""

@@ -32,7 +32,7 @@ from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config
 from posttrain import synthetic
-from posttrain.common import DATA_DIR, Cycled, StageMetrics, pad_to, read_jsonl_lines, report, require, run_cli
+from posttrain.common import DATA_DIR, Cycled, pad_to, read_jsonl_lines, report, require, run_cli
 from posttrain.rm import add_value_head
 
 SAMPLE = DATA_DIR / "processbench_sample.jsonl"
@@ -95,7 +95,7 @@ def processbench_f1(error_acc: float, correct_acc: float) -> float:
     return 0.0 if error_acc + correct_acc == 0 else 2 * error_acc * correct_acc / (error_acc + correct_acc)
 
 
-def prm_loss(batch: dict, metrics: StageMetrics, output: torch.Tensor):
+def prm_loss(batch: dict, output: torch.Tensor):
     """BCE at labelled separators; ProcessBench subset hits for rows that carry a label."""
     logits = output.squeeze(-1).float()
     mask = batch["step_mask"]
@@ -118,7 +118,6 @@ def prm_loss(batch: dict, metrics: StageMetrics, output: torch.Tensor):
         pairs["error_subset_acc"] = (torch.tensor(float(err_hits)), n_err)
         pairs["correct_subset_acc"] = (torch.tensor(float(ok_hits)), n_ok)
     rep = report(pairs)
-    metrics.add(rep)
     return bce.sum(), n.to(torch.int), rep
 
 
@@ -136,7 +135,6 @@ class PRMStage:
 
     def __init__(self, cfg: Config):
         require(cfg, "prm")
-        self.metrics = StageMetrics(cfg, derive=_with_f1)
 
     customize_model = staticmethod(add_value_head)
     derive_metrics = staticmethod(_with_f1)
@@ -162,7 +160,7 @@ class PRMStage:
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
-        return output, partial(prm_loss, batch, self.metrics)
+        return output, partial(prm_loss, batch)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
 from posttrain import synthetic
-from posttrain.common import Cycled, StageMetrics, pad_to, read_jsonl, report, require, run_cli
+from posttrain.common import Cycled, pad_to, read_jsonl, report, require, run_cli
 
 HF_ARCH = {"qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
            "qwen2_moe": "Qwen2MoeForSequenceClassification", "qwen3_moe": "Qwen3MoeForSequenceClassification"}
@@ -101,7 +101,7 @@ def scores_at_last(output: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return output.squeeze(-1).float().gather(1, last.view(-1, 1)).squeeze(1)
 
 
-def bradley_terry_loss(last: torch.Tensor, metrics: StageMetrics, output: torch.Tensor):
+def bradley_terry_loss(last: torch.Tensor, output: torch.Tensor):
     """Sum over pairs of -log sigmoid(r_c - r_r); count = pairs; accuracy and margin reported."""
     r = scores_at_last(output, last)
     chosen, rejected = r[0::2], r[1::2]
@@ -109,7 +109,6 @@ def bradley_terry_loss(last: torch.Tensor, metrics: StageMetrics, output: torch.
     n = chosen.numel()
     rep = report({"lm loss": (losses.sum(), n), "accuracy": ((chosen > rejected).float().sum(), n),
                   "margin": ((chosen - rejected).sum(), n)})
-    metrics.add(rep)
     return losses.sum(), torch.tensor(n, dtype=torch.int), rep
 
 
@@ -120,7 +119,6 @@ class RewardModelStage:
 
     def __init__(self, cfg: Config):
         require(cfg, "rm", pairs=True)
-        self.metrics = StageMetrics(cfg)
 
     customize_model = staticmethod(add_value_head)
 
@@ -130,7 +128,7 @@ class RewardModelStage:
     def forward_step(self, data_iterator, model):
         batch = data.on_this_rank(next(data_iterator))
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
-        return output, partial(bradley_terry_loss, batch["last"], self.metrics)
+        return output, partial(bradley_terry_loss, batch["last"])
 
 
 def export_hf(chunk, cfg: Config, out_dir) -> Path:

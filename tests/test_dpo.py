@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.gloo import run_on_ranks
+from tests.stage_fixture import stage_batch, stage_metrics, train_stage, valid_metrics
 
 DPO = ["model=qwen3_debug", "data.seq_length=48", "train.micro_batch_size=4", "train.global_batch_size=4",
        "posttrain.num_samples=8"]
@@ -29,25 +30,14 @@ def _hand_logps(model, batch):
 
 
 def _dpo_batch(rank, world_size, overrides):
-    from megatron_ext import data
-    from megatron_ext.build import build
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from posttrain.dpo import DPOStage
-
-    cfg = load_config(["stage=dpo", *overrides])
-    validate(cfg, world_size)
-    stage = DPOStage(cfg)
-    rt = build(cfg, customize=stage.customize_model)
-    train_ds, _ = stage.datasets(cfg, 4, 0)
-    batch = next(data.loader(train_ds, cfg))
+    cfg, stage, model, batch = stage_batch("dpo", world_size, overrides)
     hand_ref = None
     with torch.no_grad():
         if world_size == 1:
-            hand_ref = _hand_logps(rt.model[0], batch)  # policy == reference before the perturbation
-        _perturb(rt.model[0])
-        hand_pi = _hand_logps(rt.model[0], batch) if world_size == 1 else None
-    out, loss_func = stage.forward_step(iter([batch]), rt.model[0])
+            hand_ref = _hand_logps(model, batch)  # policy == reference before the perturbation
+        _perturb(model)
+        hand_pi = _hand_logps(model, batch) if world_size == 1 else None
+    out, loss_func = stage.forward_step(iter([batch]), model)
     loss_sum, n, rep = loss_func(out)
     return loss_sum.item(), int(n), {k: v.tolist() for k, v in rep.items()}, batch["ref_logp"], hand_ref, hand_pi
 
@@ -96,16 +86,8 @@ def _lengths(args):
 
 
 def _dpo_train(rank, world_size, overrides):
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from megatron_ext.loop import train
-    from posttrain.dpo import DPOStage
-
-    cfg = load_config(["stage=dpo", *overrides])
-    validate(cfg, world_size)
-    stage = DPOStage(cfg)
-    train(cfg, stage)
-    return stage.metrics.history, stage.metrics.valid_history
+    history = train_stage("dpo", world_size, overrides)
+    return stage_metrics(history), valid_metrics(history)
 
 
 @pytest.mark.slow
@@ -131,65 +113,36 @@ def test_ipo_is_length_normalised_as_in_trl():
     torch.testing.assert_close(summed, torch.tensor([(5.0 - 1.0) ** 2, (2.0 - 1.0) ** 2]))
 
 
-PP = ["stage=dpo", "model=qwen3_debug", "data.seq_length=48", "train.micro_batch_size=2",
+PP = ["model=qwen3_debug", "data.seq_length=48", "train.micro_batch_size=2",
       "train.global_batch_size=4", "posttrain.num_samples=8", "train.steps=3", "checkpoint.keep_last=0"]
 
 
-def _save_init(rank, world_size, overrides, out):
-    from megatron_ext import checkpoint
-    from megatron_ext.build import build
-    from megatron_ext.cli import load_config
-
-    rt = build(load_config(overrides + [f"checkpoint.dir={out}"]))
-    checkpoint.save(rt, checkpoint.TrainState())
-
-
-def _train_stage(rank, world_size, overrides, make_stage):
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from megatron_ext.loop import train
-
-    cfg = load_config(overrides)
-    validate(cfg, world_size)
-    stage = make_stage(cfg)
-    return train(cfg, stage).history, stage.metrics.history
-
-
-def _dpo_stage(cfg):
-    from posttrain.dpo import DPOStage
-
-    return DPOStage(cfg)
+def _dpo_records(rank, world_size, overrides):
+    return train_stage("dpo", world_size, overrides)
 
 
 def _check_layout_equals_one_process(ref, results, steps, keys):
     """Every rank's per-step loss and stage metrics (`keys`; the loop sends them along the
-    pipeline) and the last stage's own metric history equal one process's."""
-    ref_records, ref_metrics = ref
-    for records, _ in results:
+    pipeline to every rank) equal one process's."""
+    for records in results:
         assert len(records) == steps
-        for got, want in zip(records, ref_records):
-            assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-7), (records, ref_records)
+        for got, want in zip(records, ref):
+            assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-7), (records, ref)
+            assert stage_metrics([got])[0].keys() == stage_metrics([want])[0].keys() >= set(keys), (got, want)
             for k in keys:
                 assert math.isclose(got[k], want[k], rel_tol=1e-4, abs_tol=1e-5), (k, got, want)
-    metrics = results[-1][1]
-    assert len(metrics) == steps, metrics
-    for got, want in zip(metrics, ref_metrics):
-        assert got.keys() == want.keys()
-        for k in want:
-            assert math.isclose(got[k], want[k], rel_tol=1e-4, abs_tol=1e-5), (k, got, want)
 
 
-def test_dpo_pipeline_parallel_equals_one_process(tmp_path):
-    """Same initial weights (a saved checkpoint); PP=2 and PP=2 with 2 virtual stages per rank
-    give one process's per-step losses and metrics; step 1 (policy == reference) is ln 2."""
-    run_on_ranks(_save_init, 1, PP, tmp_path / "init")
-    load = [f"checkpoint.load={tmp_path}/init/iter_0000000", "checkpoint.weights_only=true"]
-    ref = run_on_ranks(_train_stage, 1, PP + load, _dpo_stage)[0]
-    losses = [r["loss"] for r in ref[0]]
+def test_dpo_pipeline_parallel_equals_one_process():
+    """Initial weights depend on the seed only (megatron_ext.init), so PP=2 and PP=2 with 2
+    virtual stages per rank, from scratch, give one process's per-step losses and metrics;
+    step 1 (policy == reference) is ln 2."""
+    ref = run_on_ranks(_dpo_records, 1, PP)[0]
+    losses = [r["loss"] for r in ref]
     assert abs(losses[0] - math.log(2)) < 1e-6 and losses[1] < losses[0], losses  # then it learns
-    assert abs(ref[0][0]["margin"]) < 1e-6 and ref[0][1]["margin"] > 0, ref[0]
+    assert abs(ref[0]["margin"]) < 1e-6 and ref[1]["margin"] > 0, ref
     for layout in (["parallel.pp=2"], ["parallel.pp=2", "parallel.vpp=2"]):
-        results = run_on_ranks(_train_stage, 2, PP + load + layout, _dpo_stage)
-        for records, _ in results:
+        results = run_on_ranks(_dpo_records, 2, PP + layout)
+        for records in results:
             assert abs(records[0]["loss"] - math.log(2)) < 1e-6, (layout, records)
         _check_layout_equals_one_process(ref, results, 3, ("accuracy", "margin", "chosen_reward", "rejected_reward"))

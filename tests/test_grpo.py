@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.gloo import run_on_ranks
+from tests.stage_fixture import stage_batch, stage_metrics, train_stage
 
 GRPO = ["stage=grpo", "model=qwen3_debug", "train.micro_batch_size=2", "train.global_batch_size=4",
         "grpo.group_size=2", "grpo.max_new_tokens=3"]
@@ -55,21 +56,7 @@ def _hand_logps(model, batch, temperature=1.0):
 
 
 def _grpo_batch(rank, world_size, overrides):
-    from megatron_ext import data
-    from megatron_ext.build import build
-    from megatron_ext.checkpoint import TrainState
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from posttrain.grpo import GRPOStage
-
-    cfg = load_config(GRPO + overrides)
-    validate(cfg, world_size)
-    stage = GRPOStage(cfg)
-    rt = build(cfg, customize=stage.customize_model)
-    stage.datasets(cfg, 4, 0)
-    stage.before_step(rt, TrainState())
-    batch = next(data.loader(stage.buffer, cfg))
-    model = rt.model[0]
+    cfg, stage, model, batch = stage_batch("grpo", world_size, GRPO + overrides)
     temperature = cfg.grpo.temperature
     with torch.no_grad():
         before = _hand_logps(model, batch, temperature) if world_size == 1 else None
@@ -121,17 +108,9 @@ def test_grpo_loss_matches_hand_computation_at_tp1_and_tp2():
         assert math.isclose(got, hand, rel_tol=1e-5, abs_tol=1e-6), (got, hand)
 
 
-def _grpo_train(rank, world_size, overrides):
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from megatron_ext.loop import train
-    from posttrain.grpo import GRPOStage
-
-    cfg = load_config(GRPO + overrides)
-    validate(cfg, world_size)
-    stage = GRPOStage(cfg)
-    result = train(cfg, stage)
-    return result.history, stage.metrics.history
+def _grpo_train(rank, world_size, overrides, make_stage=None):
+    history = train_stage("grpo", world_size, GRPO + overrides, make_stage)
+    return history, stage_metrics(history)
 
 
 def test_grpo_resumes_exactly_on_two_data_parallel_ranks(tmp_path):
@@ -166,9 +145,7 @@ def _sft_then_grpo(rank, world_size, tmp):
                        f"checkpoint.load={tmp}/sft/iter_0000020", "checkpoint.weights_only=true",
                        "train.steps=15", "train.lr=1e-3", "train.min_lr=1e-3"])
     validate(cfg, world_size)
-    stage = GRPOStage(cfg)
-    train(cfg, stage)
-    return [m["reward"] for m in stage.metrics.history]
+    return [h["reward"] for h in train(cfg, GRPOStage(cfg)).history]
 
 
 @pytest.mark.slow
@@ -197,16 +174,15 @@ def _fixed_advantages_stage(cfg):
     return Stage(cfg)
 
 
-def test_grpo_pipeline_parallel_equals_one_process(tmp_path):
-    """Same initial weights; PP=2 samples the same completions and gives one process's per-step
-    losses and metrics; at step 1 the policy is the reference (KL 0). (Not with virtual stages:
-    megatron_ext.generation's forward-only call does not drive the interleaved schedule yet.)"""
-    from tests.test_dpo import _check_layout_equals_one_process, _save_init, _train_stage
+def test_grpo_pipeline_parallel_equals_one_process():
+    """The same seed gives the same initial weights at any layout; PP=2 from scratch samples the
+    same completions and gives one process's per-step losses and metrics; at step 1 the policy
+    is the reference (KL 0). (Not with virtual stages: megatron_ext.generation's forward-only
+    call does not drive the interleaved schedule yet.)"""
+    from tests.test_dpo import _check_layout_equals_one_process
 
-    base = GRPO + ["grpo.temperature=0.7", "train.steps=2", "train.lr=1e-3", "checkpoint.keep_last=0"]
-    run_on_ranks(_save_init, 1, base, tmp_path / "init")
-    load = [f"checkpoint.load={tmp_path}/init/iter_0000000", "checkpoint.weights_only=true"]
-    ref = run_on_ranks(_train_stage, 1, base + load, _fixed_advantages_stage)[0]
-    assert ref[0][0]["kl"] < 1e-7 and ref[0][1]["kl"] > 1e-6, ref[0]  # the policy moved at step 2
-    results = run_on_ranks(_train_stage, 2, base + load + ["parallel.pp=2"], _fixed_advantages_stage)
+    base = ["grpo.temperature=0.7", "train.steps=2", "train.lr=1e-3", "checkpoint.keep_last=0"]
+    ref, _ = run_on_ranks(_grpo_train, 1, base, _fixed_advantages_stage)[0]
+    assert ref[0]["kl"] < 1e-7 and ref[1]["kl"] > 1e-6, ref  # the policy moved at step 2
+    results = [h for h, _ in run_on_ranks(_grpo_train, 2, base + ["parallel.pp=2"], _fixed_advantages_stage)]
     _check_layout_equals_one_process(ref, results, 2, ("kl", "clip_frac", "completion_len", "reward"))

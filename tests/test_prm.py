@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.gloo import run_on_ranks
+from tests.stage_fixture import stage_batch
 
 PRM = ["model=qwen3_debug", "data.seq_length=80", "train.micro_batch_size=4", "train.global_batch_size=4",
        "posttrain.num_samples=8"]
@@ -35,19 +36,8 @@ def test_processbench_prediction_and_f1():
 
 
 def _prm_batch(rank, world_size, overrides):
-    from megatron_ext import data
-    from megatron_ext.build import build
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from posttrain.prm import PRMStage
-
-    cfg = load_config(["stage=prm", *overrides])
-    validate(cfg, world_size)
-    stage = PRMStage(cfg)
-    rt = build(cfg, customize=stage.customize_model)
-    train_ds, _ = stage.datasets(cfg, 4, 0)
-    batch = next(data.loader(train_ds, cfg))
-    out, loss_func = stage.forward_step(iter([batch]), rt.model[0])
+    cfg, stage, model, batch = stage_batch("prm", world_size, overrides)
+    out, loss_func = stage.forward_step(iter([batch]), model)
     loss_sum, n, _ = loss_func(out)
     return loss_sum.item(), int(n), out.detach().squeeze(-1), batch
 

@@ -8,29 +8,21 @@ import pytest
 import torch
 
 from tests.gloo import run_on_ranks
+from tests.stage_fixture import stage_batch, stage_metrics, train_stage, valid_metrics
 
 RM = ["model=qwen3_debug", "data.seq_length=48", "train.micro_batch_size=4", "train.global_batch_size=4",
       "posttrain.num_samples=16"]
 
 
 def _rm_batch(rank, world_size, overrides, export_dir=None):
-    from megatron_ext import data
-    from megatron_ext.build import build
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from posttrain.rm import RewardModelStage, export_hf
+    from posttrain.rm import export_hf
 
-    cfg = load_config(["stage=rm", *overrides])
-    validate(cfg, world_size)
-    stage = RewardModelStage(cfg)
-    rt = build(cfg, customize=stage.customize_model)
-    train_ds, _ = stage.datasets(cfg, 4, 0)
-    batch = next(data.loader(train_ds, cfg))
-    out, loss_func = stage.forward_step(iter([batch]), rt.model[0])
+    cfg, stage, model, batch = stage_batch("rm", world_size, overrides)
+    out, loss_func = stage.forward_step(iter([batch]), model)
     loss_sum, n, rep = loss_func(out)
     scores = [out[b, int(batch["last"][b]), 0].item() for b in range(out.shape[0])]
     if export_dir:
-        export_hf(rt.model[0], cfg, export_dir)
+        export_hf(model, cfg, export_dir)
     return loss_sum.item(), int(n), {k: v.tolist() for k, v in rep.items()}, scores, batch
 
 
@@ -58,16 +50,8 @@ def test_hf_export_matches_transformers(tmp_path):
 
 
 def _rm_train(rank, world_size, overrides):
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from megatron_ext.loop import train
-    from posttrain.rm import RewardModelStage
-
-    cfg = load_config(["stage=rm", *overrides])
-    validate(cfg, world_size)
-    stage = RewardModelStage(cfg)
-    result = train(cfg, stage)
-    return [h["loss"] for h in result.history], stage.metrics.history, stage.metrics.valid_history
+    history = train_stage("rm", world_size, overrides)
+    return [h["loss"] for h in history], stage_metrics(history), valid_metrics(history)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.gloo import run_on_ranks
+from tests.stage_fixture import stage_batch
 
 SFT = ["model=qwen3_debug", "data.seq_length=96", "train.micro_batch_size=2", "train.global_batch_size=2"]
 # The sample's first 6 conversations (40-73 tokens) fill 3 packs of 128 tokens, 2 per pack.
@@ -43,24 +44,13 @@ def test_loss_mask_excludes_every_non_assistant_token():
 
 
 def _sft_batch_loss(rank, world_size, overrides):
-    from megatron_ext import data
-    from megatron_ext.build import build
-    from megatron_ext.cli import load_config
-    from megatron_ext.config import validate
-    from posttrain.sft import SFTStage
-
-    cfg = load_config(["stage=sft", *overrides])
-    validate(cfg, world_size)
-    stage = SFTStage(cfg)
-    rt = build(cfg)
-    train_ds, _ = stage.datasets(cfg, 2, 0)
-    batch = next(data.loader(train_ds, cfg))
-    out, loss_func = stage.forward_step(iter([batch]), rt.model[0])
+    cfg, stage, model, batch = stage_batch("sft", world_size, overrides, samples=2)
+    out, loss_func = stage.forward_step(iter([batch]), model)
     loss_sum, n, rep = loss_func(out)
     hand = None
     if world_size == 1:
         with torch.no_grad():
-            logits = rt.model[0](batch["tokens"], batch["position_ids"], attention_mask=None)
+            logits = model(batch["tokens"], batch["position_ids"], attention_mask=None)
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
         hand = (ce * batch["loss_mask"].flatten()).sum().item(), batch["loss_mask"].sum().item()
     return loss_sum.item(), int(n), rep["lm loss"].tolist(), hand

@@ -93,3 +93,12 @@ def test_only_the_chosen_stage_section_is_in_the_job():
         load_config(["stage=dpo", "grpo.kl_coef=0"])
     with pytest.raises(ConfigError, match="posttrain.beta in 'posttrain.beta=0.2': it is now dpo.beta"):
         load_config(["stage=dpo", "posttrain.beta=0.2"])
+
+
+def test_in_training_evaluation_hook_is_named_by_the_config():
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.train", "eval.train_tasks=[math_synth]",
+                           "train.eval_interval=1", "eval.train_hook=posttrain.evals.runner:no_such_hook"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "eval.train_hook='posttrain.evals.runner:no_such_hook': posttrain.evals.runner has no no_such_hook" \
+        in proc.stderr, proc.stderr[-2000:]
