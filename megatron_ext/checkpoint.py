@@ -15,6 +15,21 @@ directory to `iter_N` (fsync of the parent), and only then replaces `latest`. A 
 `iter_N` is therefore complete by construction, and its manifest catches later corruption.
 With `checkpoint.async_save` the files under `state/` are written by a background process and the
 same commit runs when every rank's writer finished (`Saver`).
+
+Converted checkpoints (written by `python -m tools.convert hf-to-mcore`): a dist_checkpointing
+directory holding the model's `sharded_state_dict()` at the top level (resharded on load, so it
+loads at any TP/PP/EP layout), `qwen_checkpoint.json` (`CONVERTED_META`) with the ModelConfig, the
+parameter dtype and the HF config it came from, and `hf_tokenizer/` with the HF tokenizer files
+(so converting back restores them).
+
+Reading either kind: `open_checkpoint` identifies a directory (converted, one training checkpoint
+`iter_N`, or a training root of `iter_N` directories) and reads its metadata into a `Source`;
+`load_weights` fills model chunks (any layout, virtual pipeline stages included) from it. That is
+the one weights reader of resume's weights-only starts, the frozen reference model, evaluation
+and every tool. Training checkpoints are checked against their CRC manifest first, the same check
+(`verify`, spread over the ranks) that a full resume runs, so corrupted weights are never trained
+on, converted or evaluated silently; `open_checkpoint(..., verify=False)` (the tools'
+`--no-verify`) skips it with a warning.
 """
 
 from __future__ import annotations
@@ -25,10 +40,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
@@ -36,6 +52,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_ext import cpu_backend
+from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +436,7 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
     if load_optimizer:
         _check_fingerprint(rt.config, meta, ckpt)
     if not load_optimizer:
-        load_weights(rt.model, ckpt, verified=True)
+        load_weights(rt.model, ckpt, rt.config.model, verified=True)
         _reload_main_params(rt)
         log.info("loaded weights from %s (fresh optimizer and schedule)", ckpt)
         return TrainState()
@@ -456,20 +473,15 @@ def _load_state(chunks, sharded: dict, ckpt: Path, strict: StrictHandling) -> di
     return state
 
 
-def load_weights(chunks, ckpt: Path, verified: bool = False) -> None:
-    """Load only model weights from a training checkpoint into model chunks (DDP-wrapped or
-    bare, any layout), e.g. a frozen reference model. Collective. A requested key missing from
-    the checkpoint is an error; the checkpoint's optimizer state is ignored."""
-    if not verified:
-        verify(ckpt)
-    _load_state(chunks, {"model": _model_state(chunks)}, ckpt, StrictHandling.RAISE_UNEXPECTED)
+# ---------------------------------------------------------------- converted checkpoints + any-kind reading
 
 
 # Written by tools.convert (hf-to-mcore): the model's sharded state dict at the top level of a
 # dist_checkpointing directory, plus this metadata file with the ModelConfig it holds.
 CONVERTED_META = "qwen_checkpoint.json"
+TOKENIZER_DIR = "hf_tokenizer"
 # ModelConfig fields that decide parameter shapes; the others (name, RoPE base and scaling,
-# max positions, norm eps) may change between the converted model and the job, e.g. for
+# max positions, norm eps) may change between the saved model and the job, e.g. for
 # long-context training.
 _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "head_dim", "vocab_size", "qkv_bias", "qk_norm", "tie_word_embeddings", "num_experts",
@@ -477,25 +489,206 @@ _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
                  "moe_layer_freq")
 
 
-def load_converted_weights(chunks, ckpt: Path, model_cfg) -> None:
-    """Load a tools.convert checkpoint's weights into model chunks (any layout). Collective.
+def write_converted_meta(ckpt: Path, m: ModelConfig, dtype: torch.dtype, hf_config: Optional[Dict[str, Any]]) -> None:
+    """Write `CONVERTED_META` of a converted checkpoint (model, parameter dtype, source HF config)."""
+    meta = {"format_version": FORMAT_VERSION, "model": asdict(m),
+            "dtype": str(dtype).replace("torch.", ""), "hf_config": hf_config}
+    (Path(ckpt) / CONVERTED_META).write_text(json.dumps(meta, indent=2) + "\n")
 
-    The converted ModelConfig must match the job's model in every shape-deciding field."""
-    meta = json.loads((Path(ckpt) / CONVERTED_META).read_text())
-    saved = meta.get("model") or {}
-    job = asdict(model_cfg)
+
+def save_converted_weights(chunks, ckpt_dir: Path) -> None:
+    """Collective: write this rank's part of the model into `ckpt_dir` as a converted checkpoint's
+    weights (one chunk's sharded state dict at the top level; torch_dist format)."""
+    if len(chunks) != 1:
+        raise ValueError(f"{ckpt_dir}: a converted checkpoint holds one model chunk per rank, got {len(chunks)} "
+                         "(build without virtual pipeline stages)")
+    dist_checkpointing.save(_unwrap(chunks[0]).sharded_state_dict(), str(ckpt_dir))
+
+
+@dataclass
+class Source:
+    """A readable checkpoint of either kind: where its dist_checkpointing files are and what model they hold."""
+
+    dist_dir: Path
+    model: ModelConfig
+    dtype: torch.dtype
+    hf_config: Optional[Dict[str, Any]] = None
+    """The HF config the checkpoint was converted from (None for training checkpoints)."""
+    tokenizer_dir: Optional[Path] = None
+    tokenizer_name: Optional[str] = None
+    """The training job's `data.tokenizer` (a Qwen family name or an HF tokenizer directory)."""
+    manifest_dir: Optional[Path] = None
+    """A training checkpoint's `iter_N` directory, whose meta.json lists a CRC32 + size of every
+    file and whose state/ holds `model/chunk{i}`; None for a converted checkpoint (the model's
+    state dict at the top level of `dist_dir`, no manifest)."""
+    verify: bool = True
+    """Check the manifest in `load_weights` (False: the user accepted the risk, e.g. --no-verify)."""
+
+    @property
+    def is_training(self) -> bool:
+        return self.manifest_dir is not None
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint directory (what error messages name)."""
+        return self.manifest_dir if self.manifest_dir is not None else self.dist_dir
+
+
+def identify(path: Union[str, Path]) -> str:
+    """What a checkpoint directory is: "converted" (tools.convert output), "root" (a training
+    `checkpoint.dir`: `iter_N` directories and/or `latest`) or "training" (one `iter_N`, or any
+    directory with a meta.json). Reads no file; CheckpointError names a path that is none of these."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / CONVERTED_META).is_file():
+        return "converted"
+    if complete_checkpoints(path) or (path / "latest").exists():
+        return "root"
+    if (path / "meta.json").is_file():
+        return "training"
+    raise CheckpointError(f"{path} is not a checkpoint: no {CONVERTED_META} (tools.convert), no meta.json "
+                          "(training checkpoint iter_N) and no iter_N directories or `latest` (training root)")
+
+
+def newest(root: Path) -> Path:
+    """The newest committed checkpoint under a training root (not yet verified). A committed
+    `iter_N` may be newer than `latest` (a crash between the rename and the pointer update): the
+    pointer is only checked, as in `find_resumable`."""
+    candidates = complete_checkpoints(root)
+    if not candidates:
+        raise CheckpointError(f"{root}: no complete checkpoint (iter_N directory) there")
+    pointed = _read_pointer(root)
+    if pointed is not None and pointed != candidates[-1]:
+        log.warning("%s names %s but %s is newer; using the newest", root / "latest", pointed.name,
+                    candidates[-1].name)
+    return candidates[-1]
+
+
+def _converted_source(path: Path) -> Source:
+    meta_path = path / CONVERTED_META
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+        model, dtype = ModelConfig(**meta["model"]), getattr(torch, meta["dtype"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable or foreign metadata ({type(e).__name__}: {e})") from None
+    tok = path / TOKENIZER_DIR
+    return Source(path, model, dtype, meta.get("hf_config"), tok if tok.is_dir() else None)
+
+
+def _training_source(path: Path) -> Source:
+    meta = read_meta(path)  # names meta.json when it is truncated or foreign
+    config = meta.get("config") or {}
+    if "model" not in config:
+        raise CheckpointError(f"{path / 'meta.json'} has no config.model")
+    try:
+        model = ModelConfig(**config["model"])
+    except TypeError as e:
+        raise CheckpointError(f"{path / 'meta.json'}: config.model is not a ModelConfig of this stack ({e})") from None
+    precision = (config.get("precision") or {}).get("name", "fp32")
+    # Model weights are kept in bf16 by every non-fp32 recipe (FP8 casts happen inside the GEMMs).
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    tokenizer = (config.get("data") or {}).get("tokenizer")
+    return Source(path / "state", model, dtype, tokenizer_name=tokenizer, manifest_dir=path)
+
+
+def open_checkpoint(ckpt: Union[str, Path, Source], verify: bool = True) -> Source:
+    """A checkpoint written by tools.convert, a training checkpoint `iter_N/`, or a training
+    checkpoint root (its newest committed checkpoint, which `latest` names). Reads metadata only:
+    `load_weights` reads the weights and, with `verify` (the default), first checks every file
+    against the checkpoint's CRC manifest.
+
+    An already opened Source is returned as it is, so a tool can open (and choose `verify`)
+    once and hand the Source to its ranks."""
+    if isinstance(ckpt, Source):
+        return ckpt
+    path = Path(ckpt)
+    kind = identify(path)
+    if kind == "converted":
+        src = _converted_source(path)
+    else:
+        src = _training_source(newest(path) if kind == "root" else path)
+    src.verify = verify
+    return src
+
+
+def read_model_meta(ckpt: Union[str, Path, Source]) -> Tuple[ModelConfig, torch.dtype, Optional[Dict[str, Any]]]:
+    """(ModelConfig, parameter dtype, source HF config or None) of any checkpoint `open_checkpoint` reads."""
+    src = open_checkpoint(ckpt)
+    return src.model, src.dtype, src.hf_config
+
+
+def verify_manifest(src: Source) -> None:
+    """Collective: check a training checkpoint's files against its CRC manifest, as training's
+    resume does (spread over the ranks); CheckpointError names every bad file. Without a manifest
+    (converted checkpoints), or with `src.verify` off (a warning is printed), nothing is checked."""
+    if src.manifest_dir is None:
+        return
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if not src.verify:
+        if rank0:
+            print(f"warning: not checking {src.manifest_dir} against its checksum manifest (--no-verify): "
+                  "corrupted files would go unnoticed", file=sys.stderr)
+        return
+    try:
+        verify(src.manifest_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n(pass --no-verify to read it anyway)") from None
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # tuples and lists (JSON vs dataclass) compare equal
+
+
+def check_model(src: Source, model: ModelConfig) -> None:
+    """CheckpointError unless the checkpoint's model equals `model` in every shape-deciding field
+    (`_SHAPE_FIELDS`; the others, e.g. RoPE scaling or max positions, may differ)."""
+    saved, job = _plain(asdict(src.model)), _plain(asdict(model))
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs job {job.get(k)!r}" for k in _SHAPE_FIELDS
              if saved.get(k) != job.get(k)]
     if diffs:
-        raise CheckpointError(f"{ckpt}: the converted model does not match model={model_cfg.name}:\n  "
+        what = "training checkpoint's" if src.is_training else "converted"
+        raise CheckpointError(f"{src.path}: the {what} model does not match model={model.name}:\n  "
                               + "\n  ".join(diffs))
+
+
+def load_weights(chunks, ckpt: Union[str, Path, Source], model: Optional[ModelConfig] = None,
+                 verified: bool = False) -> Source:
+    """Collective: fill model chunks (DDP-wrapped or bare, any TP/PP/EP layout, several virtual
+    pipeline stages included) with the model weights of a checkpoint of either kind; returns its
+    Source. The one reader of model weights (weights-only resume, reference model, tools, eval).
+
+    `ckpt`: a path (`open_checkpoint` identifies it, verifying by default) or an opened Source.
+    `model`: the job's ModelConfig, checked field by field first (`check_model`) where a job
+    config exists. A training checkpoint's files are checked against its CRC manifest
+    (`verify_manifest`) unless `verified` (the caller already ran `verify`). A key the model
+    requests but the checkpoint lacks is an error; the checkpoint's optimizer state is ignored.
+    Every failure is a CheckpointError naming the checkpoint."""
+    src = open_checkpoint(ckpt)
+    if model is not None:
+        check_model(src, model)
+    if not verified:
+        verify_manifest(src)
     try:
-        for chunk in chunks:
-            module = _unwrap(chunk)
-            state = dist_checkpointing.load(module.sharded_state_dict(), str(ckpt), strict=StrictHandling.RAISE_UNEXPECTED)
-            module.load_state_dict(state, strict=True)
+        if src.is_training:
+            # Non-tensor state saved beside the model (e.g. the optimizer's param groups) comes
+            # back merged at the top level; descending into the model's entries leaves it behind.
+            state = dist_checkpointing.load({"model": _model_state(chunks)}, str(src.dist_dir),
+                                            strict=StrictHandling.RAISE_UNEXPECTED)
+            for i, chunk in enumerate(chunks):
+                _unwrap(chunk).load_state_dict(state["model"][f"chunk{i}"], strict=True)
+        else:
+            # One chunk's state dict at the top level, with global keys: each (virtual pipeline)
+            # chunk reads its own layers from it.
+            for module in map(_unwrap, chunks):
+                state = dist_checkpointing.load(module.sharded_state_dict(), str(src.dist_dir),
+                                                strict=StrictHandling.RAISE_UNEXPECTED)
+                module.load_state_dict(state, strict=True)
     except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
-        raise CheckpointError(f"{ckpt}: cannot load the converted weights into this model: {e}") from e
+        raise CheckpointError(f"{src.dist_dir}: cannot load the model weights into this model: {e}") from e
+    return src
 
 
 def _reload_main_params(rt) -> None:
@@ -527,15 +720,16 @@ def resume(rt) -> TrainState:
     ckpt = Path(c.load)
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint.load={c.load}: no such directory")
-    if (ckpt / CONVERTED_META).is_file():  # `python -m tools.convert hf-to-mcore` output
+    kind = identify(ckpt)
+    if kind == "converted":  # `python -m tools.convert hf-to-mcore` output
         if not c.weights_only:
             raise CheckpointError(f"checkpoint.load={c.load} is a converted model (weights only): "
                                   "set checkpoint.weights_only=true")
-        load_converted_weights(rt.model, ckpt, rt.config.model)
+        load_weights(rt.model, ckpt, rt.config.model)
         _reload_main_params(rt)
         log.info("loaded converted weights from %s (fresh optimizer and schedule)", ckpt)
         return TrainState()
-    if complete_checkpoints(ckpt) or (ckpt / "latest").exists():  # a root of iter_* directories
+    if kind == "root":  # a root of iter_* directories
         found = find_resumable(ckpt)
         if found is None:
             raise CheckpointError(f"checkpoint.load={c.load}: no complete, uncorrupted checkpoint there")

@@ -1,15 +1,16 @@
 """The frozen reference model of DPO and GRPO, and forward-only passes over it.
 
 Which weights: `posttrain.ref_load` if set; else `checkpoint.load` when it names a path (the
-model this run starts from, e.g. an SFT checkpoint); else the policy's initial weights, kept
-as a snapshot when the stage's `customize_model` hook sees each chunk (initialisation is
-deterministic from train.seed, so a resumed run rebuilds the same reference).
+model this run starts from, e.g. an SFT checkpoint). Either may be a training checkpoint, its
+root or a tools.convert checkpoint, read by `megatron_ext.checkpoint.load_weights`. Else the
+policy's initial weights, kept as a snapshot when the stage's `customize_model` hook sees each
+chunk (initialisation is deterministic from train.seed, so a resumed run rebuilds the same
+reference).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -53,7 +54,7 @@ class Reference:
         chunks = build_model(self.cfg, tcfg)
         src = self.source()
         if src is not None:
-            load_weights(chunks, Path(src))
+            load_weights(chunks, src, self.cfg.model)
             log.info("reference model: weights from %s", src)
         else:
             for chunk, state in zip(chunks, self.snapshots):

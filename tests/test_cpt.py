@@ -133,9 +133,10 @@ def test_converted_checkpoint_errors_name_the_problem(tmp_path):
 
     cfg = load_config(["model=qwen3_debug", f"checkpoint.load={tmp_path}"])
     saved = {**dataclasses.asdict(cfg.model), "name": "other", "num_layers": 2, "rope_theta": 1e4}
-    (tmp_path / checkpoint.CONVERTED_META).write_text(json.dumps({"model": saved}))
+    (tmp_path / checkpoint.CONVERTED_META).write_text(json.dumps({"format_version": checkpoint.FORMAT_VERSION,
+                                                                  "model": saved, "dtype": "float32"}))
     with pytest.raises(checkpoint.CheckpointError, match="weights_only=true"):
         checkpoint.resume(SimpleNamespace(config=cfg))
     with pytest.raises(checkpoint.CheckpointError, match=r"num_layers: checkpoint 2 vs job 4") as err:
-        checkpoint.load_converted_weights([], tmp_path, cfg.model)
+        checkpoint.load_weights([], tmp_path, cfg.model)
     assert "rope_theta" not in str(err.value) and "name" not in str(err.value).split("qwen3_debug")[-1]

@@ -82,12 +82,12 @@ class _ByteTokenizer:
 
 def _api_variants(rank, world, ckpt):
     """Load once, then generate with each sampling setting through the Python API."""
-    from megatron_ext import checkpoint_io as mc
+    from megatron_ext import checkpoint, offline
     from tools.generate import generate
 
-    src = mc.open_checkpoint(ckpt)
-    chunks = mc.build(mc.layout_config(src.model, src.dtype))
-    mc.load(chunks, src)
+    src = checkpoint.open_checkpoint(ckpt)
+    chunks = offline.build(offline.layout_config(src.model, src.dtype))
+    checkpoint.load_weights(chunks, src)
     runs = {"greedy": dict(greedy=True), "a": dict(temperature=1.5, seed=3), "b": dict(temperature=1.5, seed=3),
             "c": dict(temperature=1.5, seed=4), "nucleus": dict(temperature=1.5, top_p=1e-6, seed=5)}
     out = {k: generate(chunks, PROMPTS, NEW, **kw).tokens for k, kw in runs.items()}
@@ -115,7 +115,7 @@ def _api_variants(rank, world, ckpt):
     stop = [tok.decode(out["greedy"][0][1:3]), tok.decode(out["greedy"][2][4:5])]
     out["stop"] = (stop, [generate(chunks, PROMPTS, NEW, greedy=True, stop=stop, decode=tok.decode, use_cache=c)
                           for c in (True, False)])
-    mc.release_layout()
+    offline.release_layout()
     return out
 
 
@@ -242,21 +242,21 @@ LAYOUTS = {"tp2": dict(tp=2), "tp2_sp": dict(tp=2, sp=True), "pp2": dict(pp=2)}
 def _layouts(rank, world, ckpt):
     """Per layout: greedy ids and log-probs with and without the cache, a sampled run of each path
     on equal-length prompts, and the cached single-prompt runs."""
-    from megatron_ext import checkpoint_io as mc
+    from megatron_ext import checkpoint, offline
     from tools.generate import generate
 
-    src = mc.open_checkpoint(ckpt)
+    src = checkpoint.open_checkpoint(ckpt)
     out = {}
     for name, layout in LAYOUTS.items():
-        chunks = mc.build(mc.layout_config(src.model, src.dtype, **layout))
-        mc.load(chunks, src)
+        chunks = offline.build(offline.layout_config(src.model, src.dtype, **layout))
+        checkpoint.load_weights(chunks, src)
         cached = generate(chunks, PROMPTS, NEW, greedy=True)
         nocache = generate(chunks, PROMPTS, NEW, greedy=True, use_cache=False)
         out[name] = dict(sp=chunks[0].config.sequence_parallel, cached=cached.tokens, nocache=nocache.tokens, lp=(cached.logprobs, nocache.logprobs),
                          one_by_one=[generate(chunks, [p], NEW, greedy=True).tokens[0] for p in PROMPTS],
                          sampled=[generate(chunks, EQUAL, NEW, temperature=1.2, top_p=0.9, seed=7,
                                            use_cache=c).tokens for c in (True, False)])
-        mc.release_layout()
+        offline.release_layout()
     return out
 
 

@@ -197,26 +197,26 @@ def test_matmuls_per_moe_layer_do_not_grow_with_experts():
 
 
 def _save(rank, world_size, overrides, path):
-    from megatron_ext import checkpoint_io as mc
+    from megatron_ext import checkpoint
 
     from megatron_ext.grouped_experts import sequential_named_parameters
     from megatron_ext.layout import global_name
 
     chunk = _build(overrides)
-    mc.save([chunk], path)
+    checkpoint.save_converted_weights([chunk], path)
     cfg = load_config(MOE + overrides)
     return {global_name(chunk, n, cfg.model): p.detach().clone() for n, p in sequential_named_parameters(chunk)}
 
 
 def _load(rank, world_size, overrides, path):
-    from megatron_ext import checkpoint_io as mc
+    from megatron_ext import checkpoint
 
     from megatron_ext.grouped_experts import sequential_named_parameters
     from megatron_ext.layout import global_name
 
     chunk = _build(overrides + ["train.seed=99"])  # other random weights than the saved ones
     cfg = load_config(MOE + overrides)
-    mc.load([chunk], mc.Source(path, cfg.model, torch.float32))
+    checkpoint.load_weights([chunk], checkpoint.Source(path, cfg.model, torch.float32))
     return {global_name(chunk, n, cfg.model): p.detach().clone() for n, p in sequential_named_parameters(chunk)}
 
 
@@ -225,8 +225,6 @@ def _load(rank, world_size, overrides, path):
     pytest.param((1, [SEQUENTIAL]), (2, ["parallel.ep=2", GROUPED]), marks=pytest.mark.slow),
 ], ids=["grouped_etp2_to_sequential", "sequential_to_grouped_ep2"])
 def test_checkpoint_round_trip_across_implementations(tmp_path, save_layout, load_layout):
-    from megatron_ext import checkpoint_io as mc
-
     (tmp_path / "ckpt").mkdir()
     saved_by_rank = run_on_ranks(_save, save_layout[0], save_layout[1], tmp_path / "ckpt")
     loaded_by_rank = run_on_ranks(_load, load_layout[0], load_layout[1], tmp_path / "ckpt")

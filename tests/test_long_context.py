@@ -66,11 +66,10 @@ def _training_runtime_logits(rank, world, ckpt, ids):
     from megatron_ext import checkpoint
     from megatron_ext.build import build
     from megatron_ext.cli import load_config
-    from megatron_ext import checkpoint_io as mc
     from tools.logits import forward_logits
 
     cfg = load_config([f"checkpoint.load={ckpt}", "checkpoint.weights_only=true"])
-    cfg.model = mc.read_meta(ckpt)[0]
+    cfg.model = checkpoint.read_model_meta(ckpt)[0]
     rt = build(cfg)
     checkpoint.resume(rt)
     return forward_logits(rt.model, ids).numpy()

@@ -27,12 +27,11 @@ import torch
 from tqdm import tqdm
 
 from data_prep.indexed import check_writable_dir
-from megatron_ext import layout
+from megatron_ext import checkpoint, layout, offline
 from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
 from models.mapping import Entry, by_mcore_name, expand, expected_hf_shapes, fuse, split
 from tools import launch
-from megatron_ext import checkpoint_io as mc
 from tools.hf_io import HFCheckpoint, HFCheckpointError, ShardWriter, dtype_of, parse_size, tokenizer_files
 
 
@@ -109,24 +108,24 @@ def _all_filled(filled: set, entries: List[Entry]) -> None:
 def _hf_to_mcore_rank(hf_dir: str, out: str, layout: dict, overwrite: bool) -> dict:
     start = time.time()
     hf, family, m, entries, dtype = open_hf(hf_dir)
-    chunks = mc.build(mc.layout_config(m, dtype, **layout))
+    chunks = offline.build(offline.layout_config(m, dtype, **layout))
     _all_filled(fill_rank(hf, chunks, m, entries), entries)
     hf.close()
-    tmp = mc.staging_dir(Path(out))
-    mc.save(chunks, tmp)
+    tmp = offline.staging_dir(Path(out))
+    checkpoint.save_converted_weights(chunks, tmp)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if _rank0():
-        mc.write_meta(tmp, m, dtype, hf.config)
+        checkpoint.write_converted_meta(tmp, m, dtype, hf.config)
         files = tokenizer_files(hf.dir)
         if files:
-            (tmp / mc.TOKENIZER_DIR).mkdir()
+            (tmp / checkpoint.TOKENIZER_DIR).mkdir()
             for f in files:
-                shutil.copy2(f, tmp / mc.TOKENIZER_DIR / f.name)
-        mc.publish(tmp, Path(out), overwrite)
+                shutil.copy2(f, tmp / checkpoint.TOKENIZER_DIR / f.name)
+        offline.publish(tmp, Path(out), overwrite)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    mc.release_layout()
+    offline.release_layout()
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     return {"family": family.FAMILY, "hf_tensors": sum(len(e.hf) for e in entries), "mcore_tensors": len(entries),
             "rank0_params": n_params, "dtype": str(dtype), "seconds": round(time.time() - start, 2)}
@@ -139,7 +138,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp=1, pp=1, ep=1, etp=None, overwrite=Fal
     _, _, m, _, dtype = open_hf(hf_dir)  # fail on bad input before starting any ranks
     check_writable_dir(Path(out).absolute().parent)
     layout = dict(tp=tp, pp=pp, ep=ep, etp=etp)
-    world = mc.world_size(mc.layout_config(m, dtype, **layout))
+    world = offline.world_size(offline.layout_config(m, dtype, **layout))
     return launch.run(_hf_to_mcore_rank, world, hf_dir, out, layout, overwrite)
 
 
@@ -165,7 +164,7 @@ def _named_tokenizer(name: str, m, out: Path) -> Optional[dict]:
     return {"bos_token_id": tok.eod, "eos_token_id": tok.eod}
 
 
-def _write_hf(m, dtype, src: mc.Source, params: dict, out: Path, max_shard_bytes: int) -> Tuple[int, int]:
+def _write_hf(m, dtype, src: checkpoint.Source, params: dict, out: Path, max_shard_bytes: int) -> Tuple[int, int]:
     """Split every Megatron tensor into its HF tensors and write a complete HF directory."""
     entries = expand(registry.family(m.family).RULES, m)
     writer = ShardWriter(out, max_shard_bytes)
@@ -184,25 +183,25 @@ def _write_hf(m, dtype, src: mc.Source, params: dict, out: Path, max_shard_bytes
 
 def _mcore_to_hf_rank(ckpt, out: str, max_shard_bytes: int, overwrite: bool) -> dict:
     start = time.time()
-    src = mc.open_checkpoint(ckpt)
+    src = checkpoint.open_checkpoint(ckpt)
     m, dtype, base = src.model, src.dtype, src.hf_config
     entries = expand(registry.family(m.family).RULES, m)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
     # Loaded whole (TP=PP=EP=1); extra ranks, if launched with more, are idle data-parallel replicas.
-    chunks = mc.build(mc.layout_config(m, dtype, world=world))
-    mc.load(chunks, src)
+    chunks = offline.build(offline.layout_config(m, dtype, world=world))
+    checkpoint.load_weights(chunks, src)
     params = dict(sequential_named_parameters(chunks[0]))
     unmapped = sorted(set(params) - {e.mcore for e in entries})
     if unmapped:
         raise HFCheckpointError(f"Megatron parameter {unmapped[0]} has no HF name in the {m.family} mapping")
-    tmp = mc.staging_dir(Path(out))
+    tmp = offline.staging_dir(Path(out))
     shards = total = 0
     if _rank0():
         shards, total = _write_hf(m, dtype, src, params, tmp, max_shard_bytes)
-        mc.publish(tmp, Path(out), overwrite)
+        offline.publish(tmp, Path(out), overwrite)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    mc.release_layout()
+    offline.release_layout()
     return {"family": m.family, "hf_tensors": sum(len(e.hf) for e in entries), "mcore_tensors": len(entries),
             "shards": shards, "bytes": total, "seconds": round(time.time() - start, 2)}
 
@@ -211,7 +210,7 @@ def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=Fals
     """Convert a Megatron checkpoint (written at any layout, by tools.convert or by training) to HF.
 
     A training checkpoint's files are checked against its CRC manifest first (`verify`)."""
-    src = mc.open_checkpoint(ckpt, verify=verify)  # fail early on a non-checkpoint
+    src = checkpoint.open_checkpoint(ckpt, verify=verify)  # fail early on a non-checkpoint
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     check_writable_dir(Path(out).absolute().parent)

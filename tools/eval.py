@@ -86,7 +86,7 @@ def check_config(cfg: Config, world: Optional[int] = None) -> str:
     and that the checkpoints open (metadata only). Returns the checkpoint to load; raises
     ConfigError, or ValueError (CheckpointError) / FileNotFoundError, naming the problem.
     `slurm/launch.py` calls it too, so a bad eval job fails before it is queued."""
-    from megatron_ext import checkpoint_io as mc
+    from megatron_ext.checkpoint import open_checkpoint
     from posttrain.evals.runner import check
 
     check(cfg.eval)
@@ -97,7 +97,7 @@ def check_config(cfg: Config, world: Optional[int] = None) -> str:
         raise ConfigError(f"the world size {world} is not a multiple of parallel.tp * parallel.pp = {layout}")
     for path in (load, cfg.eval.rm_load, cfg.eval.prm_load):
         if path:
-            mc.open_checkpoint(path)  # metadata only: a missing or foreign directory fails here, not in the ranks
+            open_checkpoint(path)  # metadata only: a missing or foreign directory fails here, not in the ranks
     return load
 
 

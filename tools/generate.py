@@ -32,12 +32,12 @@ from typing import List, Optional
 from megatron_ext.generation import (Generation, chatml_stop_ids, check_args as _check_args, cut_at_stop,
                                      generate, sample_next)
 from tools import launch
-from megatron_ext import checkpoint_io as mc
+from megatron_ext import checkpoint, offline
 
 __all__ = ["Generation", "generate", "sample_next", "chatml_stop_ids", "main"]
 
 
-def _tokenizer(src: mc.Source, name: Optional[str]):
+def _tokenizer(src: checkpoint.Source, name: Optional[str]):
     from data_prep.tokenizer import get_tokenizer
 
     choice = name or (str(src.tokenizer_dir) if src.tokenizer_dir else src.tokenizer_name)
@@ -47,7 +47,7 @@ def _tokenizer(src: mc.Source, name: Optional[str]):
 
 
 def _generate_rank(ckpt: str, prompts: List[str], ids: Optional[List[List[int]]], opts: dict, layout: dict):
-    src = mc.open_checkpoint(ckpt)
+    src = checkpoint.open_checkpoint(ckpt)
     needs_tok = ids is None or opts["decode"] or opts["stop"] or opts["chat"]
     tok = _tokenizer(src, opts["tokenizer"]) if needs_tok else None
     if ids is None:
@@ -59,8 +59,8 @@ def _generate_rank(ckpt: str, prompts: List[str], ids: Optional[List[List[int]]]
     eos = [] if opts["eos"] is None else [opts["eos"]]
     if opts["chat"]:
         eos += chatml_stop_ids(tok)
-    chunks = mc.build(mc.layout_config(src.model, src.dtype, **layout))
-    mc.load(chunks, src)
+    chunks = offline.build(offline.layout_config(src.model, src.dtype, **layout))
+    checkpoint.load_weights(chunks, src)
     _check_args(ids, opts["max_new_tokens"], opts["temperature"], opts["top_p"], src.model.vocab_size)
     out = generate(chunks, ids, opts["max_new_tokens"], opts["temperature"], opts["top_p"], opts["greedy"],
                    opts["seed"], eos or None, stop=opts["stop"], decode=tok.decode if opts["stop"] else None,
@@ -72,7 +72,7 @@ def _generate_rank(ckpt: str, prompts: List[str], ids: Optional[List[List[int]]]
             row["text"], hit = cut_at_stop(tok.decode(row["ids"]), opts["stop"])
             if hit is not None:
                 row["stop"] = hit
-    mc.release_layout()
+    offline.release_layout()
     return rows
 
 
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
         if a.chat and not a.prompt:
             raise ValueError("--chat formats --prompt text (not --tokens)")
         layout = dict(tp=a.tp, pp=a.pp)
-        src = mc.open_checkpoint(a.ckpt, verify=not a.no_verify)  # the ranks' mc.load checks the manifest
-        world = mc.world_size(mc.layout_config(src.model, src.dtype, **layout))
+        src = checkpoint.open_checkpoint(a.ckpt, verify=not a.no_verify)  # the ranks' load_weights checks the manifest
+        world = offline.world_size(offline.layout_config(src.model, src.dtype, **layout))
         rows = launch.run(_generate_rank, world, src, a.prompt or [], ids, opts, layout)
     except (ValueError, KeyError, FileNotFoundError, launch.RankError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from data_prep.indexed import check_writable_dir
 from tools import launch
-from megatron_ext import checkpoint_io as mc
+from megatron_ext import checkpoint, offline
 
 
 def parse_tokens(text: str) -> torch.Tensor:
@@ -85,12 +85,12 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 def _logits_rank(ckpt, tokens: torch.Tensor, out: str, all_positions: bool, layout: dict) -> list:
     """Write the logits (one rank does); every rank returns the shape written."""
-    src = mc.open_checkpoint(ckpt)
+    src = checkpoint.open_checkpoint(ckpt)
     m = src.model
     if int(tokens.max()) >= m.vocab_size or int(tokens.min()) < 0:
         raise ValueError(f"token ids must be in [0, {m.vocab_size}) for {m.name}")
-    chunks = mc.build(mc.layout_config(m, src.dtype, **layout))
-    mc.load(chunks, src)
+    chunks = offline.build(offline.layout_config(m, src.dtype, **layout))
+    checkpoint.load_weights(chunks, src)
     logits = forward_logits(chunks, tokens)
     shape = None
     if _writer():
@@ -101,7 +101,7 @@ def _logits_rank(ckpt, tokens: torch.Tensor, out: str, all_positions: bool, layo
     if torch.distributed.is_initialized():  # also the barrier: the file exists once this returns
         shapes = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(shapes, shape)
-    mc.release_layout()
+    offline.release_layout()
     return next(s for s in shapes if s is not None)
 
 
@@ -111,13 +111,13 @@ def dump_logits(ckpt: str, tokens: str, out: str, all_positions=False, tp=1, pp=
     path written and the array's shape. A training checkpoint is checked against its CRC
     manifest first (`verify`)."""
     ids = parse_tokens(tokens)
-    src = mc.open_checkpoint(ckpt, verify=verify)
+    src = checkpoint.open_checkpoint(ckpt, verify=verify)
     m, dtype = src.model, src.dtype
     layout = dict(tp=tp, pp=pp, ep=ep, etp=etp, sp=sp)
     if (sp or (sp is None and m.is_moe and tp > 1)) and ids.shape[1] % tp:
         raise ValueError(f"sequence parallelism splits the {ids.shape[1]} positions over tp={tp} ranks: "
                          f"give a multiple of {tp} tokens")
-    world = mc.world_size(mc.layout_config(m, dtype, **layout))
+    world = offline.world_size(offline.layout_config(m, dtype, **layout))
     check_writable_dir(npy_path(out).absolute().parent)
     shape = launch.run(_logits_rank, world, src, ids, out, all_positions, layout)
     return str(npy_path(out)), shape

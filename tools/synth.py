@@ -16,16 +16,16 @@ from data_prep.synth.__main__ import main as synth_main
 from data_prep.tokenizer import get_tokenizer
 from megatron_ext.generation import MegatronBackend
 from tools import launch
-from megatron_ext import checkpoint_io as mc
+from megatron_ext import checkpoint, offline
 
 
 def _rank(a, tasks):
-    src = mc.open_checkpoint(a.ckpt)
+    src = checkpoint.open_checkpoint(a.ckpt)
     tok_name = a.tokenizer or (str(src.tokenizer_dir) if src.tokenizer_dir else src.tokenizer_name)
     if not tok_name:
         raise ValueError(f"{a.ckpt} names no tokenizer: pass --tokenizer")
-    chunks = mc.build(mc.layout_config(src.model, src.dtype))
-    mc.load(chunks, src)
+    chunks = offline.build(offline.layout_config(src.model, src.dtype))
+    checkpoint.load_weights(chunks, src)
     backend = MegatronBackend(chunks, get_tokenizer(tok_name), a.eos, a.top_p, name=f"megatron:{a.ckpt}")
     return list(backends.rejection_sample(backend, tasks, a.samples, a.temperature, a.max_tokens, a.seed))
 

@@ -29,14 +29,13 @@ import torch
 from megatron.core import parallel_state
 
 from data_prep.chat import encode_chat
+from megatron_ext import checkpoint, offline
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.eval_config import EvalConfig
 from megatron_ext.generation import chatml_stop_ids, forward, generate
 from posttrain.evals import metrics as M
 from posttrain.evals.tasks import BUILTIN, Task, answer_classes, fewshot_turns, judge, load_task, messages
 
-# Checkpoint reading is shared with the tools (megatron_ext/checkpoint_io.py) for now.
-from megatron_ext import checkpoint_io as mc  # noqa: E402
 
 STEP_SEPARATOR = "\n\n"
 
@@ -73,38 +72,36 @@ def check(e: EvalConfig) -> None:
 # ---------------------------------------------------------------- models
 
 
-def tokenizer_for(src: mc.Source, default: str):
+def tokenizer_for(src: checkpoint.Source, default: str):
     from data_prep.tokenizer import get_tokenizer
 
     return get_tokenizer(str(src.tokenizer_dir) if src.tokenizer_dir else (src.tokenizer_name or default))
 
 
-def _stage_of(src: mc.Source) -> Optional[str]:
+def _stage_of(src: checkpoint.Source) -> Optional[str]:
     if src.manifest_dir is None:
         return None
-    from megatron_ext.checkpoint import read_meta
-
-    return (read_meta(src.manifest_dir).get("config") or {}).get("stage")
+    return (checkpoint.read_meta(src.manifest_dir).get("config") or {}).get("stage")
 
 
 def load_model(path: str, cfg: Config, verify: bool = True, value_stage: Optional[str] = None):
     """Collective: (model chunks, Source) of a checkpoint at cfg's TP/PP layout; with
     `value_stage` ("rm" / "prm") the checkpoint must be that stage's, and gets its value head."""
-    src = mc.open_checkpoint(path, verify=verify)
+    src = checkpoint.open_checkpoint(path, verify=verify)
     if value_stage is not None and _stage_of(src) != value_stage:
         raise ValueError(f"{path}: not a {value_stage.upper()} training checkpoint (its stage is "
                          f"{_stage_of(src)}); eval.{value_stage}_load needs one written by python -m posttrain.{value_stage}")
     from megatron_ext.dist import launch_env
 
-    layout = mc.layout_config(src.model, src.dtype, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
+    layout = offline.layout_config(src.model, src.dtype, tp=cfg.parallel.tp, pp=cfg.parallel.pp,
                               world=launch_env().world_size)  # ranks beyond TP x PP: data-parallel replicas
-    chunks = mc.build(layout)
+    chunks = offline.build(layout)
     if value_stage is not None:
         from posttrain.rm import add_value_head
 
         for chunk in chunks:
             add_value_head(chunk, layout)
-    mc.load(chunks, src)
+    checkpoint.load_weights(chunks, src)
     return chunks, src
 
 
@@ -253,7 +250,7 @@ def evaluate(cfg: Config, load: str, verify: bool = True) -> Optional[dict]:
                 flat = _step_probs(prm, tok, items, e.batch_size)
                 prm_scores[t.name] = [flat[i * n:(i + 1) * n] for i in range(len(t.problems))]
         del prm
-    mc.release_layout()
+    offline.release_layout()
     if not rank0:
         return None
     report = {"checkpoint": str(load), "eval": dataclasses.asdict(e), "samples_per_problem": n, "tasks": {}}
