@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gloo import RankFailure, run_on_ranks
+from tests.forked_ranks import RankFailure, run_on_ranks
 from tests.test_train import full_params
 
 BASE = ["train.steps=4", "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=1",
@@ -40,11 +40,36 @@ def _assert_same_run(ref, got, exact=True):
             torch.testing.assert_close(params[name], ref_param, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.fixture(scope="module")
+def straight():
+    """BASE on 2 ranks (DP=2), 4 steps, no checkpointing: the reference of every DP=2 resume."""
+    return run_on_ranks(_run, 2, BASE)
+
+
+@pytest.fixture(scope="module")
+def sync_reference(tmp_path_factory):
+    """4 steps on 2 ranks with a synchronous save after every step: (per-rank results, root)."""
+    root = tmp_path_factory.mktemp("sync_reference")
+    return run_on_ranks(_run, 2, BASE + [f"checkpoint.dir={root}", "checkpoint.save_interval=1"]), root
+
+
+def test_saving_does_not_change_training(straight, sync_reference):
+    """A save after every step leaves losses, gradients and parameters bit-identical to a run that
+    never saves (so the saving runs below may serve as references for each other)."""
+    for rank in range(2):
+        _assert_same_run(straight[rank], sync_reference[0][rank])
+
+
+# 2 steps before and 2 after the save: the resumed run's first step already needs the restored
+# weights, Adam moments, scheduler, RNG and data position (any one lost changes its loss or its
+# update), and its second step needs the state its own first step left; more steps add nothing.
 @pytest.mark.parametrize("layout", [["parallel.tp=1"], ["parallel.tp=2"], ["parallel.distributed_optimizer=true"]],
                          ids=["dp2", "tp2", "dp2_distributed_optimizer"])
-def test_resume_is_bit_identical(tmp_path, layout):
+def test_resume_is_bit_identical(tmp_path, layout, request):
     ckpt = ["checkpoint.dir=" + str(tmp_path)]
-    straight = run_on_ranks(_run, 2, BASE + layout)
+    # The DP=2 layout is BASE itself: its straight run is shared with the other DP=2 tests.
+    straight = request.getfixturevalue("straight") if layout == ["parallel.tp=1"] else \
+        run_on_ranks(_run, 2, BASE + layout)
     first = run_on_ranks(_run, 2, BASE + layout + ckpt + ["train.exit_interval=2"])
     assert first[0][1] == 2 and (tmp_path / "iter_0000002" / "meta.json").exists()
     resumed = run_on_ranks(_run, 2, BASE + layout + ckpt + ["checkpoint.load=auto"])
@@ -78,9 +103,8 @@ class _KillDuringSecondSave:
         return self.stage.forward_step(*args)
 
 
-def test_kill_during_save_resumes_from_previous(tmp_path):
+def test_kill_during_save_resumes_from_previous(tmp_path, straight):
     ckpt = ["checkpoint.dir=" + str(tmp_path), "checkpoint.save_interval=2"]
-    straight = run_on_ranks(_run, 2, BASE)
     # Rank 1 dies; rank 0 fails in the next collective; the harness names the dead rank either way.
     with pytest.raises(RankFailure, match="died with exit code -9"):
         run_on_ranks(_run, 2, BASE + ckpt, _KillDuringSecondSave)
@@ -119,14 +143,13 @@ def _run_until_preempted(rank, world_size, overrides):
     return None
 
 
-def test_sigterm_on_one_rank_saves_and_requeues(tmp_path):
+def test_sigterm_on_one_rank_saves_and_requeues(tmp_path, straight):
     from megatron_ext.fault import REQUEUE_EXIT_CODE
 
     ckpt = ["checkpoint.dir=" + str(tmp_path)]
     codes = run_on_ranks(_run_until_preempted, 2, BASE + ckpt)
     assert codes == [REQUEUE_EXIT_CODE, REQUEUE_EXIT_CODE]
     assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002"]
-    straight = run_on_ranks(_run, 2, BASE)
     resumed = run_on_ranks(_run, 2, BASE + ckpt + ["checkpoint.load=auto"])
     for rank in range(2):
         ref_hist, ref_step, ref_params = straight[rank]
@@ -203,17 +226,20 @@ def test_corruption_is_detected_and_skipped(tmp_path):
     assert "every checkpoint" in outcomes["all corrupted"]
 
 
-def test_cli_never_exits_0_on_a_corrupted_checkpoint(tmp_path):
+def test_cli_never_exits_0_on_a_corrupted_checkpoint(tmp_path, four_steps):
+    """`python -m megatron_ext.train` asked to load a checkpoint with a corrupted shard exits 1 and
+    says why. (The checkpoint is a copy of the shared 4-step run's step-2 save: how it was
+    written does not matter here, only what the CLI does with it.)"""
+    import shutil
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
-    args = [sys.executable, "-m", "megatron_ext.train"] + BASE
-    subprocess.run(args + ["train.steps=2", f"checkpoint.dir={tmp_path}"], cwd=root, check=True,
-                   capture_output=True, timeout=300)
+    _, saved = four_steps
+    shutil.copytree(saved / "iter_0000002", tmp_path / "iter_0000002")
     _flip_byte(_shard(tmp_path / "iter_0000002"))
-    proc = subprocess.run(args + [f"checkpoint.load={tmp_path}/iter_0000002"], cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.train", *SCHEDULE,
+                           f"checkpoint.load={tmp_path}/iter_0000002"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "checksum mismatch" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -242,22 +268,29 @@ def _logits_after_load(rank, world_size, overrides, tokens):
     return gather_from_tensor_model_parallel_region(outputs[0]).detach()
 
 
+def _logits_then_continue(rank, world_size, load, tokens, cont):
+    """Logits of the checkpoint loaded at this layout, then the loss of one more training step
+    from it at the same layout: (logits on the last pipeline stage, that step's loss)."""
+    logits = _logits_after_load(rank, world_size, load, tokens)
+    return logits, _run(rank, world_size, cont)[0][0]["loss"]
+
+
 def test_reshard_tp2_to_tp1_and_pp2(tmp_path):
     save = BASE + ["train.steps=2", f"checkpoint.dir={tmp_path}", "parallel.tp=2"]
     run_on_ranks(_run, 2, save)
     tokens = torch.randint(0, 151000, (2, 16), generator=torch.Generator().manual_seed(0))
     # BASE trains 4 steps, the checkpoint's run 2: the longer schedule is asked for.
     load = BASE + [f"checkpoint.load={tmp_path}/iter_0000002", "checkpoint.override_schedule=true"]
-    ref = run_on_ranks(_logits_after_load, 2, load + ["parallel.tp=2"], tokens)[0]
-    tp1 = run_on_ranks(_logits_after_load, 1, load, tokens)[0]
-    pp2 = run_on_ranks(_logits_after_load, 2, load + ["parallel.pp=2"], tokens)[1]
+    # Training continues at the new layouts the same way it does at the saved one. Each layout
+    # loads (for the logits) and then trains (a fresh build that loads again) in one process.
+    cont = BASE + ["train.steps=3", f"checkpoint.load={tmp_path}/iter_0000002", "checkpoint.override_schedule=true"]
+    ref, ref_loss = run_on_ranks(_logits_then_continue, 2, load + ["parallel.tp=2"], tokens,
+                                 cont + ["parallel.tp=2"])[0]
+    tp1, tp1_loss = run_on_ranks(_logits_then_continue, 1, load, tokens, cont)[0]
+    pp2_ranks = run_on_ranks(_logits_then_continue, 2, load + ["parallel.pp=2"], tokens, cont + ["parallel.pp=2"])
+    pp2, pp2_loss = pp2_ranks[1][0], pp2_ranks[0][1]  # logits of the last stage, loss as rank 0 logs it
     torch.testing.assert_close(tp1, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pp2, ref, rtol=1e-5, atol=1e-5)
-    # Training continues at the new layouts the same way it does at the saved one.
-    cont = BASE + ["train.steps=3", f"checkpoint.load={tmp_path}/iter_0000002", "checkpoint.override_schedule=true"]
-    ref_loss = run_on_ranks(_run, 2, cont + ["parallel.tp=2"])[0][0][0]["loss"]
-    tp1_loss = run_on_ranks(_run, 1, cont)[0][0][0]["loss"]
-    pp2_loss = run_on_ranks(_run, 2, cont + ["parallel.pp=2"])[0][0][0]["loss"]
     assert tp1_loss == pytest.approx(ref_loss, rel=1e-5) and pp2_loss == pytest.approx(ref_loss, rel=1e-5)
 
 
@@ -383,13 +416,6 @@ def test_override_schedule_applies_the_new_schedule_from_the_resumed_step(four_s
 # ---------------------------------------------------------------- async save (checkpoint.async_save)
 
 ASYNC = ["checkpoint.async_save=true"]
-
-
-@pytest.fixture(scope="module")
-def sync_reference(tmp_path_factory):
-    """4 steps on 2 ranks with a synchronous save after every step: (per-rank results, root)."""
-    root = tmp_path_factory.mktemp("sync_reference")
-    return run_on_ranks(_run, 2, BASE + [f"checkpoint.dir={root}", "checkpoint.save_interval=1"]), root
 
 
 def _saved_tensors(ckpt: Path, scratch: Path) -> dict:

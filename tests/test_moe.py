@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 MOE = ["model=qwen3_moe_debug", "train.global_batch_size=4", "train.micro_batch_size=1", "data.seq_length=32"]
 # Every expert keeps at least a quarter of the even share 1/E, averaged over the last 10 steps.
@@ -29,9 +29,13 @@ def _late_shares(history):
 
 
 def test_aux_loss_free_balancing_keeps_every_expert_busy():
-    run = MOE + ["train.steps=50", "moe.load_balancing=none"]
+    # 20 steps: 10 for the bias to move (up to 10 x 3e-2 = 0.3 per expert) and the 10-step window
+    # averaged. Measured (AVX-512 and AVX2 kernels route the same): balanced min share 0.19
+    # (floor 0.0625), unbalanced 0.018; at 15 steps 0.18 and 0.016, at 30 steps 0.20 and 0.006.
+    # More steps only widen a margin that is already ~3x on both sides.
+    run = MOE + ["train.steps=20", "moe.load_balancing=none"]
     # A rate that balances within the window from any initial weights: at 3e-2 the late shares
-    # are all within 0.03 of 1/E; at 1e-2 whether 50 steps suffice depends on the initial router.
+    # are all within 0.08 of 1/E; at 1e-2 whether the steps suffice depends on the initial router.
     (balanced,) = run_on_ranks(_train, 1, run + ["moe.expert_bias=true", "moe.bias_update_rate=3e-2"])
     (free,) = run_on_ranks(_train, 1, run + ["moe.expert_bias=false"])
     floor = SHARE_FLOOR / 4
