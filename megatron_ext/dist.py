@@ -132,15 +132,17 @@ def _spawned(fn, rank, world_size, port, threads, args, queue):
 
 
 def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 3600.0,
-          threads: Optional[int] = None) -> List[Any]:
+          threads: Optional[int] = None, start_method: str = "spawn") -> List[Any]:
     """fn(*args) on `world_size` local processes over gloo, launched as torchrun would (RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set); returns the results by rank.
 
     `fn` must be importable (a module-level function). A failing, killed or hung rank raises
     RankFailure naming it; the other ranks, which may wait for it in a collective, are killed.
-    `threads` caps each rank's compute threads (ranks share the host's cores).
+    `threads` caps each rank's compute threads (ranks share the host's cores). `start_method`
+    is multiprocessing's: `spawn` (a fresh interpreter per rank) or `forkserver` (ranks forked
+    from a server process that has imported what `multiprocessing.set_forkserver_preload` names).
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_spawned, args=(fn, r, world_size, port, threads, args, queue))
              for r in range(world_size)]

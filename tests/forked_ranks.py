@@ -7,7 +7,7 @@ Each rank is still a new process that has run nothing but imports: the fork serv
 `forkserver` start method) never builds a model, initialises a process group or trains, so no
 state of an earlier run can leak into a later one; it only saves every rank the ~3-6 s of
 importing Megatron-Core. Failures, kills (exit codes) and timeouts are reported exactly as by
-`megatron_ext.dist.spawn`, which runs the ranks: only its process-start method is swapped.
+`megatron_ext.dist.spawn`, which runs the ranks with start_method="forkserver".
 
 The server's environment is fixed when it starts (first call): tests that need per-run
 environment variables in their ranks use tests.gloo instead.
@@ -16,7 +16,6 @@ environment variables in their ranks use tests.gloo instead.
 from __future__ import annotations
 
 import multiprocessing
-import types
 from typing import Any, Callable, List
 
 from megatron_ext import dist
@@ -27,24 +26,13 @@ __all__ = ["RankFailure", "run_on_ranks"]
 PRELOAD = ["torch", "megatron.core", "megatron_ext.build", "megatron_ext.checkpoint", "megatron_ext.cli",
            "megatron_ext.loop", "megatron_ext.pretrain", "tests.gloo"]
 
-_ctx = None
-
-
-def _context():
-    global _ctx
-    if _ctx is None:
-        _ctx = multiprocessing.get_context("forkserver")
-        _ctx.set_forkserver_preload(PRELOAD)
-    return _ctx
+_preloaded = False
 
 
 def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT_S) -> List[Any]:
     """Run fn(rank, world_size, *args) on `world_size` forked processes; return results by rank."""
-    ctx = _context()
-    shim = types.SimpleNamespace(get_context=lambda method: ctx)
-    original = dist.mp
-    dist.mp = shim  # spawn() asks mp.get_context("spawn") for its processes and queue
-    try:
-        return dist.spawn(_with_rank, world_size, fn, *args, timeout=timeout, threads=1)
-    finally:
-        dist.mp = original
+    global _preloaded
+    if not _preloaded:  # the server starts with the first forkserver process, importing PRELOAD
+        multiprocessing.set_forkserver_preload(PRELOAD)
+        _preloaded = True
+    return dist.spawn(_with_rank, world_size, fn, *args, timeout=timeout, threads=1, start_method="forkserver")
