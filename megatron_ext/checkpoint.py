@@ -671,21 +671,18 @@ def load_weights(chunks, ckpt: Union[str, Path, Source], model: Optional[ModelCo
         check_model(src, model)
     if not verified:
         verify_manifest(src)
+    if src.is_training:
+        # The model's entries of the saved state, as a full resume reads them (the optimizer's
+        # state beside them is left behind).
+        _load_state(chunks, {"model": _model_state(chunks)}, src.manifest_dir, StrictHandling.RAISE_UNEXPECTED)
+        return src
     try:
-        if src.is_training:
-            # Non-tensor state saved beside the model (e.g. the optimizer's param groups) comes
-            # back merged at the top level; descending into the model's entries leaves it behind.
-            state = dist_checkpointing.load({"model": _model_state(chunks)}, str(src.dist_dir),
+        # One chunk's state dict at the top level, with global keys: each (virtual pipeline)
+        # chunk reads its own layers from it.
+        for module in map(_unwrap, chunks):
+            state = dist_checkpointing.load(module.sharded_state_dict(), str(src.dist_dir),
                                             strict=StrictHandling.RAISE_UNEXPECTED)
-            for i, chunk in enumerate(chunks):
-                _unwrap(chunk).load_state_dict(state["model"][f"chunk{i}"], strict=True)
-        else:
-            # One chunk's state dict at the top level, with global keys: each (virtual pipeline)
-            # chunk reads its own layers from it.
-            for module in map(_unwrap, chunks):
-                state = dist_checkpointing.load(module.sharded_state_dict(), str(src.dist_dir),
-                                                strict=StrictHandling.RAISE_UNEXPECTED)
-                module.load_state_dict(state, strict=True)
+            module.load_state_dict(state, strict=True)
     except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
         raise CheckpointError(f"{src.dist_dir}: cannot load the model weights into this model: {e}") from e
     return src
