@@ -52,34 +52,37 @@ def _compare_cases(rank, world_size):
     return {name: _compare(world_size, cu, batch) for name, (cu, batch) in CASES.items()}
 
 
-def _compare(world_size, cu_seqlens, batch):
-    """This rank's output and q/k/v gradients against the reference's at the tokens it holds."""
+def _compare(world_size, cu_seqlens, batch, device="cpu", dtype=torch.float32):
+    """This rank's output and q/k/v gradients against the reference's at the tokens it holds
+    (the reference in fp32, ours in `dtype`, both on `device`)."""
     from megatron.core import parallel_state
 
     from megatron_ext.data import packed_seq_params
     from megatron_ext.local_layers import cp_chunk_positions, thd_token_positions
 
     seq = int(cu_seqlens[-1])
-    q, k, v, upstream = _inputs(seq, batch)
-    doc, pos, _ = thd_token_positions(cu_seqlens, 0, 1)
+    q, k, v, upstream = (t.to(device) for t in _inputs(seq, batch))
+    doc, pos, _ = (t.to(device) for t in thd_token_positions(cu_seqlens, 0, 1))
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = _reference(*ref_in, doc, pos)
     ref.backward(upstream)
     cp_rank = parallel_state.get_context_parallel_rank()
     packed = len(cu_seqlens) > 2
     if packed:
-        index = thd_token_positions(cu_seqlens, cp_rank, world_size)[2]
-        local = [t[index, 0].clone().requires_grad_() for t in (q, k, v)]
-        out = _attention()(*local, None, packed_seq_params=packed_seq_params(cu_seqlens))
-        out.backward(upstream[index, 0])
+        index = thd_token_positions(cu_seqlens, cp_rank, world_size)[2].to(device)
+        local = [t[index, 0].to(dtype).requires_grad_() for t in (q, k, v)]
+        params = packed_seq_params(cu_seqlens.to(device))
+        out = _attention()(*local, None, packed_seq_params=params)
+        out.backward(upstream[index, 0].to(dtype))
         want, got = [ref[index, 0]] + [t.grad[index, 0] for t in ref_in], [out] + [t.grad for t in local]
     else:
-        index = cp_chunk_positions(seq // world_size, cp_rank, world_size)
-        local = [t[index].clone().requires_grad_() for t in (q, k, v)]
+        index = cp_chunk_positions(seq // world_size, cp_rank, world_size).to(device)
+        local = [t[index].to(dtype).requires_grad_() for t in (q, k, v)]
         out = _attention()(*local, None)
-        out.backward(upstream[index])
+        out.backward(upstream[index].to(dtype))
         want, got = [ref[index]] + [t.grad[index] for t in ref_in], [out] + [t.grad for t in local]
-    return [(w - g).abs().max().item() for w, g in zip(want, got)]
+    assert all(g.dtype == dtype and g.device.type == torch.device(device).type for g in got)
+    return [(w - g.float()).abs().max().item() for w, g in zip(want, got)]
 
 
 CASES = {

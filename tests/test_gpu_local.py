@@ -1,0 +1,101 @@
+"""GPU checks of the local spec's own kernels, which need no Transformer Engine (`pytest -m gpu`):
+the CPU tests' references, run on the GPU's kernels (SDPA's flash / cuDNN / memory-efficient
+attention, `torch._grouped_mm` on Hopper, the blockwise cross-entropy over a Qwen-sized vocabulary)
+in fp32 and bf16. Skipped without a CUDA GPU."""
+
+import pytest
+import torch
+
+from tests.gloo import run_on_ranks
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# bf16 keeps 8 bits of mantissa: outputs and gradients of O(1) agree to a few 1e-2.
+BF16_TOL = 4e-2
+
+
+def _attention_on_gpu(rank, world_size, device="cuda"):
+    from megatron_ext.build import init_parallel
+    from megatron_ext.cli import load_config
+    from tests.test_attention import CASES, _compare
+
+    init_parallel(load_config(["model=qwen3_debug"]))
+    return {(name, str(dtype)): _compare(1, cu, batch, device, dtype)
+            for name, (cu, batch) in CASES.items() for dtype in (torch.float32, torch.bfloat16)}
+
+
+def test_local_attention_equals_masked_reference_on_gpu():
+    (results,) = run_on_ranks(_attention_on_gpu, 1)
+    for (name, dtype), diffs in results.items():
+        assert max(diffs) < (1e-4 if dtype == "torch.float32" else BF16_TOL), (name, dtype, diffs)
+
+
+def _experts_on_gpu(rank, world_size, device="cuda"):
+    """Loss and gradients of the 2-layer MoE debug model, bf16 on the GPU, with experts one by
+    one (SequentialMLP) and as grouped GEMMs, from the same seed."""
+    from megatron_ext.build import build_model, init_parallel
+    from megatron_ext.cli import load_config
+    from megatron_ext.transformer import transformer_config
+    from tests.test_grouped_experts import GROUPED, MOE, SEQUENTIAL, _named_grads
+
+    results = {}
+    for impl in (SEQUENTIAL, GROUPED):
+        cfg = load_config(MOE + [impl, "precision=bf16", "model.hidden_size=256", "model.ffn_hidden_size=512",
+                                 "model.moe_ffn_hidden_size=128", "model.num_experts=8"])
+        init_parallel(cfg)
+        tcfg = transformer_config(cfg)
+        tcfg.gradient_accumulation_fusion = False  # (needs the DDP wrapper's main_grad buffers)
+        (chunk,) = build_model(cfg, tcfg)
+        chunk = chunk.bfloat16()
+        tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(7)).to(device)
+        loss = chunk(tokens, torch.arange(32, device=device)[None], None, labels=tokens)
+        loss.float().mean().backward()
+        results[impl] = (loss.detach().float().cpu(), {k: g.float().cpu() for k, g in _named_grads(chunk).items()})
+    return results
+
+
+def test_grouped_experts_equal_sequential_mlp_on_gpu():
+    from tests.test_grouped_experts import GROUPED, SEQUENTIAL
+
+    (results,) = run_on_ranks(_experts_on_gpu, 1)
+    (ref_loss, ref_grads), (loss, grads) = results[SEQUENTIAL], results[GROUPED]
+    assert ref_grads.keys() == grads.keys()
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    for name, g in ref_grads.items():
+        scale = g.abs().max().item() or 1.0
+        assert (grads[name] - g).abs().max().item() <= BF16_TOL * scale, name
+
+
+def _cross_entropy_on_gpu(rank, world_size, device="cuda"):
+    from megatron.core import tensor_parallel
+
+    from megatron_ext import cross_entropy
+    from megatron_ext.build import init_parallel
+    from megatron_ext.cli import load_config
+
+    init_parallel(load_config([]))
+    gen = torch.Generator().manual_seed(0)
+    vocab, rows = 151936, 96
+    logits = (torch.randn(rows, 2, vocab, generator=gen) * 3).to(device)
+    target = torch.randint(0, vocab, (rows, 2), generator=gen).to(device)
+    upstream = torch.rand(rows, 2, generator=gen).to(device)
+    out = {}
+    for name, fn, dtype in (("megatron", tensor_parallel.vocab_parallel_cross_entropy, torch.float32),
+                            ("ours", cross_entropy.vocab_parallel_cross_entropy, torch.float32),
+                            ("ours_bf16", cross_entropy.vocab_parallel_cross_entropy, torch.bfloat16)):
+        x = logits.to(dtype, copy=True).requires_grad_()
+        loss = fn(x, target)
+        loss.backward(upstream)
+        out[name] = (loss.detach().float().cpu(), x.grad.float().cpu(), x.grad.dtype)
+    return out
+
+
+def test_blockwise_cross_entropy_on_gpu():
+    (out,) = run_on_ranks(_cross_entropy_on_gpu, 1)
+    (ref_loss, ref_grad, _), (loss, grad, _), (bf_loss, bf_grad, bf_dtype) = (
+        out["megatron"], out["ours"], out["ours_bf16"])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert bf_dtype == torch.bfloat16
+    torch.testing.assert_close(bf_loss, ref_loss, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(bf_grad, ref_grad, rtol=2e-2, atol=5e-3)
