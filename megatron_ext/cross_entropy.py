@@ -10,6 +10,12 @@ pass, which recomputes the softmax block by block and writes the gradient in the
 Same math as Megatron's (max-shifted log-sum-exp, the target logit from the rank that holds
 it, both reduced over the tensor-parallel group), so fp32 results agree to rounding.
 
+On a GPU the two passes over the logits (sum of exponentials; softmax minus one-hot times the
+incoming gradient) are each one compiled kernel over all rows (`torch.compile`): they read the
+logits once in their own dtype and never write fp32 copies, instead of the cast, subtract,
+exp, sum / scatter, multiply and cast kernels per block that eager PyTorch runs. Elsewhere the
+same functions run eagerly a block of rows at a time.
+
 `GPTModel` is Megatron's GPTModel with this loss; Transformer Engine's fused loss is used
 instead when the config asks for it (`cross_entropy_loss_fusion`).
 """
@@ -29,6 +35,40 @@ def _blocks(rows: int, vocab: int):
     return ((start, min(start + step, rows)) for start in range(0, rows, step))
 
 
+def _sum_exp(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """sum_v exp(logit - row max) per row, in fp32: [n, V], [n] -> [n]."""
+    return (logits.float() - row_max[:, None]).exp().sum(dim=-1)
+
+
+def _logit_grad(logits: torch.Tensor, log_sum_exp: torch.Tensor, index: torch.Tensor, held: torch.Tensor,
+                grad_rows: torch.Tensor) -> torch.Tensor:
+    """(softmax - one-hot of the target where this rank holds it) * incoming gradient, in the
+    logits' dtype: [n, V] -> [n, V]."""
+    softmax = (logits.float() - log_sum_exp[:, None]).exp()
+    columns = torch.arange(logits.shape[-1], device=logits.device)
+    one_hot = ((columns[None, :] == index[:, None]) & held[:, None]).float()
+    return ((softmax - one_hot) * grad_rows[:, None]).to(logits.dtype)
+
+
+_compiled = {}
+
+
+def _rowwise(fn, logits: torch.Tensor, *row_args: torch.Tensor) -> torch.Tensor:
+    """fn over all rows of `logits`: compiled, in one call, on a GPU; eager elsewhere, a block of
+    rows at a time (row_args are per-row tensors, sliced with the rows)."""
+    if logits.is_cuda:
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=True)
+        return _compiled[fn](logits, *row_args)
+    out = None
+    for a, b in _blocks(logits.shape[0], logits.shape[-1]):
+        block = fn(logits[a:b], *(t[a:b] for t in row_args))
+        if out is None:
+            out = block.new_empty((logits.shape[0], *block.shape[1:]))
+        out[a:b] = block
+    return out
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group):
@@ -41,9 +81,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         row_max = flat.max(dim=-1).values.float()
         if group is not None and group.size() > 1:
             torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
-        sum_exp = torch.empty_like(row_max)
-        for a, b in _blocks(flat.shape[0], vocab):
-            sum_exp[a:b] = (flat[a:b].float() - row_max[a:b, None]).exp_().sum(dim=-1)
+        sum_exp = _rowwise(_sum_exp, flat, row_max)
         reduced = torch.stack([target_logit, sum_exp])
         if group is not None and group.size() > 1:
             torch.distributed.all_reduce(reduced, group=group)
@@ -54,13 +92,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, index, held, log_sum_exp = ctx.saved_tensors
-        vocab = logits.shape[-1]
-        flat, grad_rows = logits.reshape(-1, vocab), grad_loss.reshape(-1).float()
-        grad = torch.empty_like(flat)
-        for a, b in _blocks(flat.shape[0], vocab):
-            block = (flat[a:b].float() - log_sum_exp[a:b, None]).exp_()  # softmax
-            block.scatter_add_(1, index[a:b, None], -held[a:b, None].float())  # minus one-hot
-            grad[a:b] = block.mul_(grad_rows[a:b, None])
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad = _rowwise(_logit_grad, flat, log_sum_exp, index, held, grad_loss.reshape(-1).float())
         return grad.view_as(logits), None, None
 
 

@@ -33,6 +33,12 @@
   Adam creates at its first step before loading, keeps "step" out of the copy, and gives each
   parameter its own step.
   tests/test_checkpoint.py's distributed-optimizer resume fails without it.
+- compiled_rope (speed, GPUs only): Megatron's unfused RoPE (`_apply_rotary_pos_emb_bshd`, which
+  the packed-sequence path calls per document too) runs about ten small kernels per call and
+  as many in backward (cos/sin and their casts, rotate-half as chunk/neg/cat, two multiplies,
+  an add, a cat), for queries and keys in every layer and micro-batch. Its fused form needs
+  Transformer Engine or Apex; the patch compiles the same function with `torch.compile`, one
+  kernel each way. Same math; tests/test_gpu_local.py compares it with the original on a GPU.
 """
 
 from __future__ import annotations
@@ -149,8 +155,22 @@ def torch_adam_distributed_optimizer() -> None:
 
 
 
+def compiled_rope() -> None:
+    if not torch.cuda.is_available():
+        return  # (CPU runs keep TorchDynamo off: megatron_ext/cpu_backend.py)
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    if hasattr(original, "__wrapped__"):
+        return
+    compiled = torch.compile(original, dynamic=True)
+    compiled.__wrapped__ = original
+    rope_utils._apply_rotary_pos_emb_bshd = compiled
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
+    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer.moe import moe_utils
@@ -174,6 +194,9 @@ def upstream_call_sites() -> dict:
         and 'dst_tensors = {"param": main_param, **optim_state}' in inspect.getsource(
             getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "__wrapped__",
                     DistributedOptimizer._set_main_param_and_optimizer_states)),
+        # Both unfused paths (sequences and packed documents) reach RoPE through the module global.
+        "compiled_rope": inspect.getsource(rope_utils.apply_rotary_pos_emb).count("return _apply_rotary_pos_emb_bshd(") == 1
+        and "_apply_rotary_pos_emb_bshd(" in inspect.getsource(rope_utils._apply_rotary_pos_emb_thd),
     }
 
 
@@ -183,7 +206,7 @@ def _import_fallback(source: str) -> str:
 
 
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
-           torch_adam_distributed_optimizer)
+           torch_adam_distributed_optimizer, compiled_rope)
 
 
 def apply() -> None:

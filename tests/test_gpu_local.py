@@ -99,3 +99,35 @@ def test_blockwise_cross_entropy_on_gpu():
     assert bf_dtype == torch.bfloat16
     torch.testing.assert_close(bf_loss, ref_loss, rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(bf_grad, ref_grad, rtol=2e-2, atol=5e-3)
+
+
+def _rope_on_gpu(rank, world_size, device="cuda"):
+    """Megatron's RoPE as patched (compiled on a GPU) against its own eager function, queries
+    and keys shaped as in qwen2_5_1_5b, forward and backward."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_ext import patches
+
+    patches.apply()
+    patched = rope_utils._apply_rotary_pos_emb_bshd
+    eager = getattr(patched, "__wrapped__", patched)
+    gen = torch.Generator().manual_seed(0)
+    freqs = torch.rand(4096, 1, 1, 128, generator=gen).mul(4096).to(device)
+    diffs = {}
+    for heads in (12, 2):
+        x = torch.randn(4096, 2, heads, 128, generator=gen).to(device, torch.bfloat16)
+        upstream = torch.randn(x.shape, generator=gen).to(device, torch.bfloat16)
+        results = []
+        for fn in (eager, patched):
+            t = x.clone().requires_grad_()
+            out = fn(t, freqs)
+            out.backward(upstream)
+            results += [out.float(), t.grad.float()]
+        diffs[heads] = [(results[i] - results[i + 2]).abs().max().item() for i in (0, 1)]
+    return patched is not eager, diffs
+
+
+def test_compiled_rope_equals_megatron_rope_on_gpu():
+    ((compiled, diffs),) = run_on_ranks(_rope_on_gpu, 1)
+    assert compiled, "on a GPU the patch replaces Megatron's unfused RoPE with the compiled one"
+    assert all(d < BF16_TOL * 4 for pair in diffs.values() for d in pair), diffs

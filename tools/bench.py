@@ -203,7 +203,7 @@ class ProfiledStage:
     by their own time on the device (host time on CPU): the list to work down when optimising."""
 
     def __init__(self, stage, total_steps: int, steps: int):
-        self.stage, self.start_at, self.profiler = stage, total_steps - steps, None
+        self.stage, self.start_at, self.profiler, self.total_ms = stage, total_steps - steps, None, None
 
     def __getattr__(self, name):
         return getattr(self.stage, name)
@@ -219,23 +219,34 @@ class ProfiledStage:
         if inner is not None:
             inner(rt, state)
 
-    def table(self, top: int = 20) -> List[Dict]:
-        """The `top` operators by self time: name, calls, milliseconds, share of all self time."""
+    def table(self, top: int = 30) -> List[Dict]:
+        """The `top` entries by self time: name, calls, milliseconds, share of all self time. On
+        a GPU the entries are kernels (the operators that launch them would count the same time
+        twice); on CPU they are operators."""
         if self.profiler is None:
             return []
         self.profiler.stop()
         device = torch.cuda.is_available()
+        events = self.profiler.key_averages()
+        if device:
+            events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or list(events)
         rows = [(e.key, e.count, (e.self_device_time_total if device else e.self_cpu_time_total) / 1e3)
-                for e in self.profiler.key_averages()]
+                for e in events]
         total = sum(ms for _, _, ms in rows) or 1.0
         rows.sort(key=lambda r: -r[2])
+        self.total_ms = total
         return [dict(name=name, calls=calls, self_ms=ms, share=ms / total) for name, calls, ms in rows[:top]]
 
 
-def format_profile(rows: List[Dict], steps: int) -> str:
-    where = "device" if torch.cuda.is_available() else "host"
-    lines = [f"profile: top operators by self {where} time over {steps} step(s)"]
+def format_profile(rows: List[Dict], steps: int, step_time_s: float, total_ms: float) -> str:
+    """The profile's table; on a GPU also how much of a step the kernels fill (the rest is the
+    device waiting for the host)."""
+    where = "kernels by self device" if torch.cuda.is_available() else "operators by self host"
+    lines = [f"profile: top {where} time over {steps} step(s)"]
     lines += [f"  {100 * r['share']:5.1f}%  {r['self_ms']:10.2f} ms  {r['calls']:7d}  {r['name'][:90]}" for r in rows]
+    if torch.cuda.is_available() and rows:
+        busy = total_ms / 1e3 / steps / step_time_s
+        lines.append(f"  kernels fill {100 * busy:.0f}% of the timed step time ({step_time_s:.3f} s)")
     return "\n".join(lines)
 
 
@@ -289,7 +300,7 @@ def format_report(r: Dict) -> str:
     peak = (f"{r['peak_tflops']:.0f} TFLOP/s dense {r['precision']}" if r["peak_tflops"]
             else f"no peak known for {r['device']} at {r['precision']}")
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-    spec = r["spec"] + (" (unfused attention; not a Transformer Engine number)"
+    spec = r["spec"] + (" (no Transformer Engine: torch SDPA attention, compiled fusions)"
                         if r["spec"] == "local" and r["device"] != "cpu" else "")
     return "\n".join([
         f"bench: {r['model']} ({r['num_layers']} layers), precision={r['precision']}, spec={spec}, "
@@ -496,12 +507,14 @@ def main(argv=None) -> int:
         spec = "transformer-engine" if use_transformer_engine() else "local"
         summary = summarize(cfg, result.history[:len(result.history) - args.profile], args.warmup, world, spec)
         summary["profile"] = stage.table()
+        summary["profile_total_ms"] = stage.total_ms
     finally:
         result = None
         dist.destroy()
     report = format_report(summary)
     if args.profile:
-        report += "\n" + format_profile(summary["profile"], args.profile)
+        report += "\n" + format_profile(summary["profile"], args.profile, summary["step_time_s"],
+                                        summary["profile_total_ms"])
     if args.compare:
         free_device_memory()
         summary["transformers"] = train_peer(cfg, args.warmup)
