@@ -10,6 +10,19 @@ from tests.gloo import run_on_ranks
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _all_checks(rank, world_size, device="cuda"):
+    return dict(attention=_attention_on_gpu(rank, world_size, device), experts=_experts_on_gpu(rank, world_size, device),
+                cross_entropy=_cross_entropy_on_gpu(rank, world_size, device), rope=_rope_on_gpu(rank, world_size, device))
+
+
+@pytest.fixture(scope="module")
+def on_gpu():
+    """Every check below, run in one spawned process: start-up and kernel compilation are paid
+    once, not per test."""
+    (results,) = run_on_ranks(_all_checks, 1)
+    return results
 # bf16 keeps 8 bits of mantissa: outputs and gradients of O(1) agree to a few 1e-2.
 BF16_TOL = 4e-2
 
@@ -24,8 +37,8 @@ def _attention_on_gpu(rank, world_size, device="cuda"):
             for name, (cu, batch) in CASES.items() for dtype in (torch.float32, torch.bfloat16)}
 
 
-def test_local_attention_equals_masked_reference_on_gpu():
-    (results,) = run_on_ranks(_attention_on_gpu, 1)
+def test_local_attention_equals_masked_reference_on_gpu(on_gpu):
+    results = on_gpu["attention"]
     for (name, dtype), diffs in results.items():
         assert max(diffs) < (1e-4 if dtype == "torch.float32" else BF16_TOL), (name, dtype, diffs)
 
@@ -54,10 +67,10 @@ def _experts_on_gpu(rank, world_size, device="cuda"):
     return results
 
 
-def test_grouped_experts_equal_sequential_mlp_on_gpu():
+def test_grouped_experts_equal_sequential_mlp_on_gpu(on_gpu):
     from tests.test_grouped_experts import GROUPED, SEQUENTIAL
 
-    (results,) = run_on_ranks(_experts_on_gpu, 1)
+    results = on_gpu["experts"]
     (ref_loss, ref_grads), (loss, grads) = results[SEQUENTIAL], results[GROUPED]
     assert ref_grads.keys() == grads.keys()
     torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
@@ -90,8 +103,8 @@ def _cross_entropy_on_gpu(rank, world_size, device="cuda"):
     return out
 
 
-def test_blockwise_cross_entropy_on_gpu():
-    (out,) = run_on_ranks(_cross_entropy_on_gpu, 1)
+def test_blockwise_cross_entropy_on_gpu(on_gpu):
+    out = on_gpu["cross_entropy"]
     (ref_loss, ref_grad, _), (loss, grad, _), (bf_loss, bf_grad, bf_dtype) = (
         out["megatron"], out["ours"], out["ours_bf16"])
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
@@ -127,7 +140,7 @@ def _rope_on_gpu(rank, world_size, device="cuda"):
     return patched is not eager, diffs
 
 
-def test_compiled_rope_equals_megatron_rope_on_gpu():
-    ((compiled, diffs),) = run_on_ranks(_rope_on_gpu, 1)
+def test_compiled_rope_equals_megatron_rope_on_gpu(on_gpu):
+    compiled, diffs = on_gpu["rope"]
     assert compiled, "on a GPU the patch replaces Megatron's unfused RoPE with the compiled one"
     assert all(d < BF16_TOL * 4 for pair in diffs.values() for d in pair), diffs

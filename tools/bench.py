@@ -203,7 +203,9 @@ class ProfiledStage:
     by their own time on the device (host time on CPU): the list to work down when optimising."""
 
     def __init__(self, stage, total_steps: int, steps: int):
-        self.stage, self.start_at, self.profiler, self.total_ms = stage, total_steps - steps, None, None
+        self.stage, self.start_at, self.profiler = stage, total_steps - steps, None
+        self.total_ms = self.host_total_ms = self.kernel_launches = None
+        self.host_rows: List[Dict] = []
 
     def __getattr__(self, name):
         return getattr(self.stage, name)
@@ -222,31 +224,46 @@ class ProfiledStage:
     def table(self, top: int = 30) -> List[Dict]:
         """The `top` entries by self time: name, calls, milliseconds, share of all self time. On
         a GPU the entries are kernels (the operators that launch them would count the same time
-        twice); on CPU they are operators."""
+        twice), and `host_rows` ranks the operators by their own host time (what to cut where
+        the kernels leave the device idle); on CPU the entries are operators."""
         if self.profiler is None:
             return []
         self.profiler.stop()
-        device = torch.cuda.is_available()
         events = self.profiler.key_averages()
-        if device:
-            events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or list(events)
-        rows = [(e.key, e.count, (e.self_device_time_total if device else e.self_cpu_time_total) / 1e3)
-                for e in events]
-        total = sum(ms for _, _, ms in rows) or 1.0
-        rows.sort(key=lambda r: -r[2])
-        self.total_ms = total
-        return [dict(name=name, calls=calls, self_ms=ms, share=ms / total) for name, calls, ms in rows[:top]]
+        if not torch.cuda.is_available():
+            rows, self.total_ms = _ranked(events, lambda e: e.self_cpu_time_total, top)
+            return rows
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        ops = [e for e in events if e.device_type != torch.autograd.DeviceType.CUDA]
+        self.kernel_launches = sum(e.count for e in kernels)
+        self.host_rows, self.host_total_ms = _ranked(ops, lambda e: e.self_cpu_time_total, 15)
+        rows, self.total_ms = _ranked(kernels or events, lambda e: e.self_device_time_total, top)
+        return rows
 
 
-def format_profile(rows: List[Dict], steps: int, step_time_s: float, total_ms: float) -> str:
+def _ranked(events, microseconds, top: int) -> Tuple[List[Dict], float]:
+    """The `top` events by `microseconds(event)`, as rows with their share, and the total (ms)."""
+    rows = [(e.key, e.count, microseconds(e) / 1e3) for e in events]
+    total = sum(ms for _, _, ms in rows) or 1.0
+    rows.sort(key=lambda r: -r[2])
+    return [dict(name=name, calls=calls, self_ms=ms, share=ms / total) for name, calls, ms in rows[:top]], total
+
+
+def format_profile(summary: Dict, steps: int) -> str:
     """The profile's table; on a GPU also how much of a step the kernels fill (the rest is the
-    device waiting for the host)."""
+    device waiting for the host), how many kernels a step launches, and the host's own top list."""
+    rows = summary["profile"]
     where = "kernels by self device" if torch.cuda.is_available() else "operators by self host"
     lines = [f"profile: top {where} time over {steps} step(s)"]
     lines += [f"  {100 * r['share']:5.1f}%  {r['self_ms']:10.2f} ms  {r['calls']:7d}  {r['name'][:90]}" for r in rows]
-    if torch.cuda.is_available() and rows:
-        busy = total_ms / 1e3 / steps / step_time_s
-        lines.append(f"  kernels fill {100 * busy:.0f}% of the timed step time ({step_time_s:.3f} s)")
+    host = summary.get("profile_host")
+    if host:
+        busy = summary["profile_total_ms"] / 1e3 / steps / summary["step_time_s"]
+        lines.append(f"  kernels fill {100 * busy:.0f}% of the timed step time ({summary['step_time_s']:.3f} s); "
+                     f"{summary['profile_kernel_launches'] / steps:,.0f} kernel launches per step")
+        lines.append(f"profile: top operators by self host time ({summary['profile_host_total_ms'] / steps:.0f} ms "
+                     "of host time per step)")
+        lines += [f"  {100 * r['share']:5.1f}%  {r['self_ms']:10.2f} ms  {r['calls']:7d}  {r['name'][:90]}" for r in host]
     return "\n".join(lines)
 
 
@@ -507,14 +524,14 @@ def main(argv=None) -> int:
         spec = "transformer-engine" if use_transformer_engine() else "local"
         summary = summarize(cfg, result.history[:len(result.history) - args.profile], args.warmup, world, spec)
         summary["profile"] = stage.table()
-        summary["profile_total_ms"] = stage.total_ms
+        summary.update(profile_steps=args.profile, profile_total_ms=stage.total_ms, profile_host=stage.host_rows,
+                       profile_host_total_ms=stage.host_total_ms, profile_kernel_launches=stage.kernel_launches)
     finally:
         result = None
         dist.destroy()
     report = format_report(summary)
     if args.profile:
-        report += "\n" + format_profile(summary["profile"], args.profile, summary["step_time_s"],
-                                        summary["profile_total_ms"])
+        report += "\n" + format_profile(summary, args.profile)
     if args.compare:
         free_device_memory()
         summary["transformers"] = train_peer(cfg, args.warmup)
