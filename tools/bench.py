@@ -233,7 +233,9 @@ class ProfiledStage:
         if not torch.cuda.is_available():
             rows, self.total_ms = _ranked(events, lambda e: e.self_cpu_time_total, top)
             return rows
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        # (user annotations such as the optimizer's step span kernels listed on their own)
+        kernels = [e for e in on_device if not getattr(e, "is_user_annotation", False)]
         ops = [e for e in events if e.device_type != torch.autograd.DeviceType.CUDA]
         self.kernel_launches = sum(e.count for e in kernels)
         self.host_rows, self.host_total_ms = _ranked(ops, lambda e: e.self_cpu_time_total, 15)
