@@ -251,6 +251,13 @@ def _ranked(events, microseconds, top: int) -> Tuple[List[Dict], float]:
     return [dict(name=name, calls=calls, self_ms=ms, share=ms / total) for name, calls, ms in rows[:top]], total
 
 
+def _spread(seconds: List[float]) -> str:
+    """min / median / max of the timed steps: an outlier (a collection pause, a recompilation)
+    shows here rather than only in the mean."""
+    ordered = sorted(seconds)
+    return f"min {ordered[0]:.4f}, median {ordered[len(ordered) // 2]:.4f}, max {ordered[-1]:.4f}"
+
+
 def format_profile(summary: Dict, steps: int) -> str:
     """The profile's table; on a GPU also how much of a step the kernels fill (the rest is the
     device waiting for the host), how many kernels a step launches, and the host's own top list."""
@@ -306,7 +313,7 @@ def summarize(cfg: Config, history: List[dict], warmup: int, world: int, spec: s
                     dp=world // (p.tp * p.pp * p.cp), distributed_optimizer=p.distributed_optimizer),
         recompute=cfg.train.recompute, seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
-        warmup_steps=warmup, timed_steps=len(timed), step_time_s=sum(seconds) / len(seconds),
+        warmup_steps=warmup, timed_steps=len(timed), step_time_s=sum(seconds) / len(seconds), step_times_s=seconds,
         tokens_per_s_per_gpu=tps_gpu, active_params=active_params(cfg), model_flops_per_token=fpt,
         flop_formula=FLOP_FORMULA, model_tflops_per_gpu=tflops, peak_tflops=peak,
         mfu=tflops / peak if peak else None, peak_memory_bytes=int(_max_over_ranks(memory)),
@@ -328,7 +335,7 @@ def format_report(r: Dict) -> str:
         f"ep={lay['ep']} dp={lay['dp']} sp={lay['sp']} distributed_optimizer={lay['distributed_optimizer']}",
         f"  seq={r['seq_length']} micro_batch={r['micro_batch_size']} global_batch={r['global_batch_size']}; "
         f"{r['timed_steps']} timed steps after {r['warmup_steps']} warmup",
-        f"  step time          {r['step_time_s']:.4f} s",
+        f"  step time          {r['step_time_s']:.4f} s (mean; {_spread(r['step_times_s'])})",
         f"  tokens/s/GPU       {r['tokens_per_s_per_gpu']:,.1f}",
         f"  active params      {r['active_params']['total']:,} (matmul weights per token)",
         f"  FLOPs/token        {r['model_flops_per_token']:.4e}",
@@ -416,7 +423,8 @@ def train_peer(cfg: Config, warmup: int) -> Dict:
 
     timed = history[warmup:]
     tokens = t.global_batch_size * cfg.data.seq_length
-    step_time = sum(tokens / r["tokens_per_s"] for r in timed) / len(timed)
+    seconds = [tokens / r["tokens_per_s"] for r in timed]
+    step_time = sum(seconds) / len(seconds)
     tflops = flops_per_token(cfg) * tokens / step_time / 1e12
     peak = peak_tflops(torch.cuda.get_device_name(), "bf16") if bf16 else None
     memory, memory_kind = peak_memory_bytes()
@@ -426,7 +434,7 @@ def train_peer(cfg: Config, warmup: int) -> Dict:
         experts_implementation=getattr(model.config, "_experts_implementation", None),
         precision="bf16 autocast, fp32 master weights" if bf16 else "fp32",
         optimizer=f"torch.optim.AdamW(fused={cuda})", params=sum(p.numel() for p in params),
-        step_time_s=step_time, tokens_per_s_per_gpu=tokens / step_time, model_tflops_per_gpu=tflops,
+        step_time_s=step_time, step_times_s=seconds, tokens_per_s_per_gpu=tokens / step_time, model_tflops_per_gpu=tflops,
         peak_tflops=peak, mfu=tflops / peak if peak else None, peak_memory_bytes=memory,
         peak_memory_kind=memory_kind if cuda else memory_kind + " of the whole process, both runs",
         memory_allocated_before_bytes=left_over, losses=[r["loss"] for r in history],
@@ -439,7 +447,7 @@ def format_peer(r: Dict, ratio: float) -> str:
     return "\n".join([
         f"peer: transformers {p['version']} ({p['attn_implementation']} attention, "
         f"experts={p['experts_implementation']}, {p['precision']}, {p['optimizer']}), same shape and data",
-        f"  step time          {p['step_time_s']:.4f} s",
+        f"  step time          {p['step_time_s']:.4f} s (mean; {_spread(p['step_times_s'])})",
         f"  tokens/s/GPU       {p['tokens_per_s_per_gpu']:,.1f}",
         f"  model TFLOP/s/GPU  {p['model_tflops_per_gpu']:.4f}",
         f"  MFU                {mfu}",
