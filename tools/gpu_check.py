@@ -91,7 +91,7 @@ def plan() -> List[Check]:
     dense = [*bench, "model=qwen2_5_1_5b", *SHAPE]
     return [
         Check("gpu_tests", ["pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *gpu_test_files()],
-              limit_s=150, min_s=30),
+              limit_s=180, min_s=30),
         *(Check(f"dense_mb{mb}", [*dense, "precision=bf16", f"train.micro_batch_size={mb}",
                                   "--compare", "transformers", "--profile", "1"], limit_s=150) for mb in (1, 2)),
         Check("moe_mb1", [*bench, "model=qwen3_30b_a3b", "--layers", "2", *SHAPE, "precision=bf16",
