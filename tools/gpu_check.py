@@ -200,6 +200,8 @@ def run_check(check: Check, out: Path, timeout: int) -> Outcome:
     log = out / f"{check.name}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    # A recompilation of a compiled kernel during the timed steps shows in the check's log.
+    env.setdefault("TORCH_LOGS", "recompiles")
     print(f"[{check.name}] {command}  (limit {timeout} s)", flush=True)
     start = time.monotonic()
     with open(log, "w") as f:
