@@ -54,9 +54,11 @@ _compiled = {}
 
 
 def _rowwise(fn, logits: torch.Tensor, *row_args: torch.Tensor) -> torch.Tensor:
-    """fn over all rows of `logits`: compiled, in one call, on a GPU; eager elsewhere, a block of
-    rows at a time (row_args are per-row tensors, sliced with the rows)."""
-    if logits.is_cuda:
+    """fn over all rows of `logits`: compiled, in one call, on a GPU; eager elsewhere (or with
+    TORCH_COMPILE_DISABLE=1), a block of rows at a time (row_args are per-row tensors, sliced with the rows)."""
+    import torch._dynamo
+
+    if logits.is_cuda and not torch._dynamo.config.disable:
         if fn not in _compiled:
             _compiled[fn] = torch.compile(fn, dynamic=True)
         return _compiled[fn](logits, *row_args)
