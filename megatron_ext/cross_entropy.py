@@ -55,7 +55,7 @@ _compiled = {}
 
 def _rowwise(fn, logits: torch.Tensor, *row_args: torch.Tensor) -> torch.Tensor:
     """fn over all rows of `logits`: compiled, in one call, on a GPU; eager elsewhere (or with
-    TORCH_COMPILE_DISABLE=1), a block of rows at a time (row_args are per-row tensors, sliced with the rows)."""
+    TORCH_COMPILE_DISABLE=1), a block of rows at a time (row_args: per-row tensors, sliced along)."""
     import torch._dynamo
 
     if logits.is_cuda and not torch._dynamo.config.disable:

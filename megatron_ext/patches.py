@@ -195,7 +195,8 @@ def upstream_call_sites() -> dict:
             getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "__wrapped__",
                     DistributedOptimizer._set_main_param_and_optimizer_states)),
         # Both unfused paths (sequences and packed documents) reach RoPE through the module global.
-        "compiled_rope": inspect.getsource(rope_utils.apply_rotary_pos_emb).count("return _apply_rotary_pos_emb_bshd(") == 1
+        "compiled_rope": inspect.getsource(rope_utils.apply_rotary_pos_emb).count(
+            "return _apply_rotary_pos_emb_bshd(") == 1
         and "_apply_rotary_pos_emb_bshd(" in inspect.getsource(rope_utils._apply_rotary_pos_emb_thd),
     }
 

@@ -13,8 +13,9 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _all_checks(rank, world_size, device="cuda"):
-    return dict(attention=_attention_on_gpu(rank, world_size, device), experts=_experts_on_gpu(rank, world_size, device),
-                cross_entropy=_cross_entropy_on_gpu(rank, world_size, device), rope=_rope_on_gpu(rank, world_size, device))
+    checks = dict(attention=_attention_on_gpu, experts=_experts_on_gpu, cross_entropy=_cross_entropy_on_gpu,
+                  rope=_rope_on_gpu)
+    return {name: check(rank, world_size, device) for name, check in checks.items()}
 
 
 @pytest.fixture(scope="module")
