@@ -264,7 +264,7 @@ def format_profile(summary: Dict, steps: int) -> str:
     rows = summary["profile"]
     where = "kernels by self device" if torch.cuda.is_available() else "operators by self host"
     lines = [f"profile: top {where} time over {steps} step(s)"]
-    lines += [f"  {100 * r['share']:5.1f}%  {r['self_ms']:10.2f} ms  {r['calls']:7d}  {r['name'][:90]}" for r in rows]
+    lines += _profile_lines(rows)
     host = summary.get("profile_host")
     if host:
         busy = summary["profile_total_ms"] / 1e3 / steps / summary["step_time_s"]
@@ -272,8 +272,12 @@ def format_profile(summary: Dict, steps: int) -> str:
                      f"{summary['profile_kernel_launches'] / steps:,.0f} kernel launches per step")
         lines.append(f"profile: top operators by self host time ({summary['profile_host_total_ms'] / steps:.0f} ms "
                      "of host time per step)")
-        lines += [f"  {100 * r['share']:5.1f}%  {r['self_ms']:10.2f} ms  {r['calls']:7d}  {r['name'][:90]}" for r in host]
+        lines += _profile_lines(host)
     return "\n".join(lines)
+
+
+def _profile_lines(rows: List[Dict]) -> List[str]:
+    return [f"  {100 * r['share']:5.1f}%  {r['self_ms']:10.2f} ms  {r['calls']:7d}  {r['name'][:90]}" for r in rows]
 
 
 # ---------------------------------------------------------------- measurement
