@@ -10,6 +10,8 @@ from tests.gloo import run_on_ranks
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# bf16 keeps 8 bits of mantissa: outputs and gradients of O(1) agree to a few 1e-2.
+BF16_TOL = 4e-2
 
 
 def _all_checks(rank, world_size, device="cuda"):
@@ -24,8 +26,6 @@ def on_gpu():
     once, not per test."""
     (results,) = run_on_ranks(_all_checks, 1)
     return results
-# bf16 keeps 8 bits of mantissa: outputs and gradients of O(1) agree to a few 1e-2.
-BF16_TOL = 4e-2
 
 
 def _attention_on_gpu(rank, world_size, device="cuda"):
@@ -47,20 +47,12 @@ def test_local_attention_equals_masked_reference_on_gpu(on_gpu):
 def _experts_on_gpu(rank, world_size, device="cuda"):
     """Loss and gradients of the 2-layer MoE debug model, bf16 on the GPU, with experts one by
     one (SequentialMLP) and as grouped GEMMs, from the same seed."""
-    from megatron_ext.build import build_model, init_parallel
-    from megatron_ext.cli import load_config
-    from megatron_ext.transformer import transformer_config
-    from tests.test_grouped_experts import GROUPED, MOE, SEQUENTIAL, _named_grads
+    from tests.test_grouped_experts import GROUPED, SEQUENTIAL, _build, _named_grads
 
     results = {}
     for impl in (SEQUENTIAL, GROUPED):
-        cfg = load_config(MOE + [impl, "precision=bf16", "model.hidden_size=256", "model.ffn_hidden_size=512",
-                                 "model.moe_ffn_hidden_size=128", "model.num_experts=8"])
-        init_parallel(cfg)
-        tcfg = transformer_config(cfg)
-        tcfg.gradient_accumulation_fusion = False  # (needs the DDP wrapper's main_grad buffers)
-        (chunk,) = build_model(cfg, tcfg)
-        chunk = chunk.bfloat16()
+        chunk = _build([impl, "precision=bf16", "model.hidden_size=256", "model.ffn_hidden_size=512",
+                        "model.moe_ffn_hidden_size=128", "model.num_experts=8"]).bfloat16()
         tokens = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(7)).to(device)
         loss = chunk(tokens, torch.arange(32, device=device)[None], None, labels=tokens)
         loss.float().mean().backward()

@@ -25,7 +25,9 @@ def _build(overrides):
 
     cfg = load_config(MOE + overrides)
     init_parallel(cfg)  # also reseeds, so both implementations start from the same draws
-    (chunk,) = build_model(cfg, transformer_config(cfg))
+    tcfg = transformer_config(cfg)
+    tcfg.gradient_accumulation_fusion = False  # (on GPUs it needs the DDP wrapper's main_grad buffers)
+    (chunk,) = build_model(cfg, tcfg)
     return chunk
 
 

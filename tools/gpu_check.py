@@ -173,11 +173,14 @@ def bench_numbers(path: Path) -> Dict:
     r = json.loads(path.read_text())
     out = dict(tokens_per_s=r["tokens_per_s_per_gpu"], mfu=r["mfu"], peak_memory_gib=r["peak_memory_bytes"] / 2**30,
                step_time_s=r["step_time_s"], first_loss=r["losses"][0], last_loss=r["losses"][-1], spec=r["spec"])
+    def top(rows):
+        return [f"{100 * row['share']:.1f}% {row['name'][:60]}" for row in rows[:8]]
+
     if r.get("profile"):  # the top of the list: where the next optimisation is
-        out["profile_top"] = [f"{100 * row['share']:.1f}% {row['name'][:60]}" for row in r["profile"][:8]]
+        out["profile_top"] = top(r["profile"])
     if r.get("profile_host"):  # below 100%: the device waits for the host
         out["kernels_fill"] = r["profile_total_ms"] / 1e3 / r["profile_steps"] / r["step_time_s"]
-        out["host_top"] = [f"{100 * row['share']:.1f}% {row['name'][:60]}" for row in r["profile_host"][:8]]
+        out["host_top"] = top(r["profile_host"])
     if "transformers" in r:
         p = r["transformers"]
         out.update(peer_tokens_per_s=p["tokens_per_s_per_gpu"], peer_mfu=p["mfu"],
