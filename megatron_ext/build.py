@@ -131,7 +131,29 @@ def build_optimizer(cfg: Config, tcfg: TransformerConfig, model: List[Distribute
         use_precision_aware_optimizer=t.optimizer_cpu_offload,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
+    fuse_torch_adam(optimizer)
     return optimizer, lr_scheduler(optimizer, cfg.train)
+
+
+def fuse_torch_adam(optimizer) -> None:
+    """Where Megatron-Core wraps torch's Adam (no Apex or Transformer Engine), step it with torch's
+    fused kernel (`fused=True`: one pass over parameters, gradients and both moments) instead of
+    the default multi-tensor path (about ten passes on GPUs, a Python loop over parameters on
+    CPU). Megatron-Core 0.16.1 builds the optimizer without the flag, so it is set on the param
+    groups, which torch reads at each step; its "step" tensors then live on the parameters'
+    device. Called again after loading a checkpoint, whose param groups replace these (and may
+    come from an unfused run)."""
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(megatron_optimizer, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue  # TE/Apex FusedAdam, or the CPU-offload optimizer
+        inner.defaults.update(fused=True, foreach=False)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=False)
+            for p in group["params"]:
+                step = inner.state.get(p, {}).get("step")
+                if step is not None and (step.device != p.device or step.dtype != torch.float32):
+                    inner.state[p]["step"] = step.to(p.device, torch.float32)
 
 
 def lr_scheduler(optimizer, t: TrainConfig) -> OptimizerParamScheduler:

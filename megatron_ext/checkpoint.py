@@ -52,6 +52,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_ext import cpu_backend
+from megatron_ext.build import fuse_torch_adam
 from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -444,6 +445,7 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
     fresh_groups = [{k: g[k] for k in _GROUP_SCHEDULE_FIELDS if k in g} for g in rt.optimizer.param_groups]
     state = _load_state(rt.model, _sharded_state(rt, is_loading=True), ckpt, StrictHandling.RAISE_ALL)
     rt.optimizer.load_state_dict(state["optimizer"])
+    fuse_torch_adam(rt.optimizer)
     rt.scheduler.num_steps = 0  # load_state_dict and step *add* the saved step count
     if override:
         # The config's schedule from the saved step on: the checkpoint's step count, nothing else

@@ -133,8 +133,9 @@ def torch_adam_distributed_optimizer() -> None:
         if is_loading and isinstance(self.optimizer, torch.optim.Adam):  # AdamW too
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
-                    if not self.optimizer.state[p]:
-                        self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                    if not self.optimizer.state[p]:  # (fused Adam keeps its step on the device)
+                        step = torch.zeros((), device=p.device) if group.get("fused") else torch.tensor(0.0)
+                        self.optimizer.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
                                                    "exp_avg_sq": torch.zeros_like(p)}
         return sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
 
@@ -168,9 +169,56 @@ def compiled_rope() -> None:
     rope_utils._apply_rotary_pos_emb_bshd = compiled
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """`amp_C.multi_tensor_l2norm`'s contract: the L2 norm of all tensors together as a 1-element
+    fp32 tensor on their device (and, with per_tensor, each tensor's norm), without a host sync."""
+    tensors = tensor_lists[0]
+    device = tensors[0].device
+    norms = torch.stack([n.to(device) for n in torch._foreach_norm(tensors, 2, dtype=torch.float32)])
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """`amp_C.multi_tensor_scale`'s contract: out[i] = in[i] * scale, in place where in is out."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        _foreach_copy(src, dst, scale)
+
+
+def _foreach_copy(src, dst, scale=1.0) -> None:
+    """dst[i] = src[i] * scale, one multi-tensor copy per (source, destination) dtype pair."""
+    groups = {}
+    for s, d in zip(src, dst):
+        groups.setdefault((s.device, s.dtype, d.dtype), ([], []))
+        groups[(s.device, s.dtype, d.dtype)][0].append(s)
+        groups[(s.device, s.dtype, d.dtype)][1].append(d)
+    for sources, targets in groups.values():
+        torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
+
+
+def _copy_this_to_that(this, that, overflow_buf=None) -> None:
+    """Megatron's `_multi_tensor_copy_this_to_that` (main <-> model weights) as multi-tensor copies."""
+    _foreach_copy(this, that)
+
+
+def foreach_optimizer_ops() -> None:
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    if clip_grads.l2_norm_impl is not utils.local_multi_tensor_l2_norm:
+        return  # Apex's or Transformer Engine's kernels
+    clip_grads.l2_norm_impl = _foreach_l2_norm
+    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = _foreach_scale
+    _copy_this_to_that.__wrapped__ = optimizer._multi_tensor_copy_this_to_that
+    optimizer._multi_tensor_copy_this_to_that = _copy_this_to_that
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
     from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import layers
     from megatron.core.transformer.moe import moe_utils
@@ -198,6 +246,11 @@ def upstream_call_sites() -> dict:
         "compiled_rope": inspect.getsource(rope_utils.apply_rotary_pos_emb).count(
             "return _apply_rotary_pos_emb_bshd(") == 1
         and "_apply_rotary_pos_emb_bshd(" in inspect.getsource(rope_utils._apply_rotary_pos_emb_thd),
+        # The optimizers reach the multi-tensor kernels through these module globals.
+        "foreach_optimizer_ops": "l2_norm_impl,\n" in inspect.getsource(clip_grads.get_grad_norm_fp32)
+        and "multi_tensor_scale_impl, dummy_overflow_buf, [grads, grads], clip_coeff" in inspect.getsource(
+            clip_grads.clip_grad_by_total_norm_fp32)
+        and inspect.getsource(optimizer).count("_multi_tensor_copy_this_to_that(\n") == 3,
     }
 
 
@@ -207,7 +260,7 @@ def _import_fallback(source: str) -> str:
 
 
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
-           torch_adam_distributed_optimizer, compiled_rope)
+           torch_adam_distributed_optimizer, compiled_rope, foreach_optimizer_ops)
 
 
 def apply() -> None:

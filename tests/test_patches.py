@@ -98,3 +98,89 @@ def test_wgrad_stand_in_bf16_inputs_fp32_buffer(monkeypatch):
     main_grad = torch.ones(3, 4)
     patches._WgradAccumulation.wgrad_gemm_accum_fp32(x.bfloat16(), g.bfloat16(), main_grad)
     torch.testing.assert_close(main_grad, 1 + g.bfloat16().float().t() @ x.bfloat16().float(), rtol=1e-2, atol=1e-2)
+
+
+def test_foreach_optimizer_ops_compute_what_megatrons_loops_do():
+    """The multi-tensor stand-ins against Megatron-Core's own Python-loop fallbacks' arithmetic:
+    the global gradient norm, clipping in place, and fp32 main weights copied (or scaled) into
+    bf16 model weights, over tensors of several shapes."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=g) for shape in [(7, 5), (3,), (64, 33), (1,)]]
+    total, per_tensor = patches._foreach_l2_norm(2048, None, [grads], True)
+    expected = torch.norm(torch.tensor([torch.norm(t) for t in grads]))  # megatron.core.utils' loop
+    assert total.shape == (1,) and total.dtype == torch.float32
+    torch.testing.assert_close(total[0], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(per_tensor, torch.stack([t.norm() for t in grads]))
+
+    clipped = [t.clone() for t in grads]
+    patches._foreach_scale(2048, None, [clipped, clipped], 0.25)
+    for before, after in zip(grads, clipped):
+        torch.testing.assert_close(after, before * 0.25, rtol=0, atol=0)
+
+    model = [torch.zeros(t.shape, dtype=torch.bfloat16) for t in grads] + [torch.zeros(2)]
+    main = grads + [torch.tensor([1.5, -2.0])]
+    patches._copy_this_to_that(main, model)
+    for src, dst in zip(main, model):
+        assert dst.dtype in (torch.bfloat16, torch.float32)
+        assert torch.equal(dst, src.to(dst.dtype))
+    patches._foreach_scale(2048, None, [main, model], 2.0)
+    for src, dst in zip(main, model):
+        assert torch.equal(dst, (src * 2.0).to(dst.dtype))
+
+
+def _optimizer_step_ops(rank, world_size, layer_counts, overrides):
+    """For each layer count: the operators (views aside) and host syncs of a Megatron optimizer
+    step (the second: the first creates Adam's state), whether torch's Adam runs fused, and the step's grad norm
+    against the norm of the gradients computed directly."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func is not torch.ops.aten.detach.default:
+                self.counts[func.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for layers in layer_counts:
+        rt = build(load_config(["model=qwen2_debug", f"model.num_layers={layers}", "model.vocab_size=512",
+                                "train.clip_grad=0.5"] + overrides))
+        g = torch.Generator().manual_seed(layers)
+        params = [p for chunk in rt.model for p in chunk.parameters()]
+        for step in range(2):  # the first step also creates Adam's state
+            for p in params:
+                p.main_grad.copy_(torch.randn(p.main_grad.shape, generator=g))
+            if step == 0:
+                rt.optimizer.step()
+        expected_norm = torch.linalg.vector_norm(torch.stack([p.main_grad.norm() for p in params])).item()
+        with Ops() as ops:
+            _, grad_norm, _ = rt.optimizer.step()
+        fused = [group["fused"] for opt in rt.optimizer.chained_optimizers for group in opt.optimizer.param_groups]
+        results.append((len(params), dict(ops.counts), fused, grad_norm, expected_norm))
+    return results
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_optimizer_step_issues_the_same_kernels_for_any_number_of_parameters(precision):
+    """Without Apex or Transformer Engine an optimizer step (norm, clip, Adam, main -> model
+    weights) is a fixed handful of multi-tensor kernels and one host sync, not a loop of kernels
+    per parameter (Megatron-Core's fallbacks and torch's unfused Adam issue several per
+    parameter, and on GPUs a device-to-host copy per parameter for the norm)."""
+    from tests.gloo import run_on_ranks
+
+    ((small, large),) = run_on_ranks(_optimizer_step_ops, 1, [2, 6], [f"precision={precision}"])
+    assert large[0] == small[0] + 4 * 7  # parameters: 7 per layer
+    assert small[1] == large[1], (small[1], large[1])
+    assert large[1].get("_local_scalar_dense.default") == 1, large[1]  # Megatron's .item() of the norm
+    assert sum(large[1].values()) < 40, large[1]
+    for _, _, fused, grad_norm, expected_norm in (small, large):
+        assert fused and all(fused)
+        assert grad_norm == pytest.approx(expected_norm, rel=1e-5)
