@@ -525,3 +525,27 @@ def test_async_save_on_preemption_is_committed_before_exit(tmp_path, sync_refere
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000002", "latest"]
     assert (root / "latest").read_text().strip() == "iter_0000002"
     _assert_same_checkpoint(root / "iter_0000002", ref_root / "iter_0000002", tmp_path)
+
+
+def _adam_state_after_resume(rank, world_size, overrides):
+    from megatron_ext import checkpoint
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+
+    rt = build(load_config(overrides))
+    checkpoint.resume(rt)
+    inner = [opt.optimizer for opt in rt.optimizer.chained_optimizers]
+    params = [p for opt in inner for group in opt.param_groups for p in group["params"]]
+    steps = [opt.state[p]["step"] for opt in inner for group in opt.param_groups for p in group["params"]]
+    return ([group["fused"] for opt in inner for group in opt.param_groups], [float(s) for s in steps],
+            len({id(s) for s in steps}), len(params), all(s.device == p.device for s, p in zip(steps, params)))
+
+
+def test_resumed_adam_runs_fused_with_a_step_per_parameter(four_steps):
+    """After a resume torch's Adam runs fused again, and each parameter has its own step tensor on
+    its device holding the saved count (one shared tensor would advance once per parameter)."""
+    _, root = four_steps
+    ((fused, steps, distinct, n_params, on_device),) = run_on_ranks(
+        _adam_state_after_resume, 1, SCHEDULE + [f"checkpoint.load={root}/iter_0000002"])
+    assert fused and all(fused)
+    assert steps == [2.0] * n_params and distinct == n_params and on_device
