@@ -215,6 +215,24 @@ def foreach_optimizer_ops() -> None:
     optimizer._multi_tensor_copy_this_to_that = _copy_this_to_that
 
 
+def _identity_on_one_rank(mapping):
+    def mapping_or_identity(input_, group=None):
+        if group is not None and group.size() == 1:
+            return input_
+        return mapping(input_, group=group)
+
+    mapping_or_identity.__wrapped__ = mapping
+    return mapping_or_identity
+
+
+def single_rank_tp_mappings() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region"):
+        if not hasattr(getattr(layers, name), "__wrapped__"):
+            setattr(layers, name, _identity_on_one_rank(getattr(layers, name)))
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
     from megatron.core.models.common.embeddings import rope_utils
@@ -251,7 +269,19 @@ def upstream_call_sites() -> dict:
         and "multi_tensor_scale_impl, dummy_overflow_buf, [grads, grads], clip_coeff" in inspect.getsource(
             clip_grads.clip_grad_by_total_norm_fp32)
         and inspect.getsource(optimizer).count("_multi_tensor_copy_this_to_that(\n") == 3,
+        # The layers call the mappings through their module globals, always naming the group.
+        "single_rank_tp_mappings": _layer_mapping_calls(inspect.getsource(layers)) == {
+            "copy_to_tensor_model_parallel_region(input_, group=self.tp_group)": 1,
+            "reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)": 2},
     }
+
+
+def _layer_mapping_calls(source: str) -> dict:
+    """How often each call of the two identity-on-one-rank mappings occurs in a source."""
+    import re
+
+    calls = re.findall(r"\b((?:copy_to|reduce_from)_tensor_model_parallel_region\([^)]*\))", source)
+    return {call: calls.count(call) for call in calls}
 
 
 def _import_fallback(source: str) -> str:
@@ -260,7 +290,8 @@ def _import_fallback(source: str) -> str:
 
 
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
-           torch_adam_distributed_optimizer, compiled_rope, foreach_optimizer_ops)
+           torch_adam_distributed_optimizer, compiled_rope, foreach_optimizer_ops,
+           single_rank_tp_mappings)
 
 
 def apply() -> None:

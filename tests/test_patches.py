@@ -184,3 +184,36 @@ def test_optimizer_step_issues_the_same_kernels_for_any_number_of_parameters(pre
     for _, _, fused, grad_norm, expected_norm in (small, large):
         assert fused and all(fused)
         assert grad_norm == pytest.approx(expected_norm, rel=1e-5)
+
+
+def _autograd_node_names(rank, world_size, tp):
+    """Names of the autograd nodes behind a forward pass of a tiny model at tensor-parallel size tp."""
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+
+    rt = build(load_config(["model=qwen2_debug", "model.num_layers=2", "model.vocab_size=512", f"parallel.tp={tp}"]))
+    tokens = torch.randint(0, 512, (1, 16))
+    logits = rt.model[0](tokens, torch.arange(16)[None], attention_mask=None)
+    names, seen, todo = set(), set(), [logits.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_one_rank_tensor_parallel_mappings_add_no_autograd_nodes():
+    """At TP=1 the layers' copy / all-reduce mappings are the tensor itself (no autograd node per
+    linear layer); at TP=2 the all-reduce is Megatron's own function."""
+    from tests.gloo import run_on_ranks
+
+    mappings = {"_CopyToModelParallelRegionBackward", "_ReduceFromModelParallelRegionBackward"}
+    (one,) = run_on_ranks(_autograd_node_names, 1, 1)
+    two = run_on_ranks(_autograd_node_names, 2, 2)
+    assert "LinearWithGradAccumulationAndAsyncCommunicationBackward" in one
+    assert not one & mappings, one
+    # (at TP>1 the column-parallel layers all-reduce their input gradient themselves)
+    assert all("_ReduceFromModelParallelRegionBackward" in names for names in two), two
