@@ -268,3 +268,9 @@ def test_bench_profile_after_timed_steps(tmp_path):
     assert all(a["self_ms"] >= b["self_ms"] for a, b in zip(rows, rows[1:]))
     assert any(row["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for row in rows)
     assert 0 < sum(row["share"] for row in rows) <= 1.0 + 1e-9
+    # The same step's Python functions by own time: the model's own code among them.
+    python = r["profile_python"]
+    assert 0 < len(python) <= 15 and "profile: top Python functions by own host time" in proc.stdout
+    assert all(a["self_ms"] >= b["self_ms"] for a, b in zip(python, python[1:]))
+    assert r["profile_python_total_ms"] >= sum(row["self_ms"] for row in python) - 1e-6
+    assert any(row["name"].startswith(("megatron/", "megatron_ext/")) for row in python), python

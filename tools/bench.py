@@ -15,6 +15,9 @@ separated by EOD tokens, trained document-masked as the CPT stage does.
 
 `--profile N` runs N more steps after the timed ones under torch.profiler and prints the
 operators with the most self time on the device (the JSON's `profile`): what to optimise next.
+The same steps run under cProfile too, which ranks the Python functions by their own host time
+(`profile_python`; the main thread only: on GPUs the backward pass runs in autograd's device
+threads and shows as `run_backward`), for when the device waits for the host.
 
 `--compare transformers` then trains the same architecture with Hugging Face transformers in
 the same process, as a peer: the HF config of our model config (after `--layers`), the same
@@ -46,10 +49,13 @@ the process's peak RSS on CPU, the maximum over ranks.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
 import gc
 import math
+import os
+import pstats
 import resource
 import sys
 import time
@@ -203,9 +209,10 @@ class ProfiledStage:
     by their own time on the device (host time on CPU): the list to work down when optimising."""
 
     def __init__(self, stage, total_steps: int, steps: int):
-        self.stage, self.start_at, self.profiler = stage, total_steps - steps, None
-        self.total_ms = self.host_total_ms = self.kernel_launches = None
+        self.stage, self.start_at, self.profiler, self.python = stage, total_steps - steps, None, None
+        self.total_ms = self.host_total_ms = self.kernel_launches = self.python_total_ms = None
         self.host_rows: List[Dict] = []
+        self.python_rows: List[Dict] = []
 
     def __getattr__(self, name):
         return getattr(self.stage, name)
@@ -217,6 +224,8 @@ class ProfiledStage:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.start()
+            self.python = cProfile.Profile()
+            self.python.enable()
         inner = getattr(self.stage, "before_step", None)
         if inner is not None:
             inner(rt, state)
@@ -228,7 +237,9 @@ class ProfiledStage:
         the kernels leave the device idle); on CPU the entries are operators."""
         if self.profiler is None:
             return []
+        self.python.disable()
         self.profiler.stop()
+        self.python_rows, self.python_total_ms = python_rows(self.python, 15)
         events = self.profiler.key_averages()
         if not torch.cuda.is_available():
             rows, self.total_ms = _ranked(events, lambda e: e.self_cpu_time_total, top)
@@ -241,6 +252,26 @@ class ProfiledStage:
         self.host_rows, self.host_total_ms = _ranked(ops, lambda e: e.self_cpu_time_total, 15)
         rows, self.total_ms = _ranked(kernels or events, lambda e: e.self_device_time_total, top)
         return rows
+
+
+def python_rows(profile: cProfile.Profile, top: int) -> Tuple[List[Dict], float]:
+    """The `top` Python functions (and builtins) of a cProfile run by their own time, as rows
+    like `_ranked`'s, named `path:line(function)` relative to the package they belong to."""
+    stats = pstats.Stats(profile).stats  # {(file, line, function): (calls, ncalls, own s, cumulative s, callers)}
+    rows = [dict(name=f"{_short_path(file)}:{line}({function})" if line else function, calls=ncalls,
+                 self_ms=own * 1e3) for (file, line, function), (_, ncalls, own, _, _) in stats.items()]
+    total = sum(r["self_ms"] for r in rows) or 1.0
+    rows.sort(key=lambda r: -r["self_ms"])
+    return [dict(r, share=r["self_ms"] / total) for r in rows[:top]], total
+
+
+def _short_path(file: str) -> str:
+    """A source path from its package on (site-packages/torch/... -> torch/...; this repo's relative)."""
+    for marker in ("site-packages" + os.sep, "dist-packages" + os.sep):
+        if marker in file:
+            return file.split(marker, 1)[1]
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    return file[len(here):] if file.startswith(here) else file
 
 
 def _ranked(events, microseconds, top: int) -> Tuple[List[Dict], float]:
@@ -273,6 +304,11 @@ def format_profile(summary: Dict, steps: int) -> str:
         lines.append(f"profile: top operators by self host time ({summary['profile_host_total_ms'] / steps:.0f} ms "
                      "of host time per step)")
         lines += _profile_lines(host)
+    python = summary.get("profile_python")
+    if python:
+        lines.append(f"profile: top Python functions by own host time, main thread "
+                     f"({summary['profile_python_total_ms'] / steps:.0f} ms per step under cProfile)")
+        lines += _profile_lines(python)
     return "\n".join(lines)
 
 
@@ -539,7 +575,8 @@ def main(argv=None) -> int:
         summary = summarize(cfg, result.history[:len(result.history) - args.profile], args.warmup, world, spec)
         summary["profile"] = stage.table()
         summary.update(profile_steps=args.profile, profile_total_ms=stage.total_ms, profile_host=stage.host_rows,
-                       profile_host_total_ms=stage.host_total_ms, profile_kernel_launches=stage.kernel_launches)
+                       profile_host_total_ms=stage.host_total_ms, profile_kernel_launches=stage.kernel_launches,
+                       profile_python=stage.python_rows, profile_python_total_ms=stage.python_total_ms)
     finally:
         result = None
         dist.destroy()

@@ -181,6 +181,8 @@ def bench_numbers(path: Path) -> Dict:
     if r.get("profile_host"):  # below 100%: the device waits for the host
         out["kernels_fill"] = r["profile_total_ms"] / 1e3 / r["profile_steps"] / r["step_time_s"]
         out["host_top"] = top(r["profile_host"])
+    if r.get("profile_python"):  # what the host's Python spends a step on
+        out["python_top"] = top(r["profile_python"])
     if "transformers" in r:
         p = r["transformers"]
         out.update(peer_tokens_per_s=p["tokens_per_s_per_gpu"], peer_mfu=p["mfu"],
