@@ -1,4 +1,4 @@
-"""Correctness patches to Megatron-Core, pinned to its version, applied on every machine.
+"""Patches to Megatron-Core (correctness, then speed), pinned to its version, applied on every machine.
 
 (The CUDA-absence interceptions are separate: megatron_ext/cpu_backend.py.)
 
@@ -33,12 +33,30 @@
   Adam creates at its first step before loading, keeps "step" out of the copy, and gives each
   parameter its own step.
   tests/test_checkpoint.py's distributed-optimizer resume fails without it.
-- compiled_rope (speed, GPUs only): Megatron's unfused RoPE (`_apply_rotary_pos_emb_bshd`, which
-  the packed-sequence path calls per document too) runs about ten small kernels per call and
-  as many in backward (cos/sin and their casts, rotate-half as chunk/neg/cat, two multiplies,
-  an add, a cat), for queries and keys in every layer and micro-batch. Its fused form needs
-  Transformer Engine or Apex; the patch compiles the same function with `torch.compile`, one
-  kernel each way. Same math; tests/test_gpu_local.py compares it with the original on a GPU.
+- rope_tables (speed): Megatron's unfused RoPE (`_apply_rotary_pos_emb_bshd`) computes cos and
+  sin of the frequencies, casts them, rotates half and multiplies, about ten small kernels each
+  way, for queries and keys in every layer and micro-batch, although every call of a forward pass
+  gets the same frequencies tensor (its rotary embedding even caches it across micro-batches).
+  For packed documents (`_apply_rotary_pos_emb_thd`) each call also rebuilds the per-document
+  frequencies, with a device-to-host copy of the document lengths (`.tolist()`, and an `.item()`
+  per document when the frequencies cover every position): 2 x layers host syncs per
+  micro-batch. The patch computes the (packed) frequencies' cos and sin once per frequencies
+  tensor (and cu_seqlens) and reuses them in every layer; the rotation itself is the same
+  arithmetic, compiled into one kernel each way on GPUs (`torch.compile`; eager on CPU, where it
+  is bit-identical to Megatron's). Interleaved and multi-latent RoPE keep Megatron's function.
+- foreach_optimizer_ops (speed): without Apex or Transformer Engine, Megatron-Core falls back to
+  Python loops for its multi-tensor kernels: the gradient norm is one `torch.norm` per parameter,
+  gathered with `torch.tensor(list)` (a device-to-host copy per parameter on GPUs) and sent back
+  to the device; clipping is a multiply into a new tensor and a copy per gradient; copying the
+  fp32 main weights into the bf16 model weights is a copy per parameter. The optimizer phase of
+  each step then issues about a thousand kernels and hundreds of host syncs. The patch puts
+  torch's multi-tensor (`torch._foreach_*`) kernels in their place: same results, a few kernels
+  per step, one sync (Megatron's own `.item()` of the norm).
+- single_rank_tp_mappings (speed): the tensor-parallel linear layers and the vocabulary embedding
+  pass their input and output through Megatron's copy / all-reduce autograd functions even when
+  the tensor-parallel group has one rank, where both are the identity: four autograd nodes
+  (Python forward and backward) per transformer layer and micro-batch that do nothing. The
+  patch returns the tensor itself for a one-rank group; larger groups are unchanged.
 """
 
 from __future__ import annotations
@@ -156,17 +174,68 @@ def torch_adam_distributed_optimizer() -> None:
 
 
 
-def compiled_rope() -> None:
-    if not torch.cuda.is_available():
-        return  # (CPU runs keep TorchDynamo off: megatron_ext/cpu_backend.py)
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's non-interleaved rotation of the first cos.shape[-1] channels, cos/sin given."""
+    rot_dim = cos.shape[-1]
+    t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    return torch.cat(((t * cos) + (torch.cat((-x2, x1), dim=-1) * sin), t_pass), dim=-1)
+
+
+class _RopeTables:
+    """cos / sin tables of the last frequencies tensor seen (and, for packed documents, of the
+    last cu_seqlens), in the dtype of the tensors rotated. The cache holds the keys themselves,
+    so a hit means the very same tensors, unchanged since (their version counters)."""
+
+    def __init__(self):
+        self.keys, self.state, self.cos, self.sin = (), None, None, None
+
+    def get(self, keys, state, frequencies, dtype, mscale):
+        """(cos, sin); `frequencies()` builds the frequencies on a miss."""
+        state = (tuple(k._version for k in keys), dtype, mscale, *state)
+        if len(keys) != len(self.keys) or any(a is not b for a, b in zip(keys, self.keys)) or state != self.state:
+            with torch.no_grad():
+                freqs = frequencies()
+                self.cos, self.sin = (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
+            self.keys, self.state = keys, state
+        return self.cos, self.sin
+
+
+def rope_tables() -> None:
     from megatron.core.models.common.embeddings import rope_utils
 
-    original = rope_utils._apply_rotary_pos_emb_bshd
-    if hasattr(original, "__wrapped__"):
+    bshd, thd = rope_utils._apply_rotary_pos_emb_bshd, rope_utils._apply_rotary_pos_emb_thd
+    if hasattr(bshd, "__wrapped__"):
         return
-    compiled = torch.compile(original, dynamic=True)
-    compiled.__wrapped__ = original
-    rope_utils._apply_rotary_pos_emb_bshd = compiled
+    # (CPU runs keep TorchDynamo off: megatron_ext/cpu_backend.py)
+    rotate = torch.compile(_rotate, dynamic=True) if torch.cuda.is_available() else _rotate
+    sequences, packed = _RopeTables(), _RopeTables()
+
+    def apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if rotary_interleaved or multi_latent_attention or freqs.requires_grad:
+            return bshd(t, freqs, rotary_interleaved, multi_latent_attention, mscale)
+        cos, sin = sequences.get((freqs,), (), lambda: freqs, t.dtype, mscale)
+        return rotate(t, cos, sin)
+
+    def apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
+                                 mscale=1.0, cp_group=None):
+        if rotary_interleaved or multi_latent_attention or freqs.requires_grad or cp_group is None:
+            return thd(t, cu_seqlens, freqs, rotary_interleaved, multi_latent_attention, mscale, cp_group)
+        cp_size, cp_rank = cp_group.size(), cp_group.rank()
+
+        def packed_frequencies():  # as Megatron's _apply_rotary_pos_emb_thd builds them
+            seqlens = ((cu_seqlens[1:] - cu_seqlens[:-1]) // cp_size).tolist()
+            every_position = freqs.dim() >= 1 and freqs.size(0) == cu_seqlens[-1]
+            starts = cu_seqlens[:-1].tolist() if every_position else [0] * len(seqlens)
+            return torch.cat([rope_utils._get_thd_freqs_on_this_cp_rank(cp_rank, cp_size, x, freqs, start)
+                              for x, start in zip(torch.split(t, seqlens), starts)], dim=0)
+
+        cos, sin = packed.get((cu_seqlens, freqs), (cp_size, cp_rank, t.shape[0]), packed_frequencies, t.dtype, mscale)
+        return rotate(t.unsqueeze(1), cos, sin).squeeze(1)
+
+    apply_rotary_pos_emb_bshd.__wrapped__, apply_rotary_pos_emb_thd.__wrapped__ = bshd, thd
+    rope_utils._apply_rotary_pos_emb_bshd = apply_rotary_pos_emb_bshd
+    rope_utils._apply_rotary_pos_emb_thd = apply_rotary_pos_emb_thd
 
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
@@ -260,10 +329,9 @@ def upstream_call_sites() -> dict:
         and 'dst_tensors = {"param": main_param, **optim_state}' in inspect.getsource(
             getattr(DistributedOptimizer._set_main_param_and_optimizer_states, "__wrapped__",
                     DistributedOptimizer._set_main_param_and_optimizer_states)),
-        # Both unfused paths (sequences and packed documents) reach RoPE through the module global.
-        "compiled_rope": inspect.getsource(rope_utils.apply_rotary_pos_emb).count(
-            "return _apply_rotary_pos_emb_bshd(") == 1
-        and "_apply_rotary_pos_emb_bshd(" in inspect.getsource(rope_utils._apply_rotary_pos_emb_thd),
+        # Both unfused paths (sequences, packed documents) reach RoPE through the module globals,
+        # with Megatron's rotation and per-document frequencies.
+        "rope_tables": _rope_sources_unchanged(rope_utils),
         # The optimizers reach the multi-tensor kernels through these module globals.
         "foreach_optimizer_ops": "l2_norm_impl,\n" in inspect.getsource(clip_grads.get_grad_norm_fp32)
         and "multi_tensor_scale_impl, dummy_overflow_buf, [grads, grads], clip_coeff" in inspect.getsource(
@@ -274,6 +342,22 @@ def upstream_call_sites() -> dict:
             "copy_to_tensor_model_parallel_region(input_, group=self.tp_group)": 1,
             "reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)": 2},
     }
+
+
+def _rope_sources_unchanged(rope_utils) -> bool:
+    entry = inspect.getsource(rope_utils.apply_rotary_pos_emb)
+    bshd = inspect.getsource(getattr(rope_utils._apply_rotary_pos_emb_bshd, "__wrapped__",
+                                     rope_utils._apply_rotary_pos_emb_bshd))
+    thd = inspect.getsource(getattr(rope_utils._apply_rotary_pos_emb_thd, "__wrapped__",
+                                    rope_utils._apply_rotary_pos_emb_thd))
+    return (entry.count("return _apply_rotary_pos_emb_bshd(") == 1 and "return _apply_rotary_pos_emb_thd(" in entry
+            and "cos_ = (torch.cos(freqs) * mscale).to(t.dtype)" in bshd
+            and "t = (t * cos_) + (_rotate_half(t, rotary_interleaved) * sin_)" in bshd
+            and "return torch.cat((t, t_pass), dim=-1)" in bshd
+            and "_get_thd_freqs_on_this_cp_rank(cp_rank, cp_size, x, freqs, seq_start_offset)" in thd
+            and "_get_thd_freqs_on_this_cp_rank(cp_rank, cp_size, x, freqs) for x in sequence_splits" in thd
+            and "seq_start_offset = cu_seqlens[i].item()" in thd
+            and "freqs.dim() >= 1 and freqs.size(0) == cu_seqlens[-1]" in thd)
 
 
 def _layer_mapping_calls(source: str) -> dict:
@@ -290,7 +374,7 @@ def _import_fallback(source: str) -> str:
 
 
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
-           torch_adam_distributed_optimizer, compiled_rope, foreach_optimizer_ops,
+           torch_adam_distributed_optimizer, rope_tables, foreach_optimizer_ops,
            single_rank_tp_mappings)
 
 

@@ -108,8 +108,8 @@ def test_blockwise_cross_entropy_on_gpu(on_gpu):
 
 
 def _rope_on_gpu(rank, world_size, device="cuda"):
-    """Megatron's RoPE as patched (compiled on a GPU) against its own eager function, queries
-    and keys shaped as in qwen2_5_1_5b, forward and backward."""
+    """Megatron's RoPE as patched (cos/sin tables once, the rotation compiled on a GPU) against its
+    own eager function, queries and keys shaped as in qwen2_5_1_5b, forward and backward."""
     from megatron.core.models.common.embeddings import rope_utils
 
     from megatron_ext import patches
@@ -133,7 +133,7 @@ def _rope_on_gpu(rank, world_size, device="cuda"):
     return patched is not eager, diffs
 
 
-def test_compiled_rope_equals_megatron_rope_on_gpu(on_gpu):
+def test_rope_tables_equal_megatron_rope_on_gpu(on_gpu):
     compiled, diffs = on_gpu["rope"]
-    assert compiled, "on a GPU the patch replaces Megatron's unfused RoPE with the compiled one"
+    assert compiled, "the patch replaces Megatron's unfused RoPE"
     assert all(d < BF16_TOL * 4 for pair in diffs.values() for d in pair), diffs

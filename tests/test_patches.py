@@ -217,3 +217,85 @@ def test_one_rank_tensor_parallel_mappings_add_no_autograd_nodes():
     assert not one & mappings, one
     # (at TP>1 the column-parallel layers all-reduce their input gradient themselves)
     assert all("_ReduceFromModelParallelRegionBackward" in names for names in two), two
+
+
+class _Group:
+    """A stand-in context-parallel group: RoPE asks it for its size and rank only."""
+
+    def __init__(self, size, rank):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+def _rope_against_megatron(rank, world_size):
+    """Megatron's RoPE functions as patched against the originals (`__wrapped__`) on the same
+    inputs, forward and backward; and the operators a repeated call (the next layer, or keys after
+    queries) dispatches: no cos / sin, no host sync."""
+    import collections
+
+    from megatron.core.models.common.embeddings import rope_utils
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    patches.apply()
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    def run(fn, t, *args, **kwargs):
+        t = t.clone().requires_grad_()
+        out = fn(t, *args, **kwargs)
+        out.backward(torch.ones_like(out) * torch.linspace(-1, 1, out.shape[-1]))
+        return out.detach(), t.grad
+
+    g = torch.Generator().manual_seed(0)
+    results, repeat_ops = {}, {}
+    freqs = torch.rand(32, 1, 1, 8, generator=g) * 20
+    for dtype in (torch.float32, torch.bfloat16):
+        for heads in (4, 2):  # queries, then keys with the same frequencies
+            t = torch.randn(32, 2, heads, 8, generator=g).to(dtype)
+            patched = rope_utils._apply_rotary_pos_emb_bshd
+            results[f"bshd {dtype} {heads}"] = (run(patched, t, freqs), run(patched.__wrapped__, t, freqs))
+        with Ops() as ops:
+            run(patched, t, freqs)
+        repeat_ops[f"bshd {dtype}"] = ops.counts
+    cu_seqlens = torch.tensor([0, 8, 12, 24, 32], dtype=torch.int32)
+    for cp_size in (1, 2):
+        for cp_rank in range(cp_size):
+            for name, table in (("max-length", torch.rand(32, 1, 1, 8, generator=g) * 20),
+                                ("every-position", freqs)):  # (freqs.size(0) == cu_seqlens[-1])
+                if name == "max-length":
+                    table = table[:16]
+                t = torch.randn(32 // cp_size, 4, 8, generator=g)
+                group = _Group(cp_size, cp_rank)
+                patched = rope_utils._apply_rotary_pos_emb_thd
+                results[f"thd cp{cp_size}.{cp_rank} {name}"] = (
+                    run(patched, t, cu_seqlens, table, cp_group=group),
+                    run(patched.__wrapped__, t, cu_seqlens, table, cp_group=group))
+                with Ops() as ops:
+                    run(patched, t, cu_seqlens, table, cp_group=group)
+                repeat_ops[f"thd cp{cp_size}.{cp_rank} {name}"] = ops.counts
+    same = {k: all(torch.equal(a, b) for a, b in zip(ours, megatron)) for k, (ours, megatron) in results.items()}
+    return same, repeat_ops
+
+
+def test_rope_tables_equal_megatrons_rope_and_are_computed_once():
+    """Sequences and packed documents (CP 1 and 2, both of Megatron's frequency layouts), fp32 and
+    bf16: bit-identical outputs and gradients on CPU; a repeated call with the same frequencies
+    (and cu_seqlens) computes no cos / sin and, for packed documents, makes no host sync."""
+    from tests.gloo import run_on_ranks
+
+    ((same, repeat_ops),) = run_on_ranks(_rope_against_megatron, 1)
+    assert len(same) == 4 + 6 and all(same.values()), same
+    for name, counts in repeat_ops.items():
+        assert not {"cos.default", "sin.default", "_local_scalar_dense.default"} & set(counts), (name, counts)
