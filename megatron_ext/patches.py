@@ -42,8 +42,9 @@
   per document when the frequencies cover every position): 2 x layers host syncs per
   micro-batch. The patch computes the (packed) frequencies' cos and sin once per frequencies
   tensor (and cu_seqlens) and reuses them in every layer; the rotation itself is the same
-  arithmetic, compiled into one kernel each way on GPUs (`torch.compile`; eager on CPU, where it
-  is bit-identical to Megatron's). Interleaved and multi-latent RoPE keep Megatron's function.
+  arithmetic, compiled into one kernel each way for training on GPUs (`torch.compile`, static
+  shapes; eager on CPU, where it is bit-identical to Megatron's). Interleaved and multi-latent
+  RoPE keep Megatron's function.
 - foreach_optimizer_ops (speed): without Apex or Transformer Engine, Megatron-Core falls back to
   Python loops for its multi-tensor kernels: the gradient norm is one `torch.norm` per parameter,
   gathered with `torch.tensor(list)` (a device-to-host copy per parameter on GPUs) and sent back
@@ -207,8 +208,12 @@ def rope_tables() -> None:
     bshd, thd = rope_utils._apply_rotary_pos_emb_bshd, rope_utils._apply_rotary_pos_emb_thd
     if hasattr(bshd, "__wrapped__"):
         return
-    # (CPU runs keep TorchDynamo off: megatron_ext/cpu_backend.py)
-    rotate = torch.compile(_rotate, dynamic=True) if torch.cuda.is_available() else _rotate
+    # Compiled on GPUs (CPU runs keep TorchDynamo off: megatron_ext/cpu_backend.py) with static
+    # shapes: constant sizes make the broadcast's index arithmetic multiplications, where dynamic
+    # sizes cost every element integer divisions by runtime values. Training sees a few shapes
+    # (queries, keys); generation's varying prompt lengths compile up to TorchDynamo's
+    # recompile limit, then run eagerly.
+    rotate = torch.compile(_rotate, dynamic=False) if torch.cuda.is_available() else _rotate
     sequences, packed = _RopeTables(), _RopeTables()
 
     def apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
