@@ -42,8 +42,8 @@
   per document when the frequencies cover every position): 2 x layers host syncs per
   micro-batch. The patch computes the (packed) frequencies' cos and sin once per frequencies
   tensor (and cu_seqlens) and reuses them in every layer; the rotation itself is the same
-  arithmetic, compiled into one kernel each way for training on GPUs (`torch.compile`, static
-  shapes; eager on CPU, where it is bit-identical to Megatron's). Interleaved and multi-latent
+  arithmetic, compiled into one kernel each way on GPUs (`torch.compile`, static shapes; eager
+  on CPU, where it is bit-identical to Megatron's). Interleaved and multi-latent
   RoPE keep Megatron's function.
 - foreach_optimizer_ops (speed): without Apex or Transformer Engine, Megatron-Core falls back to
   Python loops for its multi-tensor kernels: the gradient norm is one `torch.norm` per parameter,
@@ -174,7 +174,6 @@ def torch_adam_distributed_optimizer() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states_without_step
 
 
-
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Megatron's non-interleaved rotation of the first cos.shape[-1] channels, cos/sin given."""
     rot_dim = cos.shape[-1]
@@ -265,9 +264,9 @@ def _foreach_copy(src, dst, scale=1.0) -> None:
     """dst[i] = src[i] * scale, one multi-tensor copy per (source, destination) dtype pair."""
     groups = {}
     for s, d in zip(src, dst):
-        groups.setdefault((s.device, s.dtype, d.dtype), ([], []))
-        groups[(s.device, s.dtype, d.dtype)][0].append(s)
-        groups[(s.device, s.dtype, d.dtype)][1].append(d)
+        sources, targets = groups.setdefault((s.device, s.dtype, d.dtype), ([], []))
+        sources.append(s)
+        targets.append(d)
     for sources, targets in groups.values():
         torch._foreach_copy_(targets, sources if scale == 1.0 else torch._foreach_mul(sources, scale))
 
