@@ -1,7 +1,10 @@
-"""The Megatron-Core correctness patches still match the upstream code they patch."""
+"""The Megatron-Core patches (megatron_ext/patches.py) still match the upstream code they patch and do what they say."""
+
+import collections
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_ext import patches
 
@@ -128,26 +131,25 @@ def test_foreach_optimizer_ops_compute_what_megatrons_loops_do():
         assert torch.equal(dst, (src * 2.0).to(dst.dtype))
 
 
+class _Ops(TorchDispatchMode):
+    """Counts the operators dispatched inside it by name (views and detach aside: no kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten.detach.default:
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _optimizer_step_ops(rank, world_size, layer_counts, overrides):
     """For each layer count: the operators (views aside) and host syncs of a Megatron optimizer
     step (the second: the first creates Adam's state), whether torch's Adam runs fused, and the step's grad norm
     against the norm of the gradients computed directly."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from megatron_ext.build import build
     from megatron_ext.cli import load_config
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func is not torch.ops.aten.detach.default:
-                self.counts[func.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     results = []
     for layers in layer_counts:
@@ -161,7 +163,7 @@ def _optimizer_step_ops(rank, world_size, layer_counts, overrides):
             if step == 0:
                 rt.optimizer.step()
         expected_norm = torch.linalg.vector_norm(torch.stack([p.main_grad.norm() for p in params])).item()
-        with Ops() as ops:
+        with _Ops() as ops:
             _, grad_norm, _ = rt.optimizer.step()
         fused = [group["fused"] for opt in rt.optimizer.chained_optimizers for group in opt.optimizer.param_groups]
         results.append((len(params), dict(ops.counts), fused, grad_norm, expected_norm))
@@ -236,21 +238,9 @@ def _rope_against_megatron(rank, world_size):
     """Megatron's RoPE functions as patched against the originals (`__wrapped__`) on the same
     inputs, forward and backward; and the operators a repeated call (the next layer, or keys after
     queries) dispatches: no cos / sin, no host sync."""
-    import collections
-
     from megatron.core.models.common.embeddings import rope_utils
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     patches.apply()
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.counts[func.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     def run(fn, t, *args, **kwargs):
         t = t.clone().requires_grad_()
@@ -266,7 +256,7 @@ def _rope_against_megatron(rank, world_size):
             t = torch.randn(32, 2, heads, 8, generator=g).to(dtype)
             patched = rope_utils._apply_rotary_pos_emb_bshd
             results[f"bshd {dtype} {heads}"] = (run(patched, t, freqs), run(patched.__wrapped__, t, freqs))
-        with Ops() as ops:
+        with _Ops() as ops:
             run(patched, t, freqs)
         repeat_ops[f"bshd {dtype}"] = ops.counts
     cu_seqlens = torch.tensor([0, 8, 12, 24, 32], dtype=torch.int32)
@@ -282,7 +272,7 @@ def _rope_against_megatron(rank, world_size):
                 results[f"thd cp{cp_size}.{cp_rank} {name}"] = (
                     run(patched, t, cu_seqlens, table, cp_group=group),
                     run(patched.__wrapped__, t, cu_seqlens, table, cp_group=group))
-                with Ops() as ops:
+                with _Ops() as ops:
                     run(patched, t, cu_seqlens, table, cp_group=group)
                 repeat_ops[f"thd cp{cp_size}.{cp_rank} {name}"] = ops.counts
     same = {k: all(torch.equal(a, b) for a, b in zip(ours, megatron)) for k, (ours, megatron) in results.items()}
