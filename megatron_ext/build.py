@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -13,7 +14,6 @@ from typing import Callable, List, Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
@@ -191,7 +191,8 @@ def build(cfg: Config, customize: Optional[Callable] = None) -> Runtime:
     optimizer, scheduler = build_optimizer(cfg, tcfg, model)
     # Hooks the pipeline schedules call: grad all-reduce + per-token normalisation at the end
     # of the step, and loss scaling (identity in fp32/bf16).
-    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.finalize_model_grads_func = importlib.import_module(  # as patched (megatron_ext.patches)
+        "megatron.core.distributed.finalize_model_grads").finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
     log.info("optimizer: adam (distributed=%s), schedule=%s", cfg.parallel.distributed_optimizer,
              cfg.train.lr_schedule)

@@ -58,10 +58,26 @@
   the tensor-parallel group has one rank, where both are the identity: four autograd nodes
   (Python forward and backward) per transformer layer and micro-batch that do nothing. The
   patch returns the tensor itself for a one-rank group; larger groups are unchanged.
+- linear_without_communication (speed): every linear layer's forward and backward goes through
+  Megatron's `LinearWithGradAccumulationAndAsyncCommunication`, whose Python handles the
+  tensor-parallel all-reduce / sequence-parallel gather, deferred embedding gradients and
+  autocast (a decorator that saves and restores the autocast state around forward and backward),
+  and looks up the tensor-parallel group (a deprecation warning per call where the layer passes
+  none) even when none of that applies, as at TP=1 and in every row-parallel layer without
+  sequence parallelism. Where none applies, the patch runs the same arithmetic (GEMM, input
+  gradient, weight gradient accumulated into `main_grad` with the same kernel and the same dummy
+  gradient for the DDP hook) in a lean autograd function: less host time per layer, results
+  bit-identical. Anything else takes Megatron's function.
+- token_scaling_without_sync (speed): with a per-token loss, Megatron-Core's
+  `finalize_model_grads` divides the gradients by the global token count under
+  `if num_tokens > 0`, a device-to-host sync at the end of every backward pass (and an error
+  inside a CUDA graph capture). The patch does the same division on the device: the count
+  clamped to at least 1 (Megatron leaves the gradients unscaled at 0 tokens: the same as / 1).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 
@@ -306,6 +322,104 @@ def single_rank_tp_mappings() -> None:
             setattr(layers, name, _identity_on_one_rank(getattr(layers, name)))
 
 
+class _LinearWithoutCommunication(torch.autograd.Function):
+    """Megatron's `LinearWithGradAccumulationAndAsyncCommunication` without tensor-parallel
+    communication, deferred weight gradients or autocast: the same GEMMs and weight-gradient
+    accumulation in fewer Python steps. `main_grad` is the weight's fp32 gradient buffer when
+    gradient accumulation fusion is on (None otherwise)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, main_grad):
+        ctx.save_for_backward(input, weight)
+        # held on ctx, not saved: the buffer is written in place by other layers' backward
+        ctx.main_grad, ctx.use_bias = main_grad, bias is not None
+        output = torch.matmul(input, weight.t())
+        return output if bias is None else output + bias
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_output.matmul(weight)
+        grad_output, input = grad_output.contiguous(), input.contiguous()
+        if grad_output.dim() == 3:
+            grad_output = grad_output.view(-1, grad_output.shape[2])
+            input = input.view(-1, input.shape[2])
+        main_grad = ctx.main_grad
+        if main_grad is None:
+            grad_weight = grad_output.t().matmul(input)
+        else:
+            from megatron.core.tensor_parallel import layers
+
+            weight.main_grad = main_grad
+            if main_grad.dtype == torch.float32:
+                layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(input, grad_output, main_grad)
+            else:  # fp16 / bf16 buffers (checked when the function is chosen)
+                layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(input, grad_output, main_grad)
+            grad_weight = None
+            if hasattr(weight, "grad_added_to_main_grad"):
+                # a dummy gradient, as Megatron's: the DDP hook must run on this thread
+                zero = getattr(weight, "zero_out_wgrad", False)
+                if layers.HAVE_TE:
+                    grad_weight = layers.get_dummy_wgrad(list(main_grad.shape), input.dtype, zero=zero)
+                else:
+                    grad_weight = (torch.zeros if zero else torch.empty)(
+                        main_grad.shape, dtype=input.dtype, device=main_grad.device)
+                weight.grad_added_to_main_grad = True
+        grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+_MAIN_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def linear_without_communication() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.linear_with_grad_accumulation_and_async_allreduce
+    if hasattr(original, "__wrapped__"):
+        return
+
+    def linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+               grad_output_buffer=None, wgrad_deferral_limit=0, async_grad_allreduce=None, tp_group=None):
+        main_grad = getattr(weight, "main_grad", None) if gradient_accumulation_fusion else None
+        if (allreduce_dgrad or sequence_parallel or grad_output_buffer is not None
+                or async_grad_allreduce is not None or torch.is_autocast_enabled("cuda")
+                or (gradient_accumulation_fusion and (main_grad is None or main_grad.dtype not in _MAIN_GRAD_DTYPES
+                                                      or hasattr(weight, "__fsdp_param__")))):
+            return original(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad, sequence_parallel,
+                            grad_output_buffer, wgrad_deferral_limit, async_grad_allreduce, tp_group)
+        return _LinearWithoutCommunication.apply(input, weight, bias, main_grad)
+
+    linear.__wrapped__ = original
+    linear.warned = original.warned  # the original reads and sets it through the module global
+    layers.linear_with_grad_accumulation_and_async_allreduce = linear
+
+
+def token_scaling_without_sync() -> None:
+    module = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    original = module.finalize_model_grads
+    if hasattr(original, "__wrapped__"):
+        return
+
+    def finalize_model_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        original(model, None, pg_collection, force_all_reduce)  # all but the per-token scaling, last
+        if num_tokens is None:
+            return
+        if pg_collection is not None:
+            pp_group, dp_cp_group = pg_collection.pp, pg_collection.dp_cp
+        else:
+            pp_group = module.parallel_state.get_pipeline_model_parallel_group()
+            dp_cp_group = module.parallel_state.get_data_parallel_group(with_context_parallel=True)
+        torch.distributed.broadcast(num_tokens, src=module.get_pp_last_rank(pp_group), group=pp_group)
+        torch.distributed.all_reduce(num_tokens, group=dp_cp_group)
+        scaling = 1.0 / num_tokens.clamp(min=1)
+        for model_chunk in model:
+            model_chunk.scale_gradients(scaling)
+
+    finalize_model_grads.__wrapped__ = original
+    module.finalize_model_grads = finalize_model_grads
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
     from megatron.core.models.common.embeddings import rope_utils
@@ -315,6 +429,7 @@ def upstream_call_sites() -> dict:
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.router import TopKRouter
 
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")
     scaler = inspect.getsource(getattr(TopKRouter.attach_and_log_load_balancing_loss, "__wrapped__",
                                        TopKRouter.attach_and_log_load_balancing_loss))
     return {
@@ -345,7 +460,43 @@ def upstream_call_sites() -> dict:
         "single_rank_tp_mappings": _layer_mapping_calls(inspect.getsource(layers)) == {
             "copy_to_tensor_model_parallel_region(input_, group=self.tp_group)": 1,
             "reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)": 2},
+        # Both parallel linear layers call the function through the module global; without
+        # communication its forward is one GEMM (+ bias) and its backward the lines below.
+        "linear_without_communication": inspect.getsource(layers).count(
+            "return linear_with_grad_accumulation_and_async_allreduce(input, weight, *args, **kwargs)") == 2
+        and _linear_sources_unchanged(inspect.getsource(layers.LinearWithGradAccumulationAndAsyncCommunication)),
+        # The per-token scaling is the function's last block, as the patch redoes it.
+        "token_scaling_without_sync": inspect.getsource(getattr(finalize.finalize_model_grads, "__wrapped__",
+                                                                finalize.finalize_model_grads)).rstrip().endswith(
+            """    if num_tokens is not None:
+
+        # the number of tokens is only present on the last stage, so broadcast it
+        # to the other ranks in the pipeline parallel group.
+        assert not isinstance(pp_group, list)
+        last_rank = get_pp_last_rank(pp_group)
+        torch.distributed.broadcast(num_tokens, src=last_rank, group=pp_group)
+
+        # all-reduce across DP ranks.
+        torch.distributed.all_reduce(num_tokens, group=dp_cp_group)
+        for model_chunk in model:
+            if num_tokens > 0:
+                scaling = 1.0 / num_tokens
+                model_chunk.scale_gradients(scaling)"""),
     }
+
+
+def _linear_sources_unchanged(source: str) -> bool:
+    return all(line in source for line in (
+        "output = torch.matmul(total_input, weight.t())",
+        "output = output + bias",
+        "grad_input = grad_output.matmul(weight)",
+        "grad_output, total_input = prepare_input_tensors_for_wgrad_compute(",
+        "total_input, grad_output, weight.main_grad",
+        "if hasattr(weight, \"grad_added_to_main_grad\"):",
+        "weight.grad_added_to_main_grad = True",
+        "grad_weight = grad_output.t().matmul(total_input)",
+        "grad_bias = grad_output.sum(dim=0) if use_bias else None",
+        "return grad_input, grad_weight, grad_bias, None, None, None, None, None, None"))
 
 
 def _rope_sources_unchanged(rope_utils) -> bool:
@@ -379,7 +530,7 @@ def _import_fallback(source: str) -> str:
 
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
            torch_adam_distributed_optimizer, rope_tables, foreach_optimizer_ops,
-           single_rank_tp_mappings)
+           single_rank_tp_mappings, linear_without_communication, token_scaling_without_sync)
 
 
 def apply() -> None:

@@ -215,10 +215,137 @@ def test_one_rank_tensor_parallel_mappings_add_no_autograd_nodes():
     mappings = {"_CopyToModelParallelRegionBackward", "_ReduceFromModelParallelRegionBackward"}
     (one,) = run_on_ranks(_autograd_node_names, 1, 1)
     two = run_on_ranks(_autograd_node_names, 2, 2)
-    assert "LinearWithGradAccumulationAndAsyncCommunicationBackward" in one
+    megatron_linear, lean_linear = "LinearWithGradAccumulationAndAsyncCommunicationBackward", "_LinearWithoutCommunicationBackward"
+    assert lean_linear in one and megatron_linear not in one, one
     assert not one & mappings, one
-    # (at TP>1 the column-parallel layers all-reduce their input gradient themselves)
+    # (at TP>1 the column-parallel layers all-reduce their input gradient themselves: Megatron's
+    # function; the row-parallel ones communicate nothing in their linear function)
     assert all("_ReduceFromModelParallelRegionBackward" in names for names in two), two
+    assert all(megatron_linear in names and lean_linear in names for names in two), two
+
+
+def _linear_layers_against_megatron(rank, world_size):
+    """Megatron's column- and row-parallel layers through the patched linear function and through
+    Megatron's own (`__wrapped__`), from the same weights and inputs over two micro-batches: with
+    and without gradient accumulation fusion (into an fp32 main_grad, with the DDP hook's flag),
+    fp32 and bf16, with and without bias. Everything each path produces, compared exactly."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_ext.build import init_parallel
+    from megatron_ext.cli import load_config
+    from megatron_ext.transformer import transformer_config
+
+    cfg = load_config([])
+    init_parallel(cfg)  # applies the patches
+    patches._WgradAccumulation.mixed_dtype_gemm = False  # CPU has no addmm(out_dtype)
+    patched = layers.linear_with_grad_accumulation_and_async_allreduce
+    original = patched.__wrapped__
+    results = {}
+    for fusion in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            for kind, bias in ((ColumnParallelLinear, True), (ColumnParallelLinear, False), (RowParallelLinear, False)):
+                tcfg = transformer_config(cfg)
+                tcfg.gradient_accumulation_fusion, tcfg.params_dtype = fusion, dtype
+                extra = {"gather_output": True} if kind is ColumnParallelLinear else {"input_is_parallel": True,
+                                                                                       "skip_bias_add": False}
+                torch.manual_seed(0)
+                layer = kind(8, 6, config=tcfg, init_method=torch.nn.init.normal_, bias=bias, **extra)
+                gen = torch.Generator().manual_seed(1)
+                inputs = [torch.randn(5, 2, 8, generator=gen).to(dtype) for _ in range(2)]
+                runs = []
+                for fn in (patched, original):
+                    layers.linear_with_grad_accumulation_and_async_allreduce = fn
+                    for p in layer.parameters():
+                        p.grad = None
+                    if fusion:
+                        layer.weight.main_grad = torch.zeros(layer.weight.shape)
+                        layer.weight.grad_added_to_main_grad = False
+                    outs, input_grads = [], []
+                    for x in inputs:
+                        x = x.clone().requires_grad_()
+                        out = layer(x)[0]
+                        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
+                        outs.append(out.detach())
+                        input_grads.append(x.grad)
+                    runs.append({"out": outs, "input_grad": input_grads,
+                                 "main_grad": getattr(layer.weight, "main_grad", None),
+                                 "flag": getattr(layer.weight, "grad_added_to_main_grad", None),
+                                 "weight_grad": None if fusion else layer.weight.grad,
+                                 "dummy_grad_shape": tuple(layer.weight.grad.shape) if fusion else None,
+                                 "bias_grad": layer.bias.grad if bias else None})
+                layers.linear_with_grad_accumulation_and_async_allreduce = patched
+                results[f"{kind.__name__} bias={bias} fusion={fusion} {dtype}"] = runs
+    return results
+
+
+def test_linear_without_communication_matches_megatrons_function():
+    from tests.gloo import run_on_ranks
+
+    (results,) = run_on_ranks(_linear_layers_against_megatron, 1)
+    assert len(results) == 12
+    for case, (ours, megatron) in results.items():
+        assert ours.keys() == megatron.keys()
+        for key in ours:
+            a, b = ours[key], megatron[key]
+            if isinstance(a, list):
+                assert all(torch.equal(x, y) for x, y in zip(a, b)), (case, key)
+            elif isinstance(a, torch.Tensor):
+                assert torch.equal(a, b), (case, key)
+            else:
+                assert a == b, (case, key)
+        if "fusion=True" in case:
+            assert ours["flag"] is True and ours["main_grad"].abs().sum() > 0, case
+
+
+def _forward_backward_syncs_and_grads(rank, world_size):
+    """One global batch's forward_backward_func (2 micro-batches, per-token loss) with the patched
+    finalize_model_grads and with Megatron's: host syncs dispatched and the gradients, for a batch
+    with tokens and for one whose loss mask is all zero."""
+    import importlib
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext.build import build
+    from megatron_ext.cli import load_config
+    from megatron_ext.pretrain import PretrainStage
+
+    rt = build(load_config(["model=qwen2_debug", "model.num_layers=2", "model.vocab_size=512", "data.seq_length=16",
+                            "train.micro_batch_size=1", "train.global_batch_size=2"]))
+    module = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    patched = rt.transformer_config.finalize_model_grads_func
+    assert patched is module.finalize_model_grads and hasattr(patched, "__wrapped__")
+    tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for masked in (1.0, 0.0):
+        batches = [{"tokens": t[None, :-1], "labels": t[None, 1:], "position_ids": torch.arange(16)[None],
+                    "loss_mask": torch.full((1, 16), masked)} for t in tokens]
+        for name, finalize in (("patched", patched), ("megatron", patched.__wrapped__)):
+            rt.transformer_config.finalize_model_grads_func = finalize
+            for chunk in rt.model:
+                chunk.zero_grad_buffer()
+            with _Ops() as ops:
+                get_forward_backward_func()(forward_step_func=PretrainStage().forward_step, data_iterator=iter(batches),
+                                            model=rt.model, num_microbatches=2, seq_length=16, micro_batch_size=1,
+                                            forward_only=False)
+            grads = [p.main_grad.clone() for p in rt.model[0].parameters()]
+            results[(name, masked)] = (ops.counts.get("_local_scalar_dense.default", 0), grads)
+    rt.transformer_config.finalize_model_grads_func = patched
+    return results
+
+
+def test_token_scaling_without_sync_leaves_forward_backward_free_of_host_syncs():
+    """Megatron's per-token gradient scaling reads the token count on the host (one sync per step,
+    and no CUDA graph can capture it); the patched one scales on the device to the same gradients,
+    also when the batch has no loss tokens (Megatron then leaves them unscaled)."""
+    from tests.gloo import run_on_ranks
+
+    (results,) = run_on_ranks(_forward_backward_syncs_and_grads, 1)
+    for masked in (1.0, 0.0):
+        (ours_syncs, ours), (megatron_syncs, megatron) = results[("patched", masked)], results[("megatron", masked)]
+        assert (ours_syncs, megatron_syncs) == (0, 1), masked
+        assert all(torch.equal(a, b) for a, b in zip(ours, megatron)), masked
+    assert any(g.abs().sum() > 0 for g in results[("patched", 1.0)][1])
 
 
 class _Group:
