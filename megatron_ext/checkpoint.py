@@ -147,14 +147,23 @@ def _sharded_state(rt, is_loading: bool, with_optimizer: bool = True) -> dict:
 
 def _rng_state() -> dict:
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else cpu_backend.cpu_generator().get_state()
-    return {"cpu": torch.get_rng_state(), "cuda": cuda,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    # Graph-safe trackers (train.cuda_graph) hold generators, not state tensors: save their states.
+    tracker = {name: s.get_state() if isinstance(s, torch.Generator) else s
+               for name, s in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+    return {"cpu": torch.get_rng_state(), "cuda": cuda, "tracker": tracker}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     torch.cuda.set_rng_state(state["cuda"])  # the CPU backend routes this to its generator
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    current = tracker.get_states()
+    for name, saved in state["tracker"].items():
+        if isinstance(current.get(name), torch.Generator):
+            current[name].set_state(saved)  # in place: a CUDA graph may have registered the generator
+        else:
+            current[name] = saved
+    tracker.set_states(current)
 
 
 def _layout() -> dict:

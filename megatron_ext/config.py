@@ -142,6 +142,15 @@ class TrainConfig:
     HybridDeviceOptimizer). GPU only; needs parallel.distributed_optimizer=true."""
     optimizer_offload_fraction: float = 1.0
     """With optimizer_cpu_offload: the fraction of the optimizer state kept on the host."""
+    cuda_graph: bool = False
+    """Capture the forward and backward passes of a whole global batch (every micro-batch, the
+    gradient reduction and scaling) as one CUDA graph after `cuda_graph_warmup_steps` eager steps
+    and replay it in every later step (Megatron-Core's full-iteration graph): the host no longer
+    issues each layer's kernels, which limits small micro-batches. GPU only; the step must have
+    fixed shapes and no host syncs: parallel.tp/pp/cp/ep=1, a dense model, the pretraining or CPT
+    stage without data.document_mask, bf16 or fp32. The optimizer step stays eager."""
+    cuda_graph_warmup_steps: int = 2
+    """Eager steps before the capture (compilation of the fused kernels happens in the first)."""
 
 
 @dataclass
@@ -260,6 +269,8 @@ class Config:
 PRECISIONS = ("fp32", "bf16", "fp8_delayed", "fp8_current", "fp8_blockwise")
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
+CUDA_GRAPH_STAGES = ("megatron_ext.pretrain:PretrainStage", "posttrain.cpt:CPTStage")
+"""Stages whose training step can be one CUDA graph: fixed-shape batches, no host syncs."""
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -375,6 +386,16 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
                "train.optimizer_cpu_offload=true needs parallel.distributed_optimizer=true and "
                f"0 < train.optimizer_offload_fraction <= 1 (got {cfg.parallel.distributed_optimizer}, "
                f"{t.optimizer_offload_fraction})", errors)
+    if t.cuda_graph:
+        p = cfg.parallel
+        _check(p.tp == p.pp == p.cp == p.ep == 1 and not cfg.model.is_moe and not cfg.data.document_mask
+               and cfg.stage_class in CUDA_GRAPH_STAGES and not cfg.precision.name.startswith("fp8"),
+               "train.cuda_graph=true needs fixed shapes and no host syncs in the step: parallel.tp/pp/cp/ep=1 "
+               f"(got {p.tp}/{p.pp}/{p.cp}/{p.ep}), a dense model (model.num_experts={cfg.model.num_experts}), "
+               f"data.document_mask=false (got {cfg.data.document_mask}), the pretraining or CPT stage "
+               f"(stage_class={cfg.stage_class}) and bf16 or fp32 (precision.name={cfg.precision.name})", errors)
+        _check(t.cuda_graph_warmup_steps >= 1,
+               f"train.cuda_graph_warmup_steps={t.cuda_graph_warmup_steps} must be >= 1", errors)
     if t.lr_schedule == "wsd":
         _check(t.wsd_decay_steps is not None and 0 < t.wsd_decay_steps <= t.steps - t.warmup_steps,
                f"train.lr_schedule=wsd needs 0 < train.wsd_decay_steps <= steps - warmup_steps "
@@ -437,6 +458,8 @@ def _validate_precision(cfg: Config, check_device: bool, errors: List[str]) -> N
         _check(ok, f"precision.name={p.name} {why}", errors)
     import torch
 
+    _check(not cfg.train.cuda_graph or torch.cuda.is_available(),
+           "train.cuda_graph=true captures CUDA graphs, but no CUDA GPU is visible", errors)
     _check(not cfg.train.optimizer_cpu_offload or torch.cuda.is_available(),
            "train.optimizer_cpu_offload=true moves optimizer state off the GPU, but no CUDA GPU is "
            "visible: on CPU the optimizer already runs in host memory; unset it", errors)

@@ -65,10 +65,30 @@ def _iterators(rt: Runtime, dataset, consumed_samples: int):
     return its if len(its) > 1 else its[0]
 
 
+def _forward_backward(rt: Runtime, forward_only: bool):
+    """Megatron's schedule; for training with train.cuda_graph, inside its full-iteration CUDA
+    graph wrapper (eager warm-up steps, then one capture, then a replay per step, each micro-batch
+    copied into the graph's static input buffers first). Evaluation stays eager."""
+    if forward_only or not rt.config.train.cuda_graph:
+        return get_forward_backward_func()
+    if rt.graphed_forward_backward is None:
+        from megatron.core.full_cuda_graph import FullCudaGraphWrapper, StaticBufferLoader
+
+        # The wrapper keeps its graph, step count and input buffers on the class: start afresh
+        # for this runtime (a process may build more than one).
+        FullCudaGraphWrapper.curr_iteration = {"training": 0, "validation": 0}
+        FullCudaGraphWrapper.cuda_graph = {"training": None, "validation": None}
+        FullCudaGraphWrapper.result = {"training": None, "validation": None}
+        StaticBufferLoader.static_buffers = {"training": [], "validation": []}
+        rt.graphed_forward_backward = FullCudaGraphWrapper(
+            get_forward_backward_func(), cuda_graph_warmup_steps=rt.config.train.cuda_graph_warmup_steps)
+    return rt.graphed_forward_backward
+
+
 def _run(rt: Runtime, stage: Stage, iterators, forward_only: bool) -> List[dict]:
     cfg = rt.config
     dp = parallel_state.get_data_parallel_world_size()
-    return get_forward_backward_func()(
+    return _forward_backward(rt, forward_only)(
         forward_step_func=stage.forward_step,
         data_iterator=iterators,
         model=rt.model,

@@ -148,5 +148,9 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         # Loss is summed over tokens and normalised by the global token count, so any
         # DP/PP split of the batch gives the same gradient as one process.
         calculate_per_token_loss=True,
+        # train.cuda_graph: the loop wraps the schedule in Megatron's full-iteration graph; no
+        # per-layer graphs (the scope keeps the layers from making their own).
+        **(dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration",
+                cuda_graph_warmup_steps=cfg.train.cuda_graph_warmup_steps) if cfg.train.cuda_graph else {}),
         **_moe_kwargs(cfg),
     )

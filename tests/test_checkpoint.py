@@ -549,3 +549,37 @@ def test_resumed_adam_runs_fused_with_a_step_per_parameter(four_steps):
         _adam_state_after_resume, 1, SCHEDULE + [f"checkpoint.load={root}/iter_0000002"])
     assert fused and all(fused)
     assert steps == [2.0] * n_params and distinct == n_params and on_device
+
+
+def _graph_safe_rng_round_trip(rank, world_size):
+    """A tracker holding generators (graph-safe, as with train.cuda_graph): the checkpoint saves
+    their states as tensors and restores them into the same generator objects."""
+    import io
+
+    from megatron.core import tensor_parallel
+
+    from megatron_ext import checkpoint
+    from megatron_ext.build import init_parallel
+    from megatron_ext.cli import load_config
+
+    init_parallel(load_config([]))
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    generator = torch.Generator().manual_seed(3)
+    tracker.set_states({"model-parallel-rng": generator})
+    state = checkpoint._rng_state()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    expected = torch.rand(4, generator=generator)
+    torch.rand(7, generator=generator)  # moves on
+    buffer.seek(0)
+    checkpoint._set_rng_state(torch.load(buffer, weights_only=False))
+    restored = tracker.get_states()["model-parallel-rng"]
+    return isinstance(state["tracker"]["model-parallel-rng"], torch.Tensor), restored is generator, \
+        torch.equal(torch.rand(4, generator=restored), expected)
+
+
+def test_graph_safe_rng_states_round_trip_in_place():
+    from tests.gloo import run_on_ranks
+
+    ((saved_as_tensor, same_object, same_draws),) = run_on_ranks(_graph_safe_rng_round_trip, 1)
+    assert saved_as_tensor and same_object and same_draws

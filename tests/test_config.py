@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_ext.cli import CONF_DIR, load_config
 from megatron_ext.config import ConfigError, validate
@@ -72,6 +73,39 @@ def test_value_rules():
     _rejects(["train.lr_schedule=wsd"], 1, "train.wsd_decay_steps")
     _rejects(["train.min_lr=1.0"], 1, "train.min_lr")
     _rejects(["model.num_query_groups=3"], 1, "model.num_query_groups=3")
+
+
+def _rejects_planned(overrides, world_size, *fragments):
+    """As _rejects, with the device checks off (a GPU job planned on any machine)."""
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(overrides), world_size, check_device=False)
+    for fragment in fragments:
+        assert fragment in str(e.value), f"{fragment!r} not in: {e.value}"
+
+
+def test_cuda_graph_rules():
+    validate(load_config(["train.cuda_graph=true"]), 1, check_device=False)
+    validate(load_config(["train.cuda_graph=true", "stage_class=posttrain.cpt:CPTStage", "precision=bf16"]), 2,
+             check_device=False)
+    graph = ["train.cuda_graph=true"]
+    _rejects_planned(graph + ["parallel.tp=2"], 2, "train.cuda_graph=true needs", "(got 2/1/1/1)")
+    _rejects_planned(graph + ["model=qwen3_moe_debug"], 1, "a dense model (model.num_experts=4)")
+    _rejects_planned(graph + ["data.document_mask=true"], 1, "data.document_mask=false (got True)")
+    _rejects_planned(graph + ["stage=sft"], 1, "stage_class=posttrain.sft:SFTStage")
+    _rejects_planned(graph + ["train.cuda_graph_warmup_steps=0"], 1, "train.cuda_graph_warmup_steps=0")
+    if not torch.cuda.is_available():
+        _rejects(graph, 1, "train.cuda_graph=true captures CUDA graphs, but no CUDA GPU is visible")
+
+
+def test_cuda_graph_sets_megatrons_full_iteration_scope():
+    from megatron.core.transformer.enums import CudaGraphScope
+
+    from megatron_ext.transformer import transformer_config
+
+    graphed = transformer_config(load_config(["train.cuda_graph=true", "train.cuda_graph_warmup_steps=3"]))
+    assert (graphed.cuda_graph_impl, graphed.cuda_graph_scope, graphed.cuda_graph_warmup_steps) == (
+        "local", [CudaGraphScope.full_iteration], 3)
+    assert transformer_config(load_config([])).cuda_graph_impl == "none"
 
 
 def test_several_errors_reported_together():

@@ -96,3 +96,34 @@ def test_torchrun_tp2_cli():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step      3/3" in proc.stderr and "tp=2" in proc.stderr
+
+
+def _schedules(rank, world_size):
+    """What the loop runs a global batch with: eager, or (train.cuda_graph, training only)
+    Megatron's full-iteration CUDA graph wrapper, fresh for each runtime."""
+    from types import SimpleNamespace
+
+    from megatron.core.full_cuda_graph import FullCudaGraphWrapper
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext import loop
+    from megatron_ext.build import init_parallel
+    from megatron_ext.cli import load_config
+
+    eager = SimpleNamespace(config=load_config([]), graphed_forward_backward=None)
+    graphed = SimpleNamespace(config=load_config(["train.cuda_graph=true", "train.cuda_graph_warmup_steps=3"]),
+                              graphed_forward_backward=None)
+    init_parallel(eager.config)
+    plain = get_forward_backward_func()
+    FullCudaGraphWrapper.curr_iteration["training"] = 5  # left over from an earlier runtime
+    wrapper = loop._forward_backward(graphed, forward_only=False)
+    return (loop._forward_backward(eager, False) is plain, loop._forward_backward(graphed, True) is plain,
+            isinstance(wrapper, FullCudaGraphWrapper) and wrapper.forward_backward_func is plain,
+            wrapper.cuda_graph_warmup_steps, FullCudaGraphWrapper.curr_iteration["training"],
+            loop._forward_backward(graphed, False) is wrapper)
+
+
+def test_cuda_graph_wraps_the_training_schedule_only():
+    ((eager, evaluation, wrapped, warmup, iteration, reused),) = run_on_ranks(_schedules, 1)
+    assert eager and evaluation and wrapped and reused
+    assert (warmup, iteration) == (3, 0)

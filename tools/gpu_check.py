@@ -7,6 +7,7 @@ children when it runs over, so one hang cannot eat the rest):
   gpu_tests       pytest -m gpu on the test files that have gpu-marked tests
   dense_mb1/mb2   tools.bench qwen2_5_1_5b, bf16, seq 4096, global batch 8, micro-batch 1 / 2,
                   --compare transformers (the peer trains the same shape in the same run)
+  dense_mb1_graph dense_mb1 with train.cuda_graph=true (the step as one CUDA graph), no peer
   moe_mb1         tools.bench qwen3_30b_a3b --layers 2, micro-batch 1, --compare transformers
   long_context    tools.bench stage=long_context: qwen2_5_1_5b at 32k tokens, documents masked
                   (synthetic EOD-separated documents), one GPU (cp=1), full recompute
@@ -92,8 +93,14 @@ def plan() -> List[Check]:
     return [
         Check("gpu_tests", ["pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *gpu_test_files()],
               limit_s=180, min_s=30),
-        *(Check(f"dense_mb{mb}", [*dense, "precision=bf16", f"train.micro_batch_size={mb}",
-                                  "--compare", "transformers", "--profile", "1"], limit_s=150) for mb in (1, 2)),
+        Check("dense_mb1", [*dense, "precision=bf16", "train.micro_batch_size=1",
+                            "--compare", "transformers", "--profile", "1"], limit_s=150),
+        # the same run with the step as one CUDA graph (train.cuda_graph; its peer is dense_mb1's):
+        # its 2 eager steps, then the capture, all before the timed steps
+        Check("dense_mb1_graph", ["tools.bench", "--warmup", "3", "--steps", "5", "model=qwen2_5_1_5b", *SHAPE,
+                                  "precision=bf16", "train.micro_batch_size=1", "train.cuda_graph=true"], limit_s=120),
+        Check("dense_mb2", [*dense, "precision=bf16", "train.micro_batch_size=2",
+                            "--compare", "transformers", "--profile", "1"], limit_s=150),
         Check("moe_mb1", [*bench, "model=qwen3_30b_a3b", "--layers", "2", *SHAPE, "precision=bf16",
                           "train.micro_batch_size=1", "--compare", "transformers", "--profile", "1"], limit_s=150),
         Check("long_context", ["tools.bench", "--warmup", "1", "--steps", "2", "model=qwen2_5_1_5b",
