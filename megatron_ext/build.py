@@ -57,8 +57,10 @@ def init_parallel(cfg: Config) -> None:
             expert_tensor_parallel_size=p.etp or p.tp,
         )
     torch.manual_seed(cfg.train.seed)
-    # A CUDA graph replays its random draws only from graph-safe generators.
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed, use_cudagraphable_rng=cfg.train.cuda_graph)
+    # A CUDA graph replays its random draws only from graph-safe generators (a new tracker: the
+    # process may hold one made without them).
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed, use_cudagraphable_rng=cfg.train.cuda_graph,
+                                                    force_reset_rng=cfg.train.cuda_graph)
     log.info("parallel layout: tp=%d pp=%d vpp=%s cp=%d ep=%d etp=%d dp=%d sp=%s", p.tp, p.pp, p.vpp,
              p.cp, p.ep, p.etp or p.tp, parallel_state.get_data_parallel_world_size(), p.sp)
 

@@ -82,7 +82,10 @@ def _forward_backward(rt: Runtime, forward_only: bool):
         StaticBufferLoader.static_buffers = {"training": [], "validation": []}
         rt.graphed_forward_backward = FullCudaGraphWrapper(
             get_forward_backward_func(), cuda_graph_warmup_steps=rt.config.train.cuda_graph_warmup_steps)
-    return rt.graphed_forward_backward
+    graphed = rt.graphed_forward_backward
+    if graphed.curr_iter("training") == graphed.cuda_graph_warmup_steps and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the capture allocates from a pool of its own: free the eager steps' cache
+    return graphed
 
 
 def _run(rt: Runtime, stage: Stage, iterators, forward_only: bool) -> List[dict]:

@@ -140,29 +140,32 @@ def test_rope_tables_equal_megatron_rope_on_gpu(on_gpu):
     assert all(d < BF16_TOL * 4 for pair in diffs.values() for d in pair), diffs
 
 
-def _train_losses(rank, world_size, cuda_graph):
-    """Losses of 6 steps of the tiny Qwen2 model on synthetic tokens, and whether a full-iteration
-    CUDA graph was captured (train.cuda_graph: 2 eager steps, then the capture, then replays)."""
+def _train_losses(rank, world_size):
+    """Losses and gradient norms of 6 steps of the tiny Qwen2 model on synthetic tokens, eager and
+    with train.cuda_graph (2 eager steps, then the capture, then replays), in one process (the
+    kernels compile once); and whether each run captured a full-iteration CUDA graph."""
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
     from megatron_ext.loop import train
     from tools.bench import make_stage
 
-    cfg = load_config(["model=qwen2_debug", "model.num_layers=4", "model.vocab_size=2048", "precision=bf16",
-                       "data.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=4",
-                       "train.steps=6", "train.warmup_steps=1", f"train.cuda_graph={str(cuda_graph).lower()}"])
-    validate(cfg, world_size)
-    result = train(cfg, make_stage(cfg, "synthetic"))
-    graphed = result.runtime.graphed_forward_backward
-    captured = graphed is not None and graphed.cuda_graph["training"] is not None
-    return [h["loss"] for h in result.history], [h["grad_norm"] for h in result.history], captured
+    runs = []
+    for cuda_graph in ("false", "true"):
+        cfg = load_config(["model=qwen2_debug", "model.num_layers=4", "model.vocab_size=2048", "precision=bf16",
+                           "data.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=4",
+                           "train.steps=6", "train.warmup_steps=1", f"train.cuda_graph={cuda_graph}"])
+        validate(cfg, world_size)
+        result = train(cfg, make_stage(cfg, "synthetic"))
+        graphed = result.runtime.graphed_forward_backward
+        captured = graphed is not None and graphed.cuda_graph["training"] is not None
+        runs.append(([h["loss"] for h in result.history], [h["grad_norm"] for h in result.history], captured))
+    return runs
 
 
 def test_full_iteration_cuda_graph_trains_as_eager():
     """train.cuda_graph: the replayed graph trains the same steps as the eager schedule (same
     losses and gradient norms up to the nondeterminism of atomics in bf16 kernels)."""
-    (eager,) = run_on_ranks(_train_losses, 1, False)
-    (graphed,) = run_on_ranks(_train_losses, 1, True)
+    ((eager, graphed),) = run_on_ranks(_train_losses, 1)
     assert not eager[2] and graphed[2], "the graph run captured a graph, the eager one did not"
     assert len(graphed[0]) == len(eager[0]) == 6
     for a, b in zip(graphed[0] + graphed[1], eager[0] + eager[1]):

@@ -351,7 +351,7 @@ def summarize(cfg: Config, history: List[dict], warmup: int, world: int, spec: s
         device=device, world_size=world,
         layout=dict(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp or p.tp, sp=p.sp,
                     dp=world // (p.tp * p.pp * p.cp), distributed_optimizer=p.distributed_optimizer),
-        recompute=cfg.train.recompute, seq_length=cfg.data.seq_length,
+        recompute=cfg.train.recompute, cuda_graph=cfg.train.cuda_graph, seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
         warmup_steps=warmup, timed_steps=len(timed), step_time_s=sum(seconds) / len(seconds), step_times_s=seconds,
         tokens_per_s_per_gpu=tps_gpu, active_params=active_params(cfg), model_flops_per_token=fpt,
@@ -370,7 +370,7 @@ def format_report(r: Dict) -> str:
                         if r["spec"] == "local" and r["device"] != "cpu" else "")
     return "\n".join([
         f"bench: {r['model']} ({r['num_layers']} layers), precision={r['precision']}, spec={spec}, "
-        f"recompute={r['recompute']}",
+        f"recompute={r['recompute']}" + (", the step as one CUDA graph" if r.get("cuda_graph") else ""),
         f"  device: {r['device']} x {r['world_size']}; tp={lay['tp']} pp={lay['pp']} cp={lay['cp']} "
         f"ep={lay['ep']} dp={lay['dp']} sp={lay['sp']} distributed_optimizer={lay['distributed_optimizer']}",
         f"  seq={r['seq_length']} micro_batch={r['micro_batch_size']} global_batch={r['global_batch_size']}; "

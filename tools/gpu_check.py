@@ -92,7 +92,7 @@ def plan() -> List[Check]:
     dense = [*bench, "model=qwen2_5_1_5b", *SHAPE]
     return [
         Check("gpu_tests", ["pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *gpu_test_files()],
-              limit_s=180, min_s=30),
+              limit_s=240, min_s=30),
         Check("dense_mb1", [*dense, "precision=bf16", "train.micro_batch_size=1",
                             "--compare", "transformers", "--profile", "1"], limit_s=150),
         # the same run with the step as one CUDA graph (train.cuda_graph; its peer is dense_mb1's):
