@@ -61,24 +61,24 @@ def preemption_watcher() -> PreemptionWatcher:
     return _watcher
 
 
-def _local_status(model, reports: List[dict]) -> int:
-    """0 ok, 1 non-finite gradient, 2 non-finite loss (on this rank, before reduction)."""
-    if any(not torch.isfinite(r["lm loss"]).all() for r in reports):
-        return 2
-    for chunk in model:
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            if not torch.isfinite(buffer.grad_data).all():
-                return 1
-    return 0
+def _local_status(model, reports: List[dict]) -> torch.Tensor:
+    """0 ok, 1 non-finite gradient, 2 non-finite loss (on this rank, before reduction), as a
+    0-dim int32 tensor on the gradients' device: no host sync, and no temporary the size of the
+    gradients (a buffer is finite iff its largest absolute value is; NaN propagates)."""
+    buffers = [b.grad_data for chunk in model for b in chunk.buffers + chunk.expert_parallel_buffers
+               if b.grad_data.numel()]
+    losses = [r["lm loss"].reshape(-1).to(buffers[0].device) for r in reports]
+    loss_ok = torch.isfinite(torch.cat(losses)).all() if losses else True
+    grads_ok = torch.isfinite(torch.stack([torch.linalg.vector_norm(b, float("inf")) for b in buffers])).all()
+    return torch.where(grads_ok, 0, 1).masked_fill(~torch.as_tensor(loss_ok), 2).to(torch.int32)
 
 
 def non_finite(model, reports: List[dict], step: int) -> Optional[str]:
     """Collective: a message naming the ranks with a non-finite loss/grad at `step`, or None."""
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    status = torch.zeros(world, dtype=torch.int32)
-    status[rank] = _local_status(model, reports)
-    if torch.cuda.is_available():
-        status = status.cuda()
+    local = _local_status(model, reports)
+    status = torch.zeros(world, dtype=torch.int32, device=local.device)
+    status[rank] = local
     torch.distributed.all_reduce(status)
     status = status.cpu().tolist()
     if not any(status):

@@ -334,6 +334,35 @@ def test_injected_nan_stops_before_the_update():
         assert unchanged
 
 
+def test_local_status_names_the_first_non_finite_kind():
+    """0 finite, 1 a non-finite gradient (inf or NaN anywhere in any buffer, expert buffers
+    included), 2 a non-finite loss (whatever the gradients); no reports (a non-last pipeline
+    stage) judge the gradients only."""
+    from types import SimpleNamespace
+
+    from megatron_ext.fault import _local_status
+
+    def chunk(*grads, expert=()):
+        wrap = lambda ts: [SimpleNamespace(grad_data=t) for t in ts]  # noqa: E731
+        return SimpleNamespace(buffers=wrap(grads), expert_parallel_buffers=wrap(expert))
+
+    finite = [torch.randn(1000), torch.randn(7)]
+    report = {"lm loss": torch.tensor([3.0, 16.0])}
+    poisoned = lambda value, at: torch.cat([finite[0][:at], torch.tensor([value]), finite[0][at:]])  # noqa: E731
+    cases = [
+        ([chunk(*finite)], [report, report], 0),
+        ([chunk(*finite)], [], 0),
+        ([chunk(finite[0], poisoned(float("inf"), 999))], [report], 1),
+        ([chunk(*finite), chunk(finite[1], expert=[poisoned(float("nan"), 0)])], [report], 1),
+        ([chunk(finite[0], torch.empty(0), poisoned(-float("inf"), 3))], [], 1),
+        ([chunk(*finite)], [report, {"lm loss": torch.tensor([float("nan"), 16.0])}], 2),
+        ([chunk(poisoned(float("nan"), 5))], [{"lm loss": torch.tensor([float("inf"), 1.0])}], 2),
+    ]
+    for i, (model, reports, expected) in enumerate(cases):
+        status = _local_status(model, reports)
+        assert status.dtype == torch.int32 and status.dim() == 0 and int(status) == expected, i
+
+
 # ---------------------------------------------------------------- resume policy for schedule keys
 
 SCHEDULE = ["train.steps=4", "train.warmup_steps=1", "train.global_batch_size=2", "train.micro_batch_size=1",
