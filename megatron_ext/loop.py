@@ -36,12 +36,11 @@ def reduce_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, Optional
     means: Dict[str, Optional[float]] = {}
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         keys = sorted({k for report in reports for k in report})
-        total = torch.zeros(len(keys), 2, dtype=torch.float32)
-        for report in reports:
+        total = _device(torch.zeros(len(keys), 2, dtype=torch.float32))
+        for report in reports:  # summed where they are: one copy to the host below, not one per report
             for i, key in enumerate(keys):
                 if key in report:
-                    total[i] += report[key].float().cpu()
-        total = _device(total)
+                    total[i] += report[key].float()
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         total = total.cpu()
         means = {k: (total[i, 0] / total[i, 1]).item() if total[i, 1] > 0 else None for i, k in enumerate(keys)}
