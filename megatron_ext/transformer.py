@@ -139,7 +139,11 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         # Fused kernels are CUDA-only; on GPU Megatron picks them per spec.
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
-        bias_dropout_fusion=on_gpu,
+        # With no linear bias and no hidden dropout (above) bias-dropout-add is one add: Megatron's
+        # fused version compiles to that same single kernel behind TorchDynamo and AOTAutograd's
+        # per-call host overhead (about 100 us per call, forward and backward, on a CPU host,
+        # against about 35 us eagerly), twice per layer and micro-batch.
+        bias_dropout_fusion=False,
         # Weight gradients accumulate into the fp32 main_grad inside the GEMM (TE's own, or
         # megatron_ext.patches' stand-in for Apex's kernel); needs Megatron DDP's main_grad.
         gradient_accumulation_fusion=on_gpu,
