@@ -40,7 +40,7 @@ def reduce_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, Optional
         for report in reports:  # summed where they are: one copy to the host below, not one per report
             for i, key in enumerate(keys):
                 if key in report:
-                    total[i] += report[key].float()
+                    total[i] += report[key].float().to(total.device)
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         total = total.cpu()
         means = {k: (total[i, 0] / total[i, 1]).item() if total[i, 1] > 0 else None for i, k in enumerate(keys)}
