@@ -148,7 +148,8 @@ class TrainConfig:
     and replay it in every later step (Megatron-Core's full-iteration graph): the host no longer
     issues each layer's kernels, which limits small micro-batches. GPU only; the step must have
     fixed shapes and no host syncs: parallel.tp/pp/cp/ep=1, a dense model, the pretraining or CPT
-    stage without data.document_mask, bf16 or fp32. The optimizer step stays eager."""
+    stage without data.document_mask (stages declare it: megatron_ext.stages), bf16 or fp32. The
+    optimizer step stays eager."""
     cuda_graph_warmup_steps: int = 2
     """Eager steps before the capture (compilation of the fused kernels happens in the first)."""
 
@@ -269,8 +270,6 @@ class Config:
 PRECISIONS = ("fp32", "bf16", "fp8_delayed", "fp8_current", "fp8_blockwise")
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
-CUDA_GRAPH_STAGES = ("megatron_ext.pretrain:PretrainStage", "posttrain.cpt:CPTStage")
-"""Stages whose training step can be one CUDA graph: fixed-shape batches, no host syncs."""
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -389,11 +388,11 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
     if t.cuda_graph:
         p = cfg.parallel
         _check(p.tp == p.pp == p.cp == p.ep == 1 and not cfg.model.is_moe and not cfg.data.document_mask
-               and cfg.stage_class in CUDA_GRAPH_STAGES and not cfg.precision.name.startswith("fp8"),
+               and not cfg.precision.name.startswith("fp8"),
                "train.cuda_graph=true needs fixed shapes and no host syncs in the step: parallel.tp/pp/cp/ep=1 "
                f"(got {p.tp}/{p.pp}/{p.cp}/{p.ep}), a dense model (model.num_experts={cfg.model.num_experts}), "
-               f"data.document_mask=false (got {cfg.data.document_mask}), the pretraining or CPT stage "
-               f"(stage_class={cfg.stage_class}) and bf16 or fp32 (precision.name={cfg.precision.name})", errors)
+               f"data.document_mask=false (got {cfg.data.document_mask}) and bf16 or fp32 "
+               f"(precision.name={cfg.precision.name}); the stage must allow it too", errors)
         _check(t.cuda_graph_warmup_steps >= 1,
                f"train.cuda_graph_warmup_steps={t.cuda_graph_warmup_steps} must be >= 1", errors)
     if t.lr_schedule == "wsd":

@@ -40,6 +40,9 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 class PretrainStage:
     """Next-token prediction on Megatron GPT datasets."""
 
+    cuda_graph_safe = True
+    """Fixed-shape micro-batches and no host syncs in the step (train.cuda_graph may capture it)."""
+
     def __init__(self, cfg=None):
         pass  # no rules beyond megatron_ext.config.validate
 

@@ -12,6 +12,8 @@ from the validated config (raising ConfigError). Optional hooks, looked up on th
 - `loss_name`: what the console and the metrics file call the loss (default `lm_loss`);
 - `uses_reference_model` (class attribute): the stage keeps a frozen copy of the model it
   starts from, so a launcher must pin that model across requeues.
+- `cuda_graph_safe` (class attribute): the stage's training step has fixed shapes and no host
+  syncs, so `train.cuda_graph=true` may capture it as one CUDA graph (refused otherwise).
 - `config_section` + `config_options` (class attributes): the stage's own config section, a
   dataclass whose fields are the stage's keys (`dpo.beta`, `grpo.group_size`); the YAML sets its
   defaults, overrides are checked against it like any key, and only the chosen stage's section
@@ -70,7 +72,11 @@ def resolve(spec: str, where: str = "stage_class"):
 
 def make(cfg: Config):
     """The configured stage, constructed from the (validated) config; its own rules raise ConfigError."""
-    return resolve(cfg.stage_class)(cfg)
+    cls = resolve(cfg.stage_class)
+    if cfg.train.cuda_graph and not getattr(cls, "cuda_graph_safe", False):
+        raise ConfigError(f"train.cuda_graph=true: stage_class={cfg.stage_class} does not declare its training "
+                          "step capturable as a CUDA graph (cuda_graph_safe: fixed shapes, no host syncs)")
+    return cls(cfg)
 
 
 def uses_reference_model(name: str) -> bool:

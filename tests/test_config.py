@@ -91,7 +91,6 @@ def test_cuda_graph_rules():
     _rejects_planned(graph + ["parallel.tp=2"], 2, "train.cuda_graph=true needs", "(got 2/1/1/1)")
     _rejects_planned(graph + ["model=qwen3_moe_debug"], 1, "a dense model (model.num_experts=4)")
     _rejects_planned(graph + ["data.document_mask=true"], 1, "data.document_mask=false (got True)")
-    _rejects_planned(graph + ["stage=sft"], 1, "stage_class=posttrain.sft:SFTStage")
     _rejects_planned(graph + ["train.cuda_graph_warmup_steps=0"], 1, "train.cuda_graph_warmup_steps=0")
     if not torch.cuda.is_available():
         _rejects(graph, 1, "train.cuda_graph=true captures CUDA graphs, but no CUDA GPU is visible")

@@ -28,6 +28,21 @@ def test_registry_finds_the_stages_and_their_reference_models():
     assert [n for n in stages.names() if stages.uses_reference_model(n)] == ["dpo", "grpo"]
 
 
+def test_only_stages_declaring_it_run_as_a_cuda_graph():
+    """train.cuda_graph: the pretraining and CPT stages declare their step capturable; the
+    post-training stages (variable shapes, rollouts, host-side metrics) are refused by name."""
+    safe = []
+    for name in stages.names():
+        cfg = load_config([f"stage={name}"])
+        cfg.train.cuda_graph = True
+        try:
+            stages.make(cfg)
+            safe.append(name)
+        except ConfigError as e:
+            assert f"stage_class={cfg.stage_class} does not declare" in str(e), (name, e)
+    assert safe == ["cpt_code", "cpt_math", "long_context", "pretrain"], safe
+
+
 def test_bad_stage_class_is_named():
     cfg = load_config([])
     cfg.stage_class = "posttrain.dpo:NoSuchStage"
