@@ -44,7 +44,8 @@
   tensor (and cu_seqlens) and reuses them in every layer; the rotation itself is the same
   arithmetic, compiled into one kernel each way on GPUs (`torch.compile`, static shapes; eager
   on CPU, where it is bit-identical to Megatron's). Interleaved and multi-latent
-  RoPE keep Megatron's function.
+  RoPE keep Megatron's function. Tables read during a CUDA graph capture stay referenced as
+  long as the process lives (the graph's replays read their memory).
 - foreach_optimizer_ops (speed): without Apex or Transformer Engine, Megatron-Core falls back to
   Python loops for its multi-tensor kernels: the gradient norm is one `torch.norm` per parameter,
   gathered with `torch.tensor(list)` (a device-to-host copy per parameter on GPUs) and sent back
@@ -205,6 +206,9 @@ class _RopeTables:
 
     def __init__(self):
         self.keys, self.state, self.cos, self.sin = (), None, None, None
+        self.captured = []
+        """Tables a CUDA graph capture read (train.cuda_graph): kept for the graph's lifetime,
+        since its replays read their memory whatever the cache holds by then."""
 
     def get(self, keys, state, frequencies, dtype, mscale):
         """(cos, sin); `frequencies()` builds the frequencies on a miss."""
@@ -214,6 +218,9 @@ class _RopeTables:
                 freqs = frequencies()
                 self.cos, self.sin = (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype)
             self.keys, self.state = keys, state
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not any(
+                cos is self.cos for cos, _ in self.captured):
+            self.captured.append((self.cos, self.sin))
         return self.cos, self.sin
 
 

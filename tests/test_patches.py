@@ -348,6 +348,31 @@ def test_token_scaling_without_sync_leaves_forward_backward_free_of_host_syncs()
     assert any(g.abs().sum() > 0 for g in results[("patched", 1.0)][1])
 
 
+def test_rope_tables_keep_what_a_cuda_graph_capture_read(monkeypatch):
+    """A captured graph replays reads of the cos/sin tables' memory: the tables it read stay
+    referenced after the cache moves on to other frequencies (another length, in evaluation or
+    generation), so their memory is never handed to other tensors."""
+    tables = patches._RopeTables()
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    gen = torch.Generator().manual_seed(0)
+    first, other = torch.rand(8, 1, 1, 4, generator=gen), torch.rand(6, 1, 1, 4, generator=gen)
+
+    def get(freqs):
+        return tables.get((freqs,), (), lambda: freqs, torch.float32, 1.0)
+
+    warm = get(first)  # eager warm-up steps
+    assert tables.captured == []
+    capturing[0] = True
+    captured = get(first)  # the capture: a cache hit, read by the graph
+    get(first)  # the next layer
+    capturing[0] = False
+    later = get(other)
+    assert captured[0] is warm[0] and tables.cos is later[0] is not warm[0]
+    assert len(tables.captured) == 1 and all(a is b for a, b in zip(tables.captured[0], captured))
+
+
 class _Group:
     """A stand-in context-parallel group: RoPE asks it for its size and rank only."""
 
