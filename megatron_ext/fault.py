@@ -67,10 +67,12 @@ def _local_status(model, reports: List[dict]) -> torch.Tensor:
     gradients (a buffer is finite iff its largest absolute value is; NaN propagates)."""
     buffers = [b.grad_data for chunk in model for b in chunk.buffers + chunk.expert_parallel_buffers
                if b.grad_data.numel()]
-    losses = [r["lm loss"].reshape(-1).to(buffers[0].device) for r in reports]
-    loss_ok = torch.isfinite(torch.cat(losses)).all() if losses else True
     grads_ok = torch.isfinite(torch.stack([torch.linalg.vector_norm(b, float("inf")) for b in buffers])).all()
-    return torch.where(grads_ok, 0, 1).masked_fill(~torch.as_tensor(loss_ok), 2).to(torch.int32)
+    status = torch.where(grads_ok, 0, 1)
+    if reports:  # (only the last pipeline stage has them)
+        losses = torch.cat([r["lm loss"].reshape(-1).to(status.device) for r in reports])
+        status = torch.where(torch.isfinite(losses).all(), status, 2)
+    return status.to(torch.int32)
 
 
 def non_finite(model, reports: List[dict], step: int) -> Optional[str]:
