@@ -21,9 +21,18 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 def report(pairs: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
-    """A loss_func report: {name: tensor([sum, count])} from {name: (sum, count)}."""
-    return {k: torch.stack([s.detach().float().reshape(()).cpu(), torch.as_tensor(float(c))])
-            for k, (s, c) in pairs.items()}
+    """A loss_func report: {name: tensor([sum, count])} from {name: (sum, count)}.
+
+    Kept on the device of the sum: a host copy here would stall the GPU after every micro-batch;
+    the loop copies the summed reports to the host once per step (loop.reduce_reports). A count
+    is a tensor or a Python number (filled on the device, not copied there)."""
+    out = {}
+    for k, (s, c) in pairs.items():
+        s = s.detach().float().reshape(())
+        c = c.detach().to(s.device, torch.float32).reshape(()) if torch.is_tensor(c) else \
+            torch.full((), float(c), device=s.device)
+        out[k] = torch.stack([s, c])
+    return out
 
 
 class Cycled(torch.utils.data.Dataset):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_ext import stages
 from megatron_ext.cli import load_config
@@ -117,3 +118,17 @@ def test_in_training_evaluation_hook_is_named_by_the_config():
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "eval.train_hook='posttrain.evals.runner:no_such_hook': posttrain.evals.runner has no no_such_hook" \
         in proc.stderr, proc.stderr[-2000:]
+
+
+def test_stage_reports_stay_on_the_device_of_the_loss():
+    """A post-training loss_func's report is summed where it was computed (one host copy per step in
+    loop.reduce_reports), not copied to the host per micro-batch: on the meta device any host copy
+    would raise."""
+    from posttrain.common import report
+
+    loss = torch.ones(4, device="meta").sum()
+    rep = report({"lm loss": (loss, 4), "tokens": (loss, torch.ones(3, device="meta").sum().to(torch.int))})
+    assert {k: (v.device.type, v.dtype, tuple(v.shape)) for k, v in rep.items()} == {
+        "lm loss": ("meta", torch.float32, (2,)), "tokens": ("meta", torch.float32, (2,))}
+    cpu = report({"lm loss": (torch.tensor(6.0), 3)})["lm loss"]
+    assert cpu.tolist() == [6.0, 3.0]
