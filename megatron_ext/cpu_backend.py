@@ -28,6 +28,15 @@ Interceptions (each a named function below, listed in INTERCEPTIONS):
   costs compile time in every process. TorchDynamo is turned off, so they run as the plain
   PyTorch they are written in.
 
+Besides the interceptions, `keep_freed_memory` tunes glibc's allocator for CPU training: tensors
+above its mmap threshold (32 MiB at most by default; a [256, 152k] fp32 logits block is 155 MB)
+are mapped fresh on every allocation and unmapped on free, so each of them pays a page fault per
+4 KiB page on first touch. The threshold (and the trim threshold) are raised so freed blocks are
+reused. On a 2-core machine a 155 MB subtract went from ~100 ms to ~40 ms, and 30 steps of the
+default debug run from 16.2M to 0.32M page faults and 136 s to 88 s, its resident set from 1.08
+to 1.26 GB (flat from step 8 on). Freed memory stays with the process: it holds its peak, not its
+current use.
+
 (The MoE router's `te_general_gemm` is undefined wherever Transformer Engine is absent, GPUs
 included, so its fix is a patch in megatron_ext/patches.py, applied on every machine.)
 """
@@ -206,6 +215,18 @@ INTERCEPTIONS = (cuda_device, cuda_streams, cuda_tensor_type, cuda_rng, moe_spli
                  eager_fusions)
 
 
+def keep_freed_memory() -> bool:
+    """Large blocks from glibc's heap, kept on free, instead of fresh mappings per allocation
+    (module docstring). True if set; False where the C library has no mallopt (not glibc)."""
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_threshold, most = -1, -3, 2**31 - 1  # glibc's mallopt takes a C int
+    return bool(mallopt(m_mmap_threshold, most)) and bool(mallopt(m_trim_threshold, most))
+
+
 def cpu_generator() -> torch.Generator:
     """The generator standing in for the CUDA RNG (None before apply())."""
     return _cpu_generator
@@ -225,6 +246,7 @@ def apply() -> bool:
         )
     for interception in INTERCEPTIONS:
         interception()
+    keep_freed_memory()
     _applied = True
     log.info("CPU backend: applied %d interceptions for megatron-core %s", len(INTERCEPTIONS),
              PINNED_MEGATRON_CORE)

@@ -7,10 +7,13 @@ needing an interception, or the call site changes shape, the first half fails an
 """
 
 import math
+from pathlib import Path
 
 import pytest
 
 from tests.gloo import run_on_ranks
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = ["train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=1", "data.seq_length=32"]
 
@@ -98,3 +101,38 @@ def test_apply_refuses_other_megatron_versions(monkeypatch):
     monkeypatch.setattr(megatron.core, "__version__", "0.17.0")
     with pytest.raises(RuntimeError, match="pinned to megatron-core 0.16.1, found 0.17.0"):
         cpu_backend.apply()
+
+
+_FAULTS = """
+import ctypes, resource, sys
+from megatron_ext import cpu_backend
+if sys.argv[1] == "keep":
+    assert cpu_backend.keep_freed_memory()
+libc, size, faults = ctypes.CDLL(None), 64 << 20, []
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+for _ in range(4):  # a fresh 64 MiB block, touched, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+def test_large_freed_blocks_are_reused_not_mapped_again():
+    """keep_freed_memory: by default every 64 MiB block is a fresh mapping (a page fault per
+    4 KiB page it touches); with it the freed block is reused."""
+    import subprocess
+    import sys
+
+    from megatron_ext import cpu_backend
+
+    if not cpu_backend.keep_freed_memory():
+        pytest.skip("the C library has no mallopt (not glibc)")
+    faults = {how: int(subprocess.run([sys.executable, "-c", _FAULTS, how], check=True, capture_output=True,
+                                      text=True, cwd=str(REPO)).stdout) for how in ("default", "keep")}
+    pages = 3 * (64 << 20) // 4096
+    assert faults["default"] > pages // 2, faults
+    assert faults["keep"] < pages // 20, faults
