@@ -268,9 +268,35 @@ def test_bench_profile_after_timed_steps(tmp_path):
     assert all(a["self_ms"] >= b["self_ms"] for a, b in zip(rows, rows[1:]))
     assert any(row["name"] in ("aten::mm", "aten::addmm", "aten::bmm") for row in rows)
     assert 0 < sum(row["share"] for row in rows) <= 1.0 + 1e-9
-    # The same step's Python functions by own time: the model's own code among them.
+    # The same step's Python functions (and the builtins they call) by own time, over the whole
+    # step: the forward's matmuls and the autograd engine's backward among them.
     python = r["profile_python"]
     assert 0 < len(python) <= 15 and "profile: top Python functions by own host time" in proc.stdout
     assert all(a["self_ms"] >= b["self_ms"] for a, b in zip(python, python[1:]))
     assert r["profile_python_total_ms"] >= sum(row["self_ms"] for row in python) - 1e-6
-    assert any(row["name"].startswith(("megatron/", "megatron_ext/")) for row in python), python
+    names = " ".join(row["name"] for row in python)
+    assert "matmul" in names and "run_backward" in names, python
+
+
+def test_python_profile_rows_name_functions_from_their_package():
+    """The Python profile's rows: this repository's functions as path:line(function) from the
+    repository root, installed packages' from the package on, builtins by name."""
+    import cProfile
+
+    import torch
+
+    from megatron.core.utils import divide
+    from megatron_ext.cli import load_config as load
+
+    profile = cProfile.Profile()
+    profile.enable()
+    load([])
+    divide(4, 2)
+    torch.ones(2).sum()
+    profile.disable()
+    rows, total = bench.python_rows(profile, 100000)
+    names = [row["name"] for row in rows]
+    assert any(n.startswith("megatron_ext/cli.py:") and n.endswith("(load_config)") for n in names), names
+    assert any(n.startswith("megatron/core/utils.py:") and n.endswith("(divide)") for n in names), names
+    assert "<method 'sum' of 'torch._C.TensorBase' objects>" in names
+    assert total >= sum(row["self_ms"] for row in rows) - 1e-6
