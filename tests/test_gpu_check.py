@@ -22,14 +22,16 @@ def test_dry_run_validates_every_command(capsys):
     out = capsys.readouterr().out
     names = [c.name for c in gpu_check.plan()]
     assert names == ["gpu_tests", "dense_mb1", "dense_mb1_graph", "dense_mb2", "moe_mb1", "long_context",
-                     "fp8_current_mb1", "fp8_delayed_mb1"]
+                     "dense_mb2_graph", "fp8_current_mb1", "fp8_delayed_mb1"]
     assert "INVALID" not in out and "tests/test_gpu.py" in out
     assert "qwen3_30b_a3b (2 layers), bf16, seq 4096, micro-batch 1, global batch 8" in out
     assert "seq 32768, micro-batch 1, global batch 1, document_mask=True" in out
     for c in gpu_check.plan():
-        assert ("--compare" in c.argv) == (c.name.startswith(("dense", "moe")) and c.name != "dense_mb1_graph"), c.name
+        assert ("--compare" in c.argv) == (c.name.startswith(("dense", "moe")) and not c.name.endswith("_graph")), c.name
         assert c.needs_te == c.name.startswith("fp8"), c.name
-    assert "train.cuda_graph=true" in gpu_check.plan()[2].argv
+        assert ("train.cuda_graph=true" in c.argv) == c.name.endswith("_graph"), c.name
+    graph_mb = {c.name: [a for a in c.argv if a.startswith("train.micro_batch_size=")] for c in gpu_check.plan()}
+    assert graph_mb["dense_mb1_graph"] == graph_mb["dense_mb1"] and graph_mb["dense_mb2_graph"] == graph_mb["dense_mb2"]
 
 
 def test_loads_only_the_standard_library():

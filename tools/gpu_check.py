@@ -11,6 +11,7 @@ children when it runs over, so one hang cannot eat the rest):
   moe_mb1         tools.bench qwen3_30b_a3b --layers 2, micro-batch 1, --compare transformers
   long_context    tools.bench stage=long_context: qwen2_5_1_5b at 32k tokens, documents masked
                   (synthetic EOD-separated documents), one GPU (cp=1), full recompute
+  dense_mb2_graph dense_mb2 with train.cuda_graph=true, no peer (after the issue's targets)
   fp8_*           tools.bench with FP8 recipes, only where Transformer Engine imports
 A check that no longer fits the remaining budget (default 480 s: 8 minutes on one H100) is
 skipped and says so. DIR gets gpu_check.json (written after every check: environment, and per
@@ -82,6 +83,14 @@ def gpu_test_files() -> List[str]:
                   if "pytest.mark.gpu" in p.read_text())
 
 
+def graphed(micro_batch: int) -> Check:
+    """dense_mb{n} with the step as one CUDA graph (train.cuda_graph; its peer is dense_mb{n}'s):
+    its 2 eager steps, then the capture, all before the timed steps."""
+    return Check(f"dense_mb{micro_batch}_graph",
+                 ["tools.bench", "--warmup", "3", "--steps", "5", "model=qwen2_5_1_5b", *SHAPE, "precision=bf16",
+                  f"train.micro_batch_size={micro_batch}", "train.cuda_graph=true"], limit_s=120)
+
+
 def plan() -> List[Check]:
     """The checks, in order. Steps are few so that all fit 8 minutes on one H100 (about 1-2 s
     per 32k-token step on each side as measured there, plus start-up per bench, which includes
@@ -95,10 +104,7 @@ def plan() -> List[Check]:
               limit_s=240, min_s=30),
         Check("dense_mb1", [*dense, "precision=bf16", "train.micro_batch_size=1",
                             "--compare", "transformers", "--profile", "1"], limit_s=150),
-        # the same run with the step as one CUDA graph (train.cuda_graph; its peer is dense_mb1's):
-        # its 2 eager steps, then the capture, all before the timed steps
-        Check("dense_mb1_graph", ["tools.bench", "--warmup", "3", "--steps", "5", "model=qwen2_5_1_5b", *SHAPE,
-                                  "precision=bf16", "train.micro_batch_size=1", "train.cuda_graph=true"], limit_s=120),
+        graphed(1),
         Check("dense_mb2", [*dense, "precision=bf16", "train.micro_batch_size=2",
                             "--compare", "transformers", "--profile", "1"], limit_s=150),
         Check("moe_mb1", [*bench, "model=qwen3_30b_a3b", "--layers", "2", *SHAPE, "precision=bf16",
@@ -107,6 +113,7 @@ def plan() -> List[Check]:
                                "precision=bf16", "stage=long_context", "parallel.cp=1", "data.seq_length=32768",
                                "train.micro_batch_size=1", "train.global_batch_size=1", "train.recompute=full"],
               limit_s=120),
+        graphed(2),
         *(Check(f"{p}_mb1", [*dense, f"precision={p}", "train.micro_batch_size=1"], limit_s=120, needs_te=True)
           for p in ("fp8_current", "fp8_delayed")),
     ]
