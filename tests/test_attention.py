@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 HEADS, GROUPS, DIM = 4, 2, 16
 SCALE = 1.0 / math.sqrt(DIM)

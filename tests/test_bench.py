@@ -11,7 +11,7 @@ import pytest
 
 from megatron_ext.cli import load_config
 from megatron_ext.config import ConfigError, validate
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 from tools import bench
 
 REPO = Path(__file__).resolve().parent.parent

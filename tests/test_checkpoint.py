@@ -608,7 +608,7 @@ def _graph_safe_rng_round_trip(rank, world_size):
 
 
 def test_graph_safe_rng_states_round_trip_in_place():
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     ((saved_as_tensor, same_object, same_draws),) = run_on_ranks(_graph_safe_rng_round_trip, 1)
     assert saved_as_tensor and same_object and same_draws

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from transformers import (AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 from tools.convert import hf_to_mcore, main as convert_main, mcore_to_hf
 from tools.hf_io import HFCheckpointError
 from tools.logits import dump_logits

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 from tests.test_convert import TOKENS, TOL, hf_logits, read_tensors, save_hf
 from tools.convert import hf_to_mcore, mcore_to_hf
 from tools.logits import dump_logits

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 from tests.test_convert import TOKENS, TOL, hf_logits
 
 

@@ -19,7 +19,7 @@ import torch
 
 from data_prep.synth import math_gen
 from posttrain.cpt import mixture_plan
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 STEPS, GBS, SEQ = 12, 4, 64
 

@@ -19,7 +19,7 @@ from fractions import Fraction
 import pytest
 
 from posttrain.evals import metrics as M
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 
 # ---------------------------------------------------------------- arithmetic

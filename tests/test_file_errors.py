@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.tokenize import main as tokenize_main
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDS = [{"text": f"document {i}: " + "some words " * (i % 5 + 1)} for i in range(400)]

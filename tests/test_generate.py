@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 from tests.test_convert import save_hf
 from tools.convert import hf_to_mcore
 

@@ -12,7 +12,7 @@ import torch
 
 from megatron_ext.cli import load_config
 from megatron_ext.config import ConfigError, grouped_gemm_enabled, validate
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 MOE = ["model=qwen3_moe_debug", "data.seq_length=32", "train.micro_batch_size=1"]
 SEQUENTIAL, GROUPED = "moe.grouped_gemm=false", "moe.grouped_gemm=true"

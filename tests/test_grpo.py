@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 from tests.stage_fixture import stage_batch, stage_metrics, train_stage
 
 GRPO = ["stage=grpo", "model=qwen3_debug", "train.micro_batch_size=2", "train.global_batch_size=4",

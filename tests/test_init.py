@@ -8,7 +8,7 @@ with the standard deviation of the init function Megatron gives that weight.
 import pytest
 import torch
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 SMALL = ["model.vocab_size=1024", "train.seed=7"]
 MODELS = {

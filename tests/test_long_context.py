@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0}
 SEQ = 48  # three times the original context: every RoPE frequency band is exercised

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 SHORT = ["train.steps=4", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_length=32",
          "train.eval_interval=2", "train.eval_iters=1"]

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from megatron_ext.cli import load_config
 from models import mapping, registry
 from models.hf_config import HFConfigError
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 MODEL_NAMES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "model").glob("*.yaml"))
 PUBLISHED = ["qwen2_5_0_5b", "qwen2_5_1_5b", "qwen2_5_7b", "qwen2_5_72b", "qwen3_0_6b", "qwen3_8b", "qwen3_32b",

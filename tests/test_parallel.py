@@ -30,7 +30,7 @@ import math
 import pytest
 import torch
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 
 COMMON = ["train.steps=3", "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=1",
           "data.seq_length=32", "checkpoint.keep_last=0"]

@@ -50,7 +50,7 @@ def _gating_without_then_with(rank, world_size):
 
 
 def test_te_general_gemm_patch_lets_the_router_run_without_transformer_engine():
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     ((error, same_output, same_grads),) = run_on_ranks(_gating_without_then_with, 1)
     assert error == "name 'te_general_gemm' is not defined", "upstream no longer needs the te_general_gemm patch"
@@ -85,7 +85,7 @@ def _accumulated_weight_grads(rank, world_size):
 
 
 def test_wgrad_accumulation_fusion_accumulates_into_main_grad():
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     ((main_grad, param_grad, reference),) = run_on_ranks(_accumulated_weight_grads, 1)
     assert param_grad is None  # nothing left for the DDP hook to add a second time
@@ -176,7 +176,7 @@ def test_optimizer_step_issues_the_same_kernels_for_any_number_of_parameters(pre
     weights) is a fixed handful of multi-tensor kernels and one host sync, not a loop of kernels
     per parameter (Megatron-Core's fallbacks and torch's unfused Adam issue several per
     parameter, and on GPUs a device-to-host copy per parameter for the norm)."""
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     ((small, large),) = run_on_ranks(_optimizer_step_ops, 1, [2, 6], [f"precision={precision}"])
     assert large[0] == small[0] + 4 * 7  # parameters: 7 per layer
@@ -210,7 +210,7 @@ def _autograd_node_names(rank, world_size, tp):
 def test_one_rank_tensor_parallel_mappings_add_no_autograd_nodes():
     """At TP=1 the layers' copy / all-reduce mappings are the tensor itself (no autograd node per
     linear layer); at TP=2 the all-reduce is Megatron's own function."""
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     mappings = {"_CopyToModelParallelRegionBackward", "_ReduceFromModelParallelRegionBackward"}
     (one,) = run_on_ranks(_autograd_node_names, 1, 1)
@@ -280,7 +280,7 @@ def _linear_layers_against_megatron(rank, world_size):
 
 
 def test_linear_without_communication_matches_megatrons_function():
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     (results,) = run_on_ranks(_linear_layers_against_megatron, 1)
     assert len(results) == 12
@@ -338,7 +338,7 @@ def test_token_scaling_without_sync_leaves_forward_backward_free_of_host_syncs()
     """Megatron's per-token gradient scaling reads the token count on the host (one sync per step,
     and no CUDA graph can capture it); the patched one scales on the device to the same gradients,
     also when the batch has no loss tokens (Megatron then leaves them unscaled)."""
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     (results,) = run_on_ranks(_forward_backward_syncs_and_grads, 1)
     for masked in (1.0, 0.0):
@@ -435,7 +435,7 @@ def test_rope_tables_equal_megatrons_rope_and_are_computed_once():
     """Sequences and packed documents (CP 1 and 2, both of Megatron's frequency layouts), fp32 and
     bf16: bit-identical outputs and gradients on CPU; a repeated call with the same frequencies
     (and cu_seqlens) computes no cos / sin and, for packed documents, makes no host sync."""
-    from tests.gloo import run_on_ranks
+    from tests.forked_ranks import run_on_ranks
 
     ((same, repeat_ops),) = run_on_ranks(_rope_against_megatron, 1)
     assert len(same) == 4 + 6 and all(same.values()), same

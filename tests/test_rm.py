@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.gloo import run_on_ranks
+from tests.forked_ranks import run_on_ranks
 from tests.stage_fixture import stage_batch, stage_metrics, train_stage, valid_metrics
 
 RM = ["model=qwen3_debug", "data.seq_length=48", "train.micro_batch_size=4", "train.global_batch_size=4",
