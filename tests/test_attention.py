@@ -136,3 +136,48 @@ def test_no_sequence_squared_tensor():
     (sizes,) = run_on_ranks(_largest_tensor, 1, seq)
     for name, largest in sizes.items():
         assert largest <= seq * HEADS * DIM, (name, largest)
+
+
+class _Produced(TorchDispatchMode):
+    """Counts the elements of every tensor that a non-view op produces (memory written)."""
+
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.total += t.numel()
+        return out
+
+
+def _backward_elements(rank, world_size, seq, doc_counts):
+    """Per count of equal packed documents: elements written by the backward pass of this rank's
+    attention, per element of its q."""
+    from megatron_ext.build import init_parallel
+    from megatron_ext.cli import load_config
+    from megatron_ext.data import packed_seq_params
+    from megatron_ext.local_layers import thd_token_positions
+
+    init_parallel(load_config([f"parallel.cp={world_size}", "model=qwen3_debug"]))
+    written = {}
+    for docs in doc_counts:
+        cu = torch.arange(0, seq + 1, seq // docs)
+        q, k, v, upstream = _inputs(seq, 1)
+        index = thd_token_positions(cu, rank, world_size)[2]
+        q, k, v = (t[index, 0].requires_grad_() for t in (q, k, v))
+        out = _attention()(q, k, v, None, packed_seq_params=packed_seq_params(cu))
+        with _Produced() as mode:
+            out.backward(upstream[index, 0].reshape(out.shape))
+        written[docs] = mode.total / q.numel()
+    return written
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_packed_backward_is_linear_in_tokens(cp):
+    """The backward pass of packed attention writes about as much for 128 documents as for 2: the
+    per-document pieces of q/k/v are cut so that their gradients are joined once, not each
+    zero-filled to the whole packed sequence (O(documents x tokens) memory traffic)."""
+    for written in run_on_ranks(_backward_elements, cp, 2048, [2, 128]):
+        assert written[128] < 1.5 * written[2], written
