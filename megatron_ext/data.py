@@ -126,11 +126,20 @@ def on_this_rank(batch: dict) -> dict:
 
 def packed_seq_params(cu_seqlens: torch.Tensor):
     """Megatron PackedSeqParams (thd) for one packed sequence with document boundaries
-    `cu_seqlens` (int32, [docs + 1], each length a multiple of 2*CP, padding included)."""
+    `cu_seqlens` (int32, [docs + 1], each length a multiple of 2*CP, padding included).
+
+    The boundaries go to this rank's device, where Transformer Engine's attention and RoPE
+    kernels read them; the host values stay attached to them (`patches.host_copy`), so the local
+    attention and RoPE plan from them without copying anything back from the device (a
+    device-to-host copy waits for all queued work)."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = cu_seqlens.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max())
+    host = cu_seqlens.cpu().to(torch.int32)
+    longest = int((host[1:] - host[:-1]).max())
+    cu = host
+    if torch.cuda.is_available():
+        cu = host.pin_memory().cuda(non_blocking=True)
+        cu.host_copy = host
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                            cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
 

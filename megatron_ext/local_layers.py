@@ -50,6 +50,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
+from megatron_ext.patches import host_copy
+
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dim; weight flagged for the TP grad all-reduce under SP."""
@@ -96,7 +98,7 @@ def thd_token_positions(cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int):
 
 def _cu(params, which: str) -> torch.Tensor:
     padded = getattr(params, f"cu_seqlens_{which}_padded", None)
-    return (padded if padded is not None else getattr(params, f"cu_seqlens_{which}")).cpu()
+    return host_copy(padded if padded is not None else getattr(params, f"cu_seqlens_{which}"))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -170,7 +172,8 @@ def _sequence_plan(seq_len_local: int, cp_rank: int, cp_size: int, device) -> At
 
 def _packed_plan(params, cp_rank: int, cp_size: int, device) -> AttentionPlan:
     """The plan of a packed micro-batch, kept on its PackedSeqParams (the same object reaches every
-    layer of the micro-batch), so cu_seqlens are read back from the device once, not per layer."""
+    layer of the micro-batch), so it is built once, not per layer, from the host copy of the
+    boundaries."""
     plan = getattr(params, "_local_attention_plan", None)
     if plan is None:
         q_cu, kv_cu = _cu(params, "q"), _cu(params, "kv")

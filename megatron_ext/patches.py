@@ -41,7 +41,8 @@
   frequencies, with a device-to-host copy of the document lengths (`.tolist()`, and an `.item()`
   per document when the frequencies cover every position): 2 x layers host syncs per
   micro-batch. The patch computes the (packed) frequencies' cos and sin once per frequencies
-  tensor (and cu_seqlens) and reuses them in every layer; the rotation itself is the same
+  tensor (and cu_seqlens, read from their host copy: `host_copy`) and reuses them in every
+  layer; the rotation itself is the same
   arithmetic, compiled into one kernel each way on GPUs (`torch.compile`, static shapes; eager
   on CPU, where it is bit-identical to Megatron's). Interleaved and multi-latent
   RoPE keep Megatron's function. Tables read during a CUDA graph capture stay referenced as
@@ -224,6 +225,14 @@ class _RopeTables:
         return self.cos, self.sin
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """The host values of a small device index tensor: the copy kept on it as `t.host_copy`
+    (packed sequences' cu_seqlens, `megatron_ext.data.packed_seq_params`), else `t.cpu()`
+    (which, for a device tensor, waits for all queued work)."""
+    host = getattr(t, "host_copy", None)
+    return host if host is not None else t.cpu()
+
+
 def rope_tables() -> None:
     from megatron.core.models.common.embeddings import rope_utils
 
@@ -251,9 +260,10 @@ def rope_tables() -> None:
         cp_size, cp_rank = cp_group.size(), cp_group.rank()
 
         def packed_frequencies():  # as Megatron's _apply_rotary_pos_emb_thd builds them
-            seqlens = ((cu_seqlens[1:] - cu_seqlens[:-1]) // cp_size).tolist()
-            every_position = freqs.dim() >= 1 and freqs.size(0) == cu_seqlens[-1]
-            starts = cu_seqlens[:-1].tolist() if every_position else [0] * len(seqlens)
+            cu = host_copy(cu_seqlens)
+            seqlens = ((cu[1:] - cu[:-1]) // cp_size).tolist()
+            every_position = freqs.dim() >= 1 and freqs.size(0) == cu[-1]
+            starts = cu[:-1].tolist() if every_position else [0] * len(seqlens)
             return torch.cat([rope_utils._get_thd_freqs_on_this_cp_rank(cp_rank, cp_size, x, freqs, start)
                               for x, start in zip(torch.split(t, seqlens), starts)], dim=0)
 

@@ -181,3 +181,34 @@ def test_packed_backward_is_linear_in_tokens(cp):
     zero-filled to the whole packed sequence (O(documents x tokens) memory traffic)."""
     for written in run_on_ranks(_backward_elements, cp, 2048, [2, 128]):
         assert written[128] < 1.5 * written[2], written
+
+
+def _device_boundaries_unread(rank, world_size):
+    """Packed attention whose PackedSeqParams hold the boundaries on a device that cannot be read
+    (meta) with their host copy attached, as `packed_seq_params` builds them on GPUs: outputs
+    and gradients equal those from host boundaries."""
+    import dataclasses
+
+    from megatron_ext.build import init_parallel
+    from megatron_ext.cli import load_config
+    from megatron_ext.data import packed_seq_params
+
+    init_parallel(load_config(["model=qwen3_debug"]))
+    cu = torch.tensor([0, 8, 20, 32, 48], dtype=torch.int32)
+    on_device = cu.to("meta")
+    on_device.host_copy = cu
+    host = packed_seq_params(cu)
+    device = dataclasses.replace(host, **{f.name: on_device for f in dataclasses.fields(host)
+                                          if f.name.startswith("cu_seqlens")})
+    q, k, v, upstream = (t[:, 0] for t in _inputs(48, 1))
+    results = []
+    for params in (host, device):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = _attention()(*inputs, None, packed_seq_params=params)
+        out.backward(upstream)
+        results.append([out] + [t.grad for t in inputs])
+    return all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_packed_attention_reads_boundaries_from_their_host_copy():
+    assert run_on_ranks(_device_boundaries_unread, 1) == [True]

@@ -30,13 +30,15 @@ MEDIUM = ["model=qwen3_debug", "model.hidden_size=512", "model.ffn_hidden_size=1
 FP8_STEP_BAND, FP8_TAIL_BAND = 0.03, 0.015
 
 
-def _te_local_logits(rank, world_size, model, grouped_gemm):
-    """Logits of the TE spec and the local spec built from the same bf16 weights."""
+def _te_local_logits(rank, world_size, model, grouped_gemm, packed=False):
+    """Logits of the TE spec and the local spec built from the same bf16 weights (with `packed`:
+    one thd sequence of three documents, as the CPT and SFT stages pack them)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     from megatron_ext.build import init_parallel
     from megatron_ext.cli import load_config
+    from megatron_ext.data import packed_seq_params
     from megatron_ext.spec import _substitute
     from megatron_ext.transformer import transformer_config
 
@@ -69,20 +71,28 @@ def _te_local_logits(rank, world_size, model, grouped_gemm):
             loaded.add(target)
     missing = [k for k in te_state if "_extra_state" not in k and k not in loaded]
     assert not missing, f"TE weights not set from the local model: {missing}"
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 256), device="cuda")
-    positions = torch.arange(256, device="cuda").expand(2, -1)
+    if packed:
+        cu = torch.tensor([0, 100, 356, 512], dtype=torch.int32)
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, 512), device="cuda")
+        positions = torch.cat([torch.arange(b - a) for a, b in zip(cu.tolist(), cu[1:].tolist())])[None].cuda()
+        kwargs = {"packed_seq_params": packed_seq_params(cu)}
+    else:
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 256), device="cuda")
+        positions, kwargs = torch.arange(256, device="cuda").expand(2, -1), {}
     with torch.no_grad():
-        return [m(tokens, positions, attention_mask=None).float().cpu() for m in (local, te)]
+        return [m(tokens, positions, attention_mask=None, **kwargs).float().cpu() for m in (local, te)]
 
 
-@pytest.mark.parametrize("model,grouped_gemm", [
-    ("qwen2_debug", "null"), ("qwen3_debug", "null"),
+@pytest.mark.parametrize("model,grouped_gemm,packed", [
+    ("qwen2_debug", "null", False), ("qwen3_debug", "null", False),
     # Experts one by one (SequentialMLP) and as grouped GEMMs (TEGroupedMLP vs. GroupedExperts).
-    ("qwen2_moe_debug", "false"), ("qwen2_moe_debug", "true"),
-    ("qwen3_moe_debug", "false"), ("qwen3_moe_debug", "true"),
+    ("qwen2_moe_debug", "false", False), ("qwen2_moe_debug", "true", False),
+    ("qwen3_moe_debug", "false", False), ("qwen3_moe_debug", "true", False),
+    # Packed documents (thd): TE's attention and RoPE read the boundaries on the GPU.
+    ("qwen3_debug", "null", True),
 ])
-def test_te_spec_matches_local_spec_bf16(model, grouped_gemm):
-    (local, te), = run_on_ranks(_te_local_logits, 1, model, grouped_gemm)
+def test_te_spec_matches_local_spec_bf16(model, grouped_gemm, packed):
+    (local, te), = run_on_ranks(_te_local_logits, 1, model, grouped_gemm, packed)
     scale = local.std().item()
     diff = (te - local).abs()
     # BF16 tolerance: different kernels (fused vs unfused attention, fused norm+GEMM) round

@@ -412,6 +412,8 @@ def _rope_against_megatron(rank, world_size):
             run(patched, t, freqs)
         repeat_ops[f"bshd {dtype}"] = ops.counts
     cu_seqlens = torch.tensor([0, 8, 12, 24, 32], dtype=torch.int32)
+    on_device = cu_seqlens.to("meta")  # boundaries on a device that cannot be read, with their host copy
+    on_device.host_copy = cu_seqlens
     for cp_size in (1, 2):
         for cp_rank in range(cp_size):
             for name, table in (("max-length", torch.rand(32, 1, 1, 8, generator=g) * 20),
@@ -427,17 +429,20 @@ def _rope_against_megatron(rank, world_size):
                 with _Ops() as ops:
                     run(patched, t, cu_seqlens, table, cp_group=group)
                 repeat_ops[f"thd cp{cp_size}.{cp_rank} {name}"] = ops.counts
+                results[f"thd cp{cp_size}.{cp_rank} {name} device boundaries"] = (
+                    run(patched, t, on_device, table, cp_group=group), results[f"thd cp{cp_size}.{cp_rank} {name}"][1])
     same = {k: all(torch.equal(a, b) for a, b in zip(ours, megatron)) for k, (ours, megatron) in results.items()}
     return same, repeat_ops
 
 
 def test_rope_tables_equal_megatrons_rope_and_are_computed_once():
     """Sequences and packed documents (CP 1 and 2, both of Megatron's frequency layouts), fp32 and
-    bf16: bit-identical outputs and gradients on CPU; a repeated call with the same frequencies
-    (and cu_seqlens) computes no cos / sin and, for packed documents, makes no host sync."""
+    bf16: bit-identical outputs and gradients on CPU, also with the packed boundaries on a device
+    and read from their host copy; a repeated call with the same frequencies (and cu_seqlens)
+    computes no cos / sin and, for packed documents, makes no host sync."""
     from tests.forked_ranks import run_on_ranks
 
     ((same, repeat_ops),) = run_on_ranks(_rope_against_megatron, 1)
-    assert len(same) == 4 + 6 and all(same.values()), same
+    assert len(same) == 4 + 6 + 6 and all(same.values()), same
     for name, counts in repeat_ops.items():
         assert not {"cos.default", "sin.default", "_local_scalar_dense.default"} & set(counts), (name, counts)
