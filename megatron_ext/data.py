@@ -115,10 +115,18 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
     return datasets[0], datasets[1]
 
 
+def _to_device(t: torch.Tensor) -> torch.Tensor:
+    """`t` on this rank's GPU. A host tensor is pinned first (the loader's batches already are),
+    so the copy is queued without waiting for the device's work."""
+    if t.is_cuda:
+        return t
+    return (t if t.is_pinned() else t.pin_memory()).cuda(non_blocking=True)
+
+
 def on_this_rank(batch: dict) -> dict:
     """Move a micro-batch to this rank's device and keep its context-parallel share."""
     if torch.cuda.is_available():
-        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        batch = {k: _to_device(v) for k, v in batch.items()}
     if parallel_state.get_context_parallel_world_size() > 1:
         batch = get_batch_on_this_cp_rank(batch)
     return batch
@@ -150,13 +158,13 @@ def packed_on_this_rank(batch: dict, cu_seqlens: torch.Tensor) -> dict:
     2*CP-1-r on rank r), the layout the packed attention and Megatron's thd RoPE expect."""
     from megatron_ext.local_layers import thd_token_positions
 
-    if torch.cuda.is_available():
-        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     cp = parallel_state.get_context_parallel_world_size()
-    if cp == 1:
-        return batch
-    _, _, index = thd_token_positions(cu_seqlens, parallel_state.get_context_parallel_rank(), cp)
-    return {k: v.index_select(1, index.to(v.device)) if v.dim() >= 2 else v for k, v in batch.items()}
+    if cp > 1:  # cut on the host, where the pack was just built: only this rank's share is copied
+        _, _, index = thd_token_positions(cu_seqlens, parallel_state.get_context_parallel_rank(), cp)
+        batch = {k: v.index_select(1, index.to(v.device)) if v.dim() >= 2 else v for k, v in batch.items()}
+    if torch.cuda.is_available():
+        batch = {k: _to_device(v) for k, v in batch.items()}
+    return batch
 
 
 class MicroBatchSampler:
