@@ -200,6 +200,9 @@ def test_synthetic_documents_end_with_eod():
     half = (len(doc) + 1) // 2
     assert doc[half:] == doc[:len(doc) - half]
     assert bench.SyntheticDataset(2, 256, 151936, seed=1)[0]["tokens"].max() < bench.SYNTHETIC_VOCAB
+    short = bench.SyntheticDataset(2, 256, 151936, seed=1, eod=bench.QWEN_EOD, doc_length=16)[0]["tokens"].tolist()
+    ends = [i for i, x in enumerate(short) if x == bench.QWEN_EOD]
+    assert len(ends) >= 10 and all(8 <= b - a <= 24 for a, b in zip(ends, ends[1:]))
 
 
 def test_compare_refused_where_the_peer_cannot_match():
@@ -210,6 +213,8 @@ def test_compare_refused_where_the_peer_cannot_match():
         bench.bench_config(args, ["data.document_mask=true"], 1)
     with pytest.raises(SystemExit):
         bench.parse_args(["--compare", "transformers", "--data", "corpus"])
+    with pytest.raises(ConfigError, match="--doc-length 64 shapes synthetic packed documents"):
+        bench.bench_config(*bench.parse_args(["--doc-length", "64"]), 1)
     # A long-context stage needs no data.paths with synthetic data.
     args, overrides = bench.parse_args(["stage=long_context", "parallel.cp=1", "train.global_batch_size=1"])
     assert bench.bench_config(args, overrides, 1).data.document_mask

@@ -11,7 +11,9 @@ so that a large model fits one GPU. `--data synthetic` (default) feeds seeded Zi
 token ids whose second half repeats the first, so no tokenizer or corpus is needed and the loss
 still falls; `--data corpus` uses the configured data (the bundled sample by default). With
 `data.document_mask=true` (e.g. `stage=long_context`) the synthetic samples are documents
-separated by EOD tokens, trained document-masked as the CPT stage does.
+separated by EOD tokens, trained document-masked as the CPT stage does: 1/8 to 1/2 of the
+sequence long, or 1/2 to 3/2 of `--doc-length N` tokens (web or code corpora pack dozens of
+documents into a long sequence).
 
 `--profile N` runs N more steps after the timed ones under torch.profiler and prints the
 operators with the most self time on the device (the JSON's `profile`): what to optimise next.
@@ -142,13 +144,17 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """Seeded token ids, Zipf-distributed over SYNTHETIC_VOCAB ids; the second half of each
     sequence repeats the first, so a model can learn both the unigram law and copying.
 
-    With `eod`, a sample is a run of such documents (lengths 1/8 to 1/2 of the sample), each
-    ended by `eod`, for document-masked (packed) training.
+    With `eod`, a sample is a run of such documents, each ended by `eod`, for document-masked
+    (packed) training: lengths 1/8 to 1/2 of the sample, or with `doc_length`, 1/2 to 3/2 of it.
     """
 
-    def __init__(self, samples: int, seq_length: int, vocab_size: int, seed: int, eod: Optional[int] = None):
+    def __init__(self, samples: int, seq_length: int, vocab_size: int, seed: int, eod: Optional[int] = None,
+                 doc_length: Optional[int] = None):
         self.samples, self.seq, self.seed, self.eod = samples, seq_length, seed, eod
         self.vocab = min(vocab_size, SYNTHETIC_VOCAB)
+        n = seq_length + 1
+        self.doc_lengths = (max(2, n // 8), max(3, n // 2 + 1)) if doc_length is None else \
+            (max(2, doc_length // 2), max(3, doc_length * 3 // 2 + 1))
 
     def __len__(self) -> int:
         return self.samples
@@ -165,7 +171,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         else:
             docs, total = [], 0
             while total < n:
-                length = int(rng.integers(max(2, n // 8), max(3, n // 2 + 1)))
+                length = int(rng.integers(*self.doc_lengths))
                 docs += [self._document(rng, length - 1), np.array([self.eod])]
                 total += length
             ids = np.concatenate(docs)[:n]
@@ -181,10 +187,11 @@ class SyntheticStage(PretrainStage):
         return SyntheticDataset(train_samples, cfg.data.seq_length, cfg.model.vocab_size, cfg.train.seed), None
 
 
-def make_stage(cfg: Config, data: str):
+def make_stage(cfg: Config, data: str, doc_length: Optional[int] = None):
     """The bench's stage: `corpus` is the configured stage itself (the registry's, on its own
     data); `synthetic` pretrains on random tokens, document-masked when the config says so (the
-    CPT stage's packing, so long-context runs measure the path they train on)."""
+    CPT stage's packing, so long-context runs measure the path they train on), with documents
+    of about `doc_length` tokens where given."""
     if data == "corpus":
         return stages.make(cfg)
     if not cfg.data.document_mask:
@@ -196,7 +203,7 @@ def make_stage(cfg: Config, data: str):
             eod = min(QWEN_EOD, cfg.model.vocab_size - 1)
             self._packing = (eod, 2 * cfg.parallel.cp)  # what CPTStage sets from the tokenizer
             return SyntheticDataset(train_samples, cfg.data.seq_length, cfg.model.vocab_size,
-                                    cfg.train.seed, eod=eod), None
+                                    cfg.train.seed, eod=eod, doc_length=doc_length), None
 
     return SyntheticDocumentStage()
 
@@ -522,11 +529,16 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the timed steps, run N more under torch.profiler and report the operators "
                              "that take the most device time (ours only; default 0: no profile)")
+    parser.add_argument("--doc-length", type=int, default=None, metavar="N",
+                        help="synthetic documents of N/2 to 3N/2 tokens under data.document_mask=true "
+                             "(default: 1/8 to 1/2 of the sequence)")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON ('-': stdout)")
     args, rest = parser.parse_known_args(list(argv))
     bad = [a for a in rest if a.startswith("-") or "=" not in a]
     if bad:
         parser.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
+    if args.doc_length is not None and args.doc_length < 2:
+        parser.error(f"need --doc-length >= 2 (got {args.doc_length})")
     if args.steps < 1 or args.warmup < 0 or args.profile < 0:
         parser.error(f"need --steps >= 1, --warmup >= 0 and --profile >= 0 "
                      f"(got {args.steps}, {args.warmup}, {args.profile})")
@@ -552,6 +564,10 @@ def bench_config(args: argparse.Namespace, overrides: List[str], world: int, che
                           "run the comparison without torchrun")
     if args.compare and cfg.data.document_mask:
         raise ConfigError("--compare does not support data.document_mask=true (the peer has no packed documents)")
+    if args.doc_length is not None and not (args.data == "synthetic" and cfg.data.document_mask):
+        raise ConfigError(f"--doc-length {args.doc_length} shapes synthetic packed documents: it needs --data synthetic "
+                          f"and data.document_mask=true (got --data {args.data}, "
+                          f"data.document_mask={cfg.data.document_mask})")
     return cfg
 
 
@@ -568,7 +584,7 @@ def main(argv=None) -> int:
     from megatron_ext.loop import train
     from megatron_ext.spec import use_transformer_engine
 
-    stage = ProfiledStage(make_stage(cfg, args.data), cfg.train.steps, args.profile)
+    stage = ProfiledStage(make_stage(cfg, args.data, args.doc_length), cfg.train.steps, args.profile)
     try:
         result = train(cfg, stage)
         spec = "transformer-engine" if use_transformer_engine() else "local"
