@@ -22,7 +22,7 @@ def test_dry_run_validates_every_command(capsys):
     out = capsys.readouterr().out
     names = [c.name for c in gpu_check.plan()]
     assert names == ["gpu_tests", "dense_mb1", "dense_mb1_graph", "dense_mb2", "moe_mb1", "long_context",
-                     "dense_mb2_graph", "fp8_current_mb1", "fp8_delayed_mb1"]
+                     "dense_mb2_graph", "long_context_docs", "fp8_current_mb1", "fp8_delayed_mb1"]
     assert "INVALID" not in out and "tests/test_gpu.py" in out
     assert "qwen3_30b_a3b (2 layers), bf16, seq 4096, micro-batch 1, global batch 8" in out
     assert "seq 32768, micro-batch 1, global batch 1, document_mask=True" in out

@@ -12,6 +12,8 @@ children when it runs over, so one hang cannot eat the rest):
   long_context    tools.bench stage=long_context: qwen2_5_1_5b at 32k tokens, documents masked
                   (synthetic EOD-separated documents), one GPU (cp=1), full recompute
   dense_mb2_graph dense_mb2 with train.cuda_graph=true, no peer (after the issue's targets)
+  long_context_docs long_context with many documents per sequence (--doc-length 1024: about 32),
+                  the packing of web and code corpora
   fp8_*           tools.bench with FP8 recipes, only where Transformer Engine imports
 A check that no longer fits the remaining budget (default 480 s: 8 minutes on one H100) is
 skipped and says so. DIR gets gpu_check.json (written after every check: environment, and per
@@ -99,6 +101,9 @@ def plan() -> List[Check]:
     layers of a 1.5B model they alone would be ~75 GB at that length."""
     bench = ["tools.bench", *STEPS]
     dense = [*bench, "model=qwen2_5_1_5b", *SHAPE]
+    long_context = ["tools.bench", "--warmup", "1", "--steps", "2", "model=qwen2_5_1_5b", "precision=bf16",
+                    "stage=long_context", "parallel.cp=1", "data.seq_length=32768", "train.micro_batch_size=1",
+                    "train.global_batch_size=1", "train.recompute=full"]
     return [
         Check("gpu_tests", ["pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *gpu_test_files()],
               limit_s=240, min_s=30),
@@ -109,11 +114,9 @@ def plan() -> List[Check]:
                             "--compare", "transformers", "--profile", "1"], limit_s=150),
         Check("moe_mb1", [*bench, "model=qwen3_30b_a3b", "--layers", "2", *SHAPE, "precision=bf16",
                           "train.micro_batch_size=1", "--compare", "transformers", "--profile", "1"], limit_s=150),
-        Check("long_context", ["tools.bench", "--warmup", "1", "--steps", "2", "model=qwen2_5_1_5b",
-                               "precision=bf16", "stage=long_context", "parallel.cp=1", "data.seq_length=32768",
-                               "train.micro_batch_size=1", "train.global_batch_size=1", "train.recompute=full"],
-              limit_s=120),
+        Check("long_context", long_context, limit_s=120),
         graphed(2),
+        Check("long_context_docs", [*long_context, "--doc-length", "1024"], limit_s=120),
         *(Check(f"{p}_mb1", [*dense, f"precision={p}", "train.micro_batch_size=1"], limit_s=120, needs_te=True)
           for p in ("fp8_current", "fp8_delayed")),
     ]
