@@ -103,10 +103,20 @@ def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callab
     return chunks
 
 
+def overlaps_grad_reduce(cfg: Config) -> bool:
+    """parallel.overlap_grad_reduce where some gradient is reduced over more than one rank (with
+    one data-parallel rank there is nothing to overlap). After init_parallel."""
+    return cfg.parallel.overlap_grad_reduce and (
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
+        or parallel_state.get_expert_data_parallel_world_size() > 1)
+
+
 def wrap_ddp(cfg: Config, tcfg: TransformerConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_grad_reduce=overlaps_grad_reduce(cfg),
+        bucket_size=cfg.parallel.grad_bucket_size,
         check_for_nan_in_grad=False,
     )
     return [
@@ -199,6 +209,14 @@ def build(cfg: Config, customize: Optional[Callable] = None) -> Runtime:
     tcfg.finalize_model_grads_func = importlib.import_module(  # as patched (megatron_ext.patches)
         "megatron.core.distributed.finalize_model_grads").finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
-    log.info("optimizer: adam (distributed=%s), schedule=%s", cfg.parallel.distributed_optimizer,
-             cfg.train.lr_schedule)
+    if overlaps_grad_reduce(cfg):
+        # The schedules run all micro-batches but the last under no_sync, so a bucket's reduction
+        # starts once the last backward pass has filled it; under pipeline parallelism they also
+        # start each model chunk's remaining reductions when its last backward pass ends (as
+        # Megatron-LM's align_grad_reduce). finalize_model_grads waits for them.
+        no_sync, start = [c.no_sync for c in model], [c.start_grad_sync for c in model]
+        tcfg.no_sync_func = no_sync if len(model) > 1 else no_sync[0]
+        tcfg.grad_sync_func = start if len(model) > 1 else start[0]
+    log.info("optimizer: adam (distributed=%s), schedule=%s, gradient reduction %s", cfg.parallel.distributed_optimizer,
+             cfg.train.lr_schedule, "overlapped with the backward pass" if overlaps_grad_reduce(cfg) else "after it")
     return Runtime(cfg, tcfg, model, optimizer, scheduler)

@@ -43,6 +43,14 @@ class ParallelConfig:
     """Sequence parallelism (needs tp > 1)."""
     distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = True
+    """Reduce (or, with the distributed optimizer, reduce-scatter) each gradient bucket over the
+    data-parallel ranks as soon as the last micro-batch's backward pass has filled it, while the
+    backward pass goes on; false: one reduction after the backward pass. Same sums either way.
+    Only where some gradient is reduced over more than one rank (data or expert-data parallel)."""
+    grad_bucket_size: Optional[int] = None
+    """Gradient elements per reduction bucket under overlap_grad_reduce (None: Megatron-Core's
+    default, max(40M, 1M x data-parallel size)); smaller buckets start reducing earlier."""
 
 
 @dataclass
@@ -348,6 +356,10 @@ def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
                f"{p.pp}*{p.vpp or 1} ({m.num_layers / (p.pp * (p.vpp or 1)):g} layers per stage)", errors)
     if p.vpp is not None:
         _check(p.pp > 1 and p.vpp > 1, f"parallel.vpp={p.vpp} needs parallel.pp > 1 and vpp > 1", errors)
+    if p.grad_bucket_size is not None:
+        _check(p.overlap_grad_reduce and p.grad_bucket_size > 0,
+               f"parallel.grad_bucket_size={p.grad_bucket_size} needs parallel.overlap_grad_reduce=true "
+               f"(got {p.overlap_grad_reduce}) and a positive size", errors)
     if p.ep > 1:
         _check(m.is_moe, f"parallel.ep={p.ep} needs a MoE model (model.num_experts is unset)", errors)
         _check(not m.is_moe or m.num_experts % p.ep == 0,

@@ -66,6 +66,9 @@ def test_layer_and_layout_rules():
     _rejects(["model=qwen3_moe_debug", "parallel.ep=3"], 3, "model.num_experts=4", "parallel.ep=3")
     _rejects(["parallel.cp=2", "data.seq_length=126"], 2, "data.seq_length=126", "2*parallel.cp=4")
     _rejects(["model=qwen3_moe_debug", "parallel.tp=2"], 2, "MoE with parallel.tp=2 needs parallel.sp=true")
+    _rejects(["parallel.grad_bucket_size=1000000", "parallel.overlap_grad_reduce=false"], 2,
+             "parallel.grad_bucket_size=1000000 needs parallel.overlap_grad_reduce=true (got False)")
+    _rejects(["parallel.grad_bucket_size=0"], 2, "parallel.grad_bucket_size=0", "a positive size")
 
 
 def test_value_rules():

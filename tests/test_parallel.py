@@ -50,7 +50,8 @@ ADAM_BOUND = 2.01
 
 
 def _skip_grad_all_reduce():
-    """A deliberately broken layout: data-parallel ranks never sum their gradients."""
+    """A deliberately broken layout: data-parallel ranks never sum their gradients (with
+    parallel.overlap_grad_reduce=false, where the whole reduction is finish_grad_sync's)."""
     from megatron.core.distributed import DistributedDataParallel
 
     DistributedDataParallel.finish_grad_sync = lambda self, *args, **kwargs: None
@@ -209,7 +210,8 @@ def test_weight_check_catches_a_broken_layout(references):
     """The checks above can fail: DP=2 with the gradient all-reduce skipped (each rank steps on
     its own half of the batch) is refused by the weight check alone, and by the loss check."""
     ref = references("dense")
-    histories, ref_w, got_w = ref.run("dp2_no_grad_all_reduce", 2, [], sabotage=_skip_grad_all_reduce)
+    histories, ref_w, got_w = ref.run("dp2_no_grad_all_reduce", 2, ["parallel.overlap_grad_reduce=false"],
+                                      sabotage=_skip_grad_all_reduce)
     with pytest.raises(AssertionError, match="gradient above the noise floor differs"):
         compare_weights("dp2_no_grad_all_reduce", ref_w, got_w, ref.determined, ref.lr_sum)
     assert not math.isclose(histories[0][-1]["loss"], ref.history[-1]["loss"], rel_tol=1e-5)
@@ -226,3 +228,59 @@ def test_weight_check_bounds():
         compare_weights("bad", ref, {"w": torch.tensor([0.0, 2e-4, 0.0, 0.0])}, determined, lr_sum)
     with pytest.raises(AssertionError, match="more than Adam can"):
         compare_weights("bad", ref, {"w": torch.tensor([0.0, 0.0, 0.0, 0.03])}, determined, lr_sum)
+
+
+def _overlapped_run(rank, world_size, overrides):
+    """Train; return the history, this rank's final weights, and per finish_grad_sync call how
+    many gradient bucket groups had their reduction under way already (started in the backward
+    pass) and how many there are."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    from megatron_ext.cli import load_config
+    from megatron_ext.config import validate
+    from megatron_ext.loop import train
+    from megatron_ext.pretrain import PretrainStage
+
+    started = []
+    finish = DistributedDataParallel.finish_grad_sync
+
+    def recording_finish(self, *args, **kwargs):
+        groups = self.bucket_groups + self.expert_parallel_bucket_groups
+        started.append((sum(g.grad_reduce_handle is not None for g in groups), len(groups)))
+        return finish(self, *args, **kwargs)
+
+    DistributedDataParallel.finish_grad_sync = recording_finish
+    cfg = load_config(overrides)
+    validate(cfg, world_size)
+    result = train(cfg, PretrainStage())
+    weights = {k: v.detach().clone() for k, v in result.runtime.model[0].module.named_parameters()}
+    return result.history, weights, started
+
+
+@pytest.mark.parametrize("layout,bucket_groups", [
+    (["parallel.distributed_optimizer=true"], 3),
+    # Pipeline schedules start a model chunk's reduction when its last backward pass ends (one
+    # bucket per virtual stage).
+    (["parallel.pp=2", "parallel.vpp=2"], 1),
+], ids=["dp2_distributed_optimizer", "pp2_vpp2_dp2"])
+def test_overlapped_grad_reduction_trains_exactly_as_after_the_backward_pass(layout, bucket_groups):
+    """With parallel.overlap_grad_reduce (small buckets), the gradient buckets' reductions start
+    during the last micro-batch's backward pass, and training is bit-identical to reducing
+    everything after it: the same losses and weights. (Only the grad norm's summation order
+    follows the buckets, so it is compared to rounding, and clipping, which would carry that
+    rounding into the weights, is off.)"""
+    ranks = 2 if len(layout) == 1 else 4
+    base = DENSE + ["train.global_batch_size=8", "train.clip_grad=0", "parallel.grad_bucket_size=200000"] + layout
+    runs = {overlap: run_on_ranks(_overlapped_run, ranks, base if overlap else
+                                  [o for o in base if "bucket" not in o] + ["parallel.overlap_grad_reduce=false"])
+            for overlap in (True, False)}
+    for (history, weights, started), (ref_history, ref_weights, ref_started) in zip(runs[True], runs[False]):
+        assert [h["loss"] for h in history] == [h["loss"] for h in ref_history]
+        assert [h["grad_norm"] for h in history] == pytest.approx([h["grad_norm"] for h in ref_history], rel=1e-5)
+        assert weights.keys() == ref_weights.keys()
+        assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+        assert all(n == 0 for n, _ in ref_started), ref_started
+        # From the second step on (in the first, Megatron-Core learns the order in which the
+        # buckets fill) every bucket's reduction is under way before the wait.
+        later = started[len(started) // 3:]
+        assert all(n == total >= bucket_groups for n, total in later), started
