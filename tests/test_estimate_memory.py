@@ -37,7 +37,11 @@ CASES = {
         for layout in (_tp2(m), ["parallel.pp=2"], ["parallel.distributed_optimizer=true"])]
     + [[f"model={m}", "parallel.ep=2", *extra] for m in MOE
        for extra in ([], ["parallel.distributed_optimizer=true"])]
-    + [["model=qwen2_debug", "precision=bf16", "parallel.distributed_optimizer=true"]],
+    + [["model=qwen2_debug", "precision=bf16", "parallel.distributed_optimizer=true"]]
+    # Buckets of the overlapped gradient reduction, each padded for the distributed optimizer.
+    + [["model=qwen3_moe_debug", "parallel.ep=2", "parallel.distributed_optimizer=true",
+        "parallel.grad_bucket_size=5000"],
+       ["model=qwen2_debug", "parallel.distributed_optimizer=true", "parallel.grad_bucket_size=5000"]],
 }
 
 

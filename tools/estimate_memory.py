@@ -7,7 +7,8 @@ Static memory is counted exactly, per rank, from the model config and the layout
 Megatron-Core lays it out: the parameters each pipeline stage builds (vocabulary and linear
 layers split over TP, routed experts over EP x ETP, layers over PP/VPP by Megatron's own
 `get_num_layers_to_build` / `get_transformer_layer_offset`), the DDP gradient buffers (fp32,
-`grad_reduce_in_fp32`; padded as Megatron pads them for the distributed optimizer), and the
+`grad_reduce_in_fp32`; in buckets as `parallel.overlap_grad_reduce` cuts them, padded as Megatron
+pads them for the distributed optimizer), and the
 Adam state (exp_avg + exp_avg_sq in fp32, plus fp32 master weights when the parameters are
 not fp32), sharded over the data-parallel(+context) group - or, for expert parameters with
 EP > 1, the expert-data-parallel group - when `parallel.distributed_optimizer` is set.
@@ -44,7 +45,7 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -201,11 +202,12 @@ def _pad(n: int, divisor: int) -> int:
     return -(-n // divisor) * divisor
 
 
-def grad_buffer(params: Sequence[Param], distributed: bool, group_size: int, expert: bool) -> Buffer:
-    """Mirror of Megatron's `_ParamAndGradBuffer` layout with overlap_grad_reduce off (one
-    bucket, except that a shared embedding gets its own): parameters in reverse order; with
-    the distributed optimizer each parameter starts 64-aligned and each bucket ends padded to
-    a multiple of lcm(group size, 128)."""
+def grad_buffer(params: Sequence[Param], distributed: bool, group_size: int, expert: bool,
+                bucket_size: Optional[int] = None) -> Buffer:
+    """Mirror of Megatron's `_ParamAndGradBuffer` layout: parameters in reverse order; a bucket
+    closes once it holds `bucket_size` elements (None: one bucket), and a shared embedding gets
+    its own; with the distributed optimizer each parameter starts 64-aligned and each bucket
+    ends padded to a multiple of lcm(group size, 128)."""
     bucket_pad = math.lcm(group_size, 128) if distributed else 1
     param_pad = 64 if distributed else 1
     start = bucket_start = 0
@@ -219,7 +221,7 @@ def grad_buffer(params: Sequence[Param], distributed: bool, group_size: int, exp
         ranges.append((start, start + p.numel))
         start += p.numel
         open_bucket = True
-        if p.shared_embedding:
+        if p.shared_embedding or (bucket_size is not None and start - bucket_start >= bucket_size):
             start = _pad(start, bucket_pad)
             buckets.append((bucket_start, start))
             bucket_start, open_bucket = start, False
@@ -229,13 +231,25 @@ def grad_buffer(params: Sequence[Param], distributed: bool, group_size: int, exp
     return Buffer(expert, start, buckets, ranges)
 
 
-def chunk_buffers(params: Sequence[Param], lay: Layout, distributed: bool) -> List[Buffer]:
+def bucket_size(cfg: Config, lay: Layout, pp_rank: int, chunk: int) -> Optional[int]:
+    """Elements per gradient bucket of a model chunk, as Megatron's DDP sets them: with the
+    reduction overlapped (`megatron_ext.build.overlaps_grad_reduce`), parallel.grad_bucket_size
+    or max(40M, 1M x DP), except one bucket on pipeline ranks and virtual stages after the first;
+    otherwise one bucket."""
+    p = cfg.parallel
+    if not (p.overlap_grad_reduce and (lay.dp_cp > 1 or lay.edp > 1)) or pp_rank > 0 or chunk > 0:
+        return None
+    return p.grad_bucket_size or max(40_000_000, 1_000_000 * lay.dp)
+
+
+def chunk_buffers(params: Sequence[Param], lay: Layout, distributed: bool,
+                  bucket_size: Optional[int] = None) -> List[Buffer]:
     """The dense and (EP > 1) expert-parallel grad buffers of one DDP-wrapped chunk."""
     out = []
     for expert, size in ((False, lay.dp_cp), (True, lay.edp)):
         group = [p for p in params if p.expert == expert]
         if group:
-            out.append(grad_buffer(group, distributed, size, expert))
+            out.append(grad_buffer(group, distributed, size, expert, bucket_size))
     return out
 
 
@@ -340,9 +354,9 @@ def _chunks(cfg: Config, lay: Layout, tcfg, pp_rank: int):
 def rank_buffers(cfg: Config, lay: Layout, tcfg, pp_rank: int) -> Tuple[int, List[Buffer]]:
     """Parameter count and DDP grad buffers (every chunk) of a pipeline rank."""
     params, buffers = 0, []
-    for _, plist in _chunks(cfg, lay, tcfg, pp_rank):
+    for chunk, (_, plist) in enumerate(_chunks(cfg, lay, tcfg, pp_rank)):
         params += sum(p.numel for p in plist)
-        buffers += chunk_buffers(plist, lay, cfg.parallel.distributed_optimizer)
+        buffers += chunk_buffers(plist, lay, cfg.parallel.distributed_optimizer, bucket_size(cfg, lay, pp_rank, chunk))
     return params, buffers
 
 
