@@ -46,7 +46,8 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     """Reduce (or, with the distributed optimizer, reduce-scatter) each gradient bucket over the
     data-parallel ranks as soon as the last micro-batch's backward pass has filled it, while the
-    backward pass goes on; false: one reduction after the backward pass. Same sums either way.
+    backward pass goes on; false: one reduction after the backward pass. The same sums either way
+    (a collective's order of addition can follow the bucket boundaries: rounding only).
     Only where some gradient is reduced over more than one rank (data or expert-data parallel)."""
     grad_bucket_size: Optional[int] = None
     """Gradient elements per reduction bucket under overlap_grad_reduce (None: Megatron-Core's
