@@ -105,8 +105,10 @@ def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callab
 
 def overlaps_grad_reduce(cfg: Config) -> bool:
     """parallel.overlap_grad_reduce where some gradient is reduced over more than one rank (with
-    one data-parallel rank there is nothing to overlap). After init_parallel."""
-    return cfg.parallel.overlap_grad_reduce and (
+    one data-parallel rank there is nothing to overlap), except under train.cuda_graph: its
+    captured step keeps the one reduction after the backward pass (asynchronous collectives
+    inside a capture have not run yet). After init_parallel."""
+    return cfg.parallel.overlap_grad_reduce and not cfg.train.cuda_graph and (
         parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
         or parallel_state.get_expert_data_parallel_world_size() > 1)
 

@@ -48,7 +48,8 @@ class ParallelConfig:
     data-parallel ranks as soon as the last micro-batch's backward pass has filled it, while the
     backward pass goes on; false: one reduction after the backward pass. The same sums either way
     (a collective's order of addition can follow the bucket boundaries: rounding only).
-    Only where some gradient is reduced over more than one rank (data or expert-data parallel)."""
+    Only where some gradient is reduced over more than one rank (data or expert-data parallel),
+    and not under train.cuda_graph."""
     grad_bucket_size: Optional[int] = None
     """Gradient elements per reduction bucket under overlap_grad_reduce (None: Megatron-Core's
     default, max(40M, 1M x data-parallel size)); smaller buckets start reducing earlier."""

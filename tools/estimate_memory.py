@@ -237,7 +237,8 @@ def bucket_size(cfg: Config, lay: Layout, pp_rank: int, chunk: int) -> Optional[
     or max(40M, 1M x DP), except one bucket on pipeline ranks and virtual stages after the first;
     otherwise one bucket."""
     p = cfg.parallel
-    if not (p.overlap_grad_reduce and (lay.dp_cp > 1 or lay.edp > 1)) or pp_rank > 0 or chunk > 0:
+    overlapped = p.overlap_grad_reduce and not cfg.train.cuda_graph and (lay.dp_cp > 1 or lay.edp > 1)
+    if not overlapped or pp_rank > 0 or chunk > 0:
         return None
     return p.grad_bucket_size or max(40_000_000, 1_000_000 * lay.dp)
 
