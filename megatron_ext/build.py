@@ -113,11 +113,22 @@ def overlaps_grad_reduce(cfg: Config) -> bool:
         or parallel_state.get_expert_data_parallel_world_size() > 1)
 
 
+def gather_params(model: List[DistributedDataParallel]) -> None:
+    """Complete the parameter all-gathers that parallel.overlap_param_gather leaves to the next
+    forward pass, for readers of the parameters that are not a forward pass (a checkpoint, the
+    caller of training). A no-op otherwise."""
+    for chunk in model:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def wrap_ddp(cfg: Config, tcfg: TransformerConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
+    overlap = overlaps_grad_reduce(cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        overlap_grad_reduce=overlaps_grad_reduce(cfg),
+        overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and cfg.parallel.distributed_optimizer and cfg.parallel.overlap_param_gather,
         bucket_size=cfg.parallel.grad_bucket_size,
         check_for_nan_in_grad=False,
     )

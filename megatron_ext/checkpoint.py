@@ -52,7 +52,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_ext import cpu_backend
-from megatron_ext.build import fuse_torch_adam
+from megatron_ext.build import fuse_torch_adam, gather_params
 from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ def _model_state(chunks) -> dict:
 
 
 def _sharded_state(rt, is_loading: bool, with_optimizer: bool = True) -> dict:
+    if not is_loading:
+        gather_params(rt.model)  # the last step's parameters, not the gathered ones before it
     model = _model_state(rt.model)
     if not with_optimizer:  # asking the optimizer would initialise its state as a side effect
         return {"model": model}

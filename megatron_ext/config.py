@@ -50,6 +50,11 @@ class ParallelConfig:
     (a collective's order of addition can follow the bucket boundaries: rounding only).
     Only where some gradient is reduced over more than one rank (data or expert-data parallel),
     and not under train.cuda_graph."""
+    overlap_param_gather: bool = True
+    """With the distributed optimizer and overlap_grad_reduce in effect: the updated parameters
+    are all-gathered bucket by bucket during the next forward pass (each module waits for its
+    own bucket) instead of all at once after the optimizer step. Checkpoints and the end of
+    training gather them first."""
     grad_bucket_size: Optional[int] = None
     """Gradient elements per reduction bucket under overlap_grad_reduce (None: Megatron-Core's
     default, max(40M, 1M x data-parallel size)); smaller buckets start reducing earlier."""

@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import checkpoint, data, fault, moe_stats, stages
-from megatron_ext.build import Runtime, build
+from megatron_ext.build import Runtime, build, gather_params
 from megatron_ext.checkpoint import TrainState
 from megatron_ext.config import Config
 from megatron_ext.metrics import Metrics
@@ -221,6 +221,7 @@ def train(cfg: Config, stage: Stage) -> TrainResult:
         if cfg.checkpoint.dir and history and state.step == t.steps:
             saver.start(rt, state)
         saver.finalize()
+        gather_params(rt.model)  # the caller gets the trained parameters
     finally:
         metrics.close()
     return TrainResult(history, rt, state)

@@ -231,51 +231,66 @@ def test_weight_check_bounds():
 
 
 def _overlapped_run(rank, world_size, overrides):
-    """Train; return the history, this rank's final weights, and per finish_grad_sync call how
-    many gradient bucket groups had their reduction under way already (started in the backward
-    pass) and how many there are."""
+    """Train; return the history, this rank's final weights, per finish_grad_sync call how many
+    gradient bucket groups had their reduction under way already (started in the backward pass)
+    and how many there are, and after each optimizer step whether the updated parameters were
+    all-gathered (for each bucket group, with the distributed optimizer)."""
     from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
     from megatron_ext.loop import train
     from megatron_ext.pretrain import PretrainStage
 
-    started = []
-    finish = DistributedDataParallel.finish_grad_sync
+    started, gathered = [], []
+    finish, step = DistributedDataParallel.finish_grad_sync, DistributedOptimizer.step_with_ready_grads
 
     def recording_finish(self, *args, **kwargs):
         groups = self.bucket_groups + self.expert_parallel_bucket_groups
         started.append((sum(g.grad_reduce_handle is not None for g in groups), len(groups)))
         return finish(self, *args, **kwargs)
 
+    def recording_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        gathered.append([g.param_gather_dispatched for c in self.model_chunks for g in c.bucket_groups])
+        return result
+
     DistributedDataParallel.finish_grad_sync = recording_finish
+    DistributedOptimizer.step_with_ready_grads = recording_step
     cfg = load_config(overrides)
     validate(cfg, world_size)
     result = train(cfg, PretrainStage())
     weights = {k: v.detach().clone() for k, v in result.runtime.model[0].module.named_parameters()}
-    return result.history, weights, started
+    return result.history, weights, started, gathered
 
 
 @pytest.mark.parametrize("layout,bucket_groups", [
     (["parallel.distributed_optimizer=true"], 3),
     # Pipeline schedules start a model chunk's reduction when its last backward pass ends (one
     # bucket per virtual stage).
-    (["parallel.pp=2", "parallel.vpp=2"], 1),
-], ids=["dp2_distributed_optimizer", "pp2_vpp2_dp2"])
-def test_overlapped_grad_reduction_trains_exactly_as_after_the_backward_pass(layout, bucket_groups):
-    """With parallel.overlap_grad_reduce (small buckets), the gradient buckets' reductions start
-    during the last micro-batch's backward pass, and training is bit-identical to reducing
-    everything after it: the same losses and weights. (Only the grad norm's summation order
+    (["parallel.pp=2", "parallel.vpp=2", "parallel.distributed_optimizer=true"], 1),
+], ids=["dp2_distributed_optimizer", "pp2_vpp2_dp2_distributed_optimizer"])
+def test_overlapped_communication_trains_exactly_as_after_the_step(tmp_path, layout, bucket_groups):
+    """With parallel.overlap_grad_reduce and overlap_param_gather (small buckets), the gradient
+    buckets' reductions start during the last micro-batch's backward pass and the updated
+    parameters are gathered in the next forward pass, not in the optimizer step; training is
+    bit-identical to communicating after the backward pass and in the step: the same losses,
+    evaluation losses, checkpoints and final weights. (Only the grad norm's summation order
     follows the buckets, so it is compared to rounding, and clipping, which would carry that
     rounding into the weights, is off.)"""
     ranks = 2 if len(layout) == 1 else 4
-    base = DENSE + ["train.global_batch_size=8", "train.clip_grad=0", "parallel.grad_bucket_size=200000"] + layout
-    runs = {overlap: run_on_ranks(_overlapped_run, ranks, base if overlap else
-                                  [o for o in base if "bucket" not in o] + ["parallel.overlap_grad_reduce=false"])
+    base = DENSE + ["train.global_batch_size=8", "train.clip_grad=0", "train.eval_interval=2", "train.eval_iters=1",
+                    "checkpoint.save_interval=1"] + layout
+    overlapped = base + ["parallel.grad_bucket_size=200000", f"checkpoint.dir={tmp_path / 'overlapped'}"]
+    after = base + ["parallel.overlap_grad_reduce=false", f"checkpoint.dir={tmp_path / 'after'}"]
+    runs = {overlap: run_on_ranks(_overlapped_run, ranks, overlapped if overlap else after)
             for overlap in (True, False)}
-    for (history, weights, started), (ref_history, ref_weights, ref_started) in zip(runs[True], runs[False]):
-        assert [h["loss"] for h in history] == [h["loss"] for h in ref_history]
+    for (history, weights, started, gathered), (ref_history, ref_weights, ref_started, ref_gathered) in \
+            zip(runs[True], runs[False]):
+        for key in ("loss", "val_loss"):
+            assert [h.get(key) for h in history] == [h.get(key) for h in ref_history], key
+        assert any("val_loss" in h for h in history)
         assert [h["grad_norm"] for h in history] == pytest.approx([h["grad_norm"] for h in ref_history], rel=1e-5)
         assert weights.keys() == ref_weights.keys()
         assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
@@ -284,3 +299,9 @@ def test_overlapped_grad_reduction_trains_exactly_as_after_the_backward_pass(lay
         # buckets fill) every bucket's reduction is under way before the wait.
         later = started[len(started) // 3:]
         assert all(n == total >= bucket_groups for n, total in later), started
+        assert len(gathered) == 3 and not any(any(g) for g in gathered), gathered
+        assert all(all(g) for g in ref_gathered), ref_gathered
+    for step in (1, 2):
+        ours, ref = run_on_ranks(_final_weights, 1, DENSE, [tmp_path / run / f"iter_{step:07d}"
+                                                            for run in ("overlapped", "after")])[0]
+        assert all(torch.equal(ours[k], ref[k]) for k in ref), step
