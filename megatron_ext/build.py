@@ -230,6 +230,9 @@ def build(cfg: Config, customize: Optional[Callable] = None) -> Runtime:
         no_sync, start = [c.no_sync for c in model], [c.start_grad_sync for c in model]
         tcfg.no_sync_func = no_sync if len(model) > 1 else no_sync[0]
         tcfg.grad_sync_func = start if len(model) > 1 else start[0]
-    log.info("optimizer: adam (distributed=%s), schedule=%s, gradient reduction %s", cfg.parallel.distributed_optimizer,
-             cfg.train.lr_schedule, "overlapped with the backward pass" if overlaps_grad_reduce(cfg) else "after it")
+    overlap = ("during the backward pass" + (", parameter all-gather during the forward pass"
+                                              if model[0].ddp_config.overlap_param_gather else "")
+               if overlaps_grad_reduce(cfg) else "after the backward pass")
+    log.info("optimizer: adam (distributed=%s), schedule=%s, gradient reduction %s",
+             cfg.parallel.distributed_optimizer, cfg.train.lr_schedule, overlap)
     return Runtime(cfg, tcfg, model, optimizer, scheduler)
