@@ -103,14 +103,13 @@ def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callab
     return chunks
 
 
-def overlaps_grad_reduce(cfg: Config) -> bool:
-    """parallel.overlap_grad_reduce where some gradient is reduced over more than one rank (with
-    one data-parallel rank there is nothing to overlap), except under train.cuda_graph: its
-    captured step keeps the one reduction after the backward pass (asynchronous collectives
-    inside a capture have not run yet). After init_parallel."""
-    return cfg.parallel.overlap_grad_reduce and not cfg.train.cuda_graph and (
-        parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
-        or parallel_state.get_expert_data_parallel_world_size() > 1)
+def overlaps_grad_reduce(cfg: Config, dp_cp: int, expert_dp: int) -> bool:
+    """parallel.overlap_grad_reduce where some gradient is reduced over more than one rank (data
+    parallel x CP size `dp_cp`, expert-data-parallel size `expert_dp`; with one rank there is
+    nothing to overlap), except under train.cuda_graph: its captured step keeps the one
+    reduction after the backward pass (asynchronous collectives inside a capture have not run
+    yet)."""
+    return cfg.parallel.overlap_grad_reduce and not cfg.train.cuda_graph and (dp_cp > 1 or expert_dp > 1)
 
 
 def gather_params(model: List[DistributedDataParallel]) -> None:
@@ -123,7 +122,8 @@ def gather_params(model: List[DistributedDataParallel]) -> None:
 
 
 def wrap_ddp(cfg: Config, tcfg: TransformerConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
-    overlap = overlaps_grad_reduce(cfg)
+    overlap = overlaps_grad_reduce(cfg, parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+                                   parallel_state.get_expert_data_parallel_world_size())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
@@ -222,7 +222,8 @@ def build(cfg: Config, customize: Optional[Callable] = None) -> Runtime:
     tcfg.finalize_model_grads_func = importlib.import_module(  # as patched (megatron_ext.patches)
         "megatron.core.distributed.finalize_model_grads").finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
-    if overlaps_grad_reduce(cfg):
+    ddp_config = model[0].ddp_config
+    if ddp_config.overlap_grad_reduce:
         # The schedules run all micro-batches but the last under no_sync, so a bucket's reduction
         # starts once the last backward pass has filled it; under pipeline parallelism they also
         # start each model chunk's remaining reductions when its last backward pass ends (as
@@ -231,8 +232,8 @@ def build(cfg: Config, customize: Optional[Callable] = None) -> Runtime:
         tcfg.no_sync_func = no_sync if len(model) > 1 else no_sync[0]
         tcfg.grad_sync_func = start if len(model) > 1 else start[0]
     overlap = ("during the backward pass" + (", parameter all-gather during the forward pass"
-                                              if model[0].ddp_config.overlap_param_gather else "")
-               if overlaps_grad_reduce(cfg) else "after the backward pass")
+                                              if ddp_config.overlap_param_gather else "")
+               if ddp_config.overlap_grad_reduce else "after the backward pass")
     log.info("optimizer: adam (distributed=%s), schedule=%s, gradient reduction %s",
              cfg.parallel.distributed_optimizer, cfg.train.lr_schedule, overlap)
     return Runtime(cfg, tcfg, model, optimizer, scheduler)

@@ -236,11 +236,11 @@ def bucket_size(cfg: Config, lay: Layout, pp_rank: int, chunk: int) -> Optional[
     reduction overlapped (`megatron_ext.build.overlaps_grad_reduce`), parallel.grad_bucket_size
     or max(40M, 1M x DP), except one bucket on pipeline ranks and virtual stages after the first;
     otherwise one bucket."""
-    p = cfg.parallel
-    overlapped = p.overlap_grad_reduce and not cfg.train.cuda_graph and (lay.dp_cp > 1 or lay.edp > 1)
-    if not overlapped or pp_rank > 0 or chunk > 0:
+    from megatron_ext.build import overlaps_grad_reduce
+
+    if not overlaps_grad_reduce(cfg, lay.dp_cp, lay.edp) or pp_rank > 0 or chunk > 0:
         return None
-    return p.grad_bucket_size or max(40_000_000, 1_000_000 * lay.dp)
+    return cfg.parallel.grad_bucket_size or max(40_000_000, 1_000_000 * lay.dp)
 
 
 def chunk_buffers(params: Sequence[Param], lay: Layout, distributed: bool,
