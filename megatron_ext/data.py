@@ -146,7 +146,7 @@ def packed_seq_params(cu_seqlens: torch.Tensor):
     longest = int((host[1:] - host[:-1]).max())
     cu = host
     if torch.cuda.is_available():
-        cu = host.pin_memory().cuda(non_blocking=True)
+        cu = _to_device(host)
         cu.host_copy = host
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                            cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
