@@ -183,8 +183,11 @@ class DataConfig:
     """train,valid,test split of the documents."""
     tokenizer: str = "qwen3"
     """Tokenizer used for the bundled sample corpus and decoding."""
-    cache_dir: str = ".cache/data"
-    """Where tokenized sample data and Megatron's dataset indices are cached."""
+    cache_dir: Optional[str] = None
+    """Where tokenized sample data and Megatron's dataset indices are cached. None: `cache/` in
+    `checkpoint.dir` (where the run writes; shared by all ranks), else the user's cache directory
+    (`$XDG_CACHE_HOME/qwen_megatron/data`, default `~/.cache/...`), never the working directory.
+    Cached indices are read without pickle whatever directory this names."""
     num_workers: int = 0
     """DataLoader worker processes."""
     document_mask: bool = False

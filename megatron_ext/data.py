@@ -26,6 +26,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from data_prep.indexed import IndexedReader, bin_path, idx_path
 from data_prep.tokenizer import get_tokenizer
+from megatron_ext import patches
 from megatron_ext.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,21 @@ def check_paths(cfg: Config) -> None:
                               "tokenize some text into it first")
 
 
+def cache_dir(cfg: Config) -> Path:
+    """`data.cache_dir`, or its default: next to the run's checkpoints, else the user's cache."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    if cfg.checkpoint.dir:
+        return Path(cfg.checkpoint.dir) / "cache"
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(user_cache) / "qwen_megatron" / "data"
+
+
 def _blend(cfg: Config):
     if cfg.data.paths:
         check_paths(cfg)
         return list(cfg.data.paths), (list(cfg.data.weights) if cfg.data.weights else None)
-    prefix = Path(cfg.data.cache_dir) / f"sample_{cfg.data.tokenizer}"
+    prefix = cache_dir(cfg) / f"sample_{cfg.data.tokenizer}"
     if torch.distributed.get_rank() == 0:
         build_sample_corpus(prefix, cfg.data.tokenizer)
     torch.distributed.barrier()
@@ -89,13 +100,14 @@ def _blend(cfg: Config):
 
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
     """Train and validation GPTDatasets (None for splits with no data)."""
+    patches.apply()  # among them: the cached indices are read without pickle
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     ds_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.data.seq_length,
         blend=_blend(cfg),
         split=cfg.data.split,
-        path_to_cache=str(Path(cfg.data.cache_dir) / "index_cache"),
+        path_to_cache=str(cache_dir(cfg) / "index_cache"),
         # Only vocab_size and eod are read. No pad: Qwen pads with <|endoftext|>, which would
         # make Megatron mask every real end-of-document label.
         tokenizer=SimpleNamespace(
@@ -109,9 +121,12 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
-    datasets = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, ds_config
-    ).build()
+    try:
+        datasets = BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, valid_samples, 0], lambda: True, ds_config
+        ).build()
+    except patches.IndexCacheError as e:
+        raise ConfigError(f"data.cache_dir: {e}") from None
     return datasets[0], datasets[1]
 
 

@@ -75,6 +75,12 @@
   `if num_tokens > 0`, a device-to-host sync at the end of every backward pass (and an error
   inside a CUDA graph capture). The patch does the same division on the device: the count
   clamped to at least 1 (Megatron leaves the gradients unscaled at 0 tokens: the same as / 1).
+- dataset_indices_without_pickle (safety): Megatron-Core's datasets read their cached indices
+  (`path_to_cache/*-{document,sample,shuffle}_index.npy`, the blend's `*-dataset_index.npy`) with
+  `numpy.load(allow_pickle=True)`, and numpy unpickles any file that is not an `.npy` array: a
+  planted "index" runs code in every rank that opens the cache. The patch gives those modules a
+  `numpy` whose `load` never unpickles and accepts only integer arrays; anything else stops the
+  run with `IndexCacheError` naming the file (delete it and the run rebuilds it).
 """
 
 from __future__ import annotations
@@ -83,6 +89,7 @@ import importlib
 import inspect
 import logging
 
+import numpy
 import torch
 
 log = logging.getLogger(__name__)
@@ -437,6 +444,40 @@ def token_scaling_without_sync() -> None:
     module.finalize_model_grads = finalize_model_grads
 
 
+class IndexCacheError(ValueError):
+    """A dataset index cache file holds something other than a plain integer array."""
+
+
+class _NumpyWithoutPickle:
+    """`numpy` as Megatron's dataset modules see it: `load` never unpickles (the modules pass
+    allow_pickle=True) and returns integer arrays only; every other name is numpy's own."""
+
+    def __getattr__(self, name):
+        return getattr(numpy, name)
+
+    @staticmethod
+    def load(file, mmap_mode=None, allow_pickle=False, **kwargs):
+        del allow_pickle  # never honoured: the cache may come from anyone who can write to it
+        hint = "it was not written by Megatron-Core; delete it and the run rebuilds the index"
+        try:
+            array = numpy.load(file, mmap_mode=mmap_mode, allow_pickle=False, **kwargs)
+        except (ValueError, OSError, EOFError) as e:
+            raise IndexCacheError(f"dataset index cache {file}: refused ({e}); {hint}") from None
+        if not isinstance(array, numpy.ndarray) or array.dtype.kind not in "iu":
+            kind = getattr(array, "dtype", type(array).__name__)
+            raise IndexCacheError(f"dataset index cache {file}: holds {kind}, not an integer index; {hint}")
+        return array
+
+
+DATASET_MODULES = ("megatron.core.datasets.gpt_dataset", "megatron.core.datasets.blended_dataset",
+                   "megatron.core.datasets.masked_dataset")
+
+
+def dataset_indices_without_pickle() -> None:
+    for name in DATASET_MODULES:
+        importlib.import_module(name).numpy = _NumpyWithoutPickle()
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
     from megatron.core.models.common.embeddings import rope_utils
@@ -499,7 +540,15 @@ def upstream_call_sites() -> dict:
             if num_tokens > 0:
                 scaling = 1.0 / num_tokens
                 model_chunk.scale_gradients(scaling)"""),
+        # The index caches are read through each module's `numpy` global, with pickle allowed.
+        "dataset_indices_without_pickle": all(_reads_indices_through_numpy(name) for name in DATASET_MODULES),
     }
+
+
+def _reads_indices_through_numpy(module_name: str) -> bool:
+    source = inspect.getsource(importlib.import_module(module_name))
+    return ("\nimport numpy\n" in source and "numpy.load(" in source
+            and "np.load(" not in source and "from numpy import" not in source)
 
 
 def _linear_sources_unchanged(source: str) -> bool:
@@ -547,7 +596,8 @@ def _import_fallback(source: str) -> str:
 
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
            torch_adam_distributed_optimizer, rope_tables, foreach_optimizer_ops,
-           single_rank_tp_mappings, linear_without_communication, token_scaling_without_sync)
+           single_rank_tp_mappings, linear_without_communication, token_scaling_without_sync,
+           dataset_indices_without_pickle)
 
 
 def apply() -> None:
