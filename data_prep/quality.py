@@ -3,12 +3,15 @@
     python -m data_prep.quality --input 'raw/*.jsonl.zst' --output clean.jsonl \\
         [--min-chars 200] [--max-chars 200000] [--min-words N] [--max-words N] \\
         [--exact-dedup] [--near-dedup --threshold 0.8] \\
-        [--decontaminate evals/gsm8k.jsonl evals/humaneval.jsonl --ngram 13]
+        [--decontaminate evals/gsm8k.jsonl evals/humaneval.jsonl --ngram 13] [--max-record-bytes 16MiB]
 
 Filters run per record in a fixed order: length, exact duplicate, near duplicate, eval-set
 contamination. Kept records are written unchanged (the original JSON line); every removed record
 goes to `OUTPUT.removed.jsonl` with file:line and the filter that removed it; `OUTPUT.report.json`
-holds the counts and, per eval set, how many documents matched and example n-grams.
+holds the counts and, per eval set, how many documents matched and example n-grams. Records are
+read as `data_prep.tokenize` reads them: a line over --max-record-bytes is skipped unread
+(`invalid:too_large`), JSON nested too deep is `invalid:too_deep`, a damaged compressed file
+keeps what precedes the damage (`invalid:corrupt_file`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from data_prep.readers import _MISSING, Shard, _stream_lines, check_text, expand_inputs, file_kind, parse_line
+from data_prep.readers import (_MISSING, DEFAULT_MAX_RECORD_BYTES, CorruptFileError, LongLine, Shard,
+                                _parquet_batch_rows, _stream_lines, check_text, expand_inputs, file_kind, parse_line,
+                                parse_size)
 
 _WORD = re.compile(r"\w+")
 
@@ -155,19 +160,61 @@ def length_reason(text: str, min_chars=0, max_chars=None, min_words=0, max_words
     return None
 
 
-def iter_records(files: Sequence[str], key: str) -> Iterator[Tuple[str, int, Optional[str], str, Optional[str]]]:
-    """Yield `(file, line, text or None, original JSON line, reject reason)` for every record."""
+def iter_records(files: Sequence[str], key: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
+                 ) -> Iterator[Tuple[str, int, Optional[str], str, Optional[str]]]:
+    """Yield `(file, line, text or None, original JSON line, reject reason)` for every record
+    (the line is "" for a record that was not read: too large, or lost to a damaged file)."""
     for path in files:
         if file_kind(path) == "parquet":
-            import pyarrow.parquet as pq
-
-            for row_no, row in enumerate(pq.read_table(path).to_pylist(), 1):
-                text, bad = check_text(row.get(key, _MISSING), key)
-                yield path, row_no, text, json.dumps(row, ensure_ascii=False, default=str), bad and bad[0]
+            yield from _parquet_records(path, key, max_bytes)
             continue
-        for line_no, raw in enumerate(_stream_lines(Shard(path, file_kind(path), 0, 0, 1 << 62)), 1):
+        line_no = 0
+        lines = _stream_lines(Shard(path, file_kind(path), 0, 0, 1 << 62), max_bytes)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                break
+            except CorruptFileError:
+                yield path, line_no + 1, None, "", "corrupt_file"
+                break
+            line_no += 1
+            if raw.__class__ is LongLine:
+                yield path, line_no, None, "", "too_large"
+                continue
             text, bad = parse_line(raw, key)
             yield path, line_no, text, raw.decode("utf-8", "replace").rstrip("\r\n"), bad and bad[0]
+
+
+def _parquet_records(path: str, key: str, max_bytes: int):
+    """Parquet rows batch by batch; a text value over `max_bytes` is never converted."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    row_no = 0
+    try:
+        pf = pq.ParquetFile(path, buffer_size=1 << 20)
+        for batch in pf.iter_batches(batch_size=_parquet_batch_rows(pf, key, 1024)):
+            over = None
+            if key in batch.schema.names and pa.types.is_string(batch.schema.field(key).type):
+                col = batch.column(key)
+                over = pc.greater(pc.fill_null(pc.binary_length(col), 0), max_bytes)
+                if pc.any(over).as_py():
+                    batch = batch.set_column(batch.schema.get_field_index(key), key,
+                                             pc.if_else(over, pa.scalar(None, col.type), col))
+                    over = over.to_pylist()
+                else:
+                    over = None
+            for i, row in enumerate(batch.to_pylist()):
+                row_no += 1
+                if over is not None and over[i]:
+                    yield path, row_no, None, "", "too_large"
+                    continue
+                text, bad = check_text(row.get(key, _MISSING), key)
+                yield path, row_no, text, json.dumps(row, ensure_ascii=False, default=str), bad and bad[0]
+    except (pa.ArrowException, OSError):
+        yield path, row_no + 1, None, "", "corrupt_file"
 
 
 
@@ -177,7 +224,9 @@ def read_eval_sets(paths: Sequence[str], keys: Sequence[str]) -> Dict[str, List[
     for path in expand_inputs(paths):
         name = Path(path).name.split(".")[0]
         texts = []
-        for _, line, _, raw, _ in iter_records([path], keys[0]):
+        for _, line, _, raw, bad in iter_records([path], keys[0]):
+            if bad in ("too_large", "too_deep", "corrupt_file"):
+                raise ValueError(f"{path}:{line}: eval set record is unreadable ({bad})")
             try:
                 obj = json.loads(raw)
             except ValueError:
@@ -206,6 +255,7 @@ class FilterConfig:
     num_perm: int = 128
     eval_sets: Dict[str, List[str]] = field(default_factory=dict)
     ngram: int = 13
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 
 def run_filters(files: Sequence[str], output: str, cfg: FilterConfig) -> dict:
@@ -216,7 +266,7 @@ def run_filters(files: Sequence[str], output: str, cfg: FilterConfig) -> dict:
     counts = defaultdict(int)
     out_tmp, rem_tmp = Path(output + ".tmp"), Path(output + ".removed.jsonl.tmp")
     with open(out_tmp, "w", encoding="utf-8") as out, open(rem_tmp, "w", encoding="utf-8") as removed:
-        for path, line, text, raw, bad in iter_records(files, cfg.text_key):
+        for path, line, text, raw, bad in iter_records(files, cfg.text_key, cfg.max_record_bytes):
             counts["records"] += 1
             where = f"{path}:{line}"
             reason, detail = _first_failure(text, bad, where, cfg, exact, near, decon)
@@ -272,12 +322,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--decontaminate", nargs="+", default=[], help="eval set files (JSONL/parquet)")
     p.add_argument("--eval-key", action="append", help="eval text field(s); default: text")
     p.add_argument("--ngram", type=int, default=13)
+    p.add_argument("--max-record-bytes", type=parse_size, default=DEFAULT_MAX_RECORD_BYTES, metavar="SIZE",
+                   help="longest record read (default 16MiB); a longer one is skipped unread as invalid:too_large")
     a = p.parse_args(argv)
     try:
         files = expand_inputs(a.input)
         evals = read_eval_sets(a.decontaminate, a.eval_key or ["text"]) if a.decontaminate else {}
         cfg = FilterConfig(a.text_key, a.min_chars, a.max_chars, a.min_words, a.max_words, a.exact_dedup,
-                           a.normalize, a.near_dedup, a.threshold, a.num_perm, evals, a.ngram)
+                           a.normalize, a.near_dedup, a.threshold, a.num_perm, evals, a.ngram, a.max_record_bytes)
         report = run_filters(files, a.output, cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Raw text -> Megatron-Core indexed dataset (`OUT.bin` + `OUT.idx`).
 
     python -m data_prep.tokenize --input 'data/*.jsonl.zst' --output-prefix out/web \\
-        --tokenizer qwen2 [--text-key text] [--workers N] [--append-eod] [--strict]
+        --tokenizer qwen2 [--text-key text] [--workers N] [--append-eod] [--strict] \\
+        [--max-record-bytes 16MiB]
 
 Inputs are split into shards (one per compressed/parquet file, byte chunks of plain `.jsonl`),
 each encoded by a worker process into its own `.bin/.idx` under `OUT.shards/`, then merged in
@@ -12,6 +13,11 @@ listed with file:line in `OUT.rejects.jsonl` (or, with --strict, the first one i
 truncated or corrupted compressed file keeps the records before the damage and adds one
 `corrupt_file` reject at the first line lost; the other files go on (--strict: fatal). Empty
 inputs are refused: a 0-byte file or one with no records, and a run that would write no document.
+
+Inputs are untrusted: a record longer than --max-record-bytes (default 16 MiB, about 4M tokens)
+is skipped without being held in memory and listed as `too_large`; JSON nested deeper than 100
+levels is listed as `too_deep`; gzip/zstd are decoded in bounded steps. Memory per worker is set
+by --max-record-bytes (tokenizing a record takes about 16x its size), not by the input.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from data_prep import indexed
 from data_prep.indexed import check_writable_dir
-from data_prep.readers import REASONS, Shard, count_lines_before, expand_inputs, iter_batches, plan_shards
+from data_prep.readers import (DEFAULT_MAX_RECORD_BYTES, REASONS, Shard, count_lines_before, expand_inputs,
+                                iter_batches, parse_size, plan_shards)
 from data_prep.tokenizer import get_tokenizer
 
 
@@ -47,6 +54,7 @@ class Options:
     append_eod: bool = False
     strict: bool = False
     batch_size: int = 1024
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
 
 @dataclass
@@ -72,7 +80,7 @@ def shard_prefix(work_dir: Path, shard: Shard, opts: Options) -> Path:
     """Stable name from the input's identity (path, size, mtime), the byte range and the options."""
     st = os.stat(shard.path)
     ident = [os.path.abspath(shard.path), st.st_size, st.st_mtime_ns, asdict(shard), opts.tokenizer,
-             opts.text_key, opts.append_eod, opts.strict]
+             opts.text_key, opts.append_eod, opts.strict, opts.max_record_bytes]
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return work_dir / f"{Path(shard.path).name}.{shard.chunk:05d}.{digest}"
 
@@ -102,7 +110,8 @@ def encode_shard(shard: Shard, prefix: Path, opts: Options,
              "bytes": 0, "rejects": dict.fromkeys(REASONS, 0), "corrupt": None}
     try:
         with open(indexed.tmp_path(rej_path), "w", encoding="utf-8") as rej:
-            for nums, texts, rejects, n_lines, n_bytes in iter_batches(shard, opts.text_key, opts.batch_size):
+            for nums, texts, rejects, n_lines, n_bytes in iter_batches(shard, opts.text_key, opts.batch_size,
+                                                                          opts.max_record_bytes):
                 if rejects and opts.strict:
                     r = rejects[0]
                     line = count_lines_before(shard) + r.line
@@ -347,11 +356,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="encoding processes")
     p.add_argument("--append-eod", action="store_true", help="end every document with <|endoftext|>")
     p.add_argument("--strict", action="store_true", help="the first bad record is fatal (file:line)")
+    p.add_argument("--max-record-bytes", type=parse_size, default=DEFAULT_MAX_RECORD_BYTES, metavar="SIZE",
+                   help="longest record read, e.g. 16MiB (the default), 1GB, 500000; a longer one is skipped "
+                        "and listed as too_large. Tokenizing a record takes about 16x its size in memory")
     p.add_argument("--chunk-mb", type=float, default=32.0, help="split plain .jsonl files into chunks this big")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    opts = Options(a.tokenizer, a.text_key, a.append_eod, a.strict)
+    opts = Options(a.tokenizer, a.text_key, a.append_eod, a.strict, max_record_bytes=a.max_record_bytes)
     try:
         summary = tokenize(a.input, a.output_prefix, opts, a.workers, a.chunk_mb, a.keep_shards, a.quiet)
     except (BadRecordError, OSError, ValueError) as e:

@@ -84,3 +84,27 @@ def test_cli_pipeline_counts_and_report(tmp_path):
         (2, "exact_dup"), (4, "length"), (5, "contaminated"), (6, "invalid:not_string"), (7, "near_dup"),
         (8, "invalid:malformed_json")]
     assert removed[0]["detail"] == f"same text as {src}:1"
+
+
+def test_cli_hostile_records_are_removed_not_fatal(tmp_path):
+    """Records the reader refuses (too large, nested too deep, a damaged gzip) are listed as
+    invalid:* with file:line; the others are filtered as usual."""
+    import gzip
+
+    good = [json.dumps({"text": essay(s)}) for s in range(3)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([good[0], "[" * 50_000, '{"text": "' + "x" * 300_000 + '"}', good[1]]) + "\n")
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(gzip.compress((good[2] + "\n").encode() * 200, mtime=0)[:-20])
+    out = tmp_path / "clean.jsonl"
+    assert main(["--input", str(src), str(damaged), "--output", str(out), "--max-record-bytes", "100KiB"]) == 0
+    kept = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert kept[:2] == [essay(0), essay(1)] and set(kept[2:]) == {essay(2)}
+    removed = [json.loads(line) for line in (tmp_path / "clean.jsonl.removed.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["filter"]) for r in removed] == [
+        (str(src), 2, "invalid:too_deep"), (str(src), 3, "invalid:too_large"),
+        (str(damaged), len(kept) - 1, "invalid:corrupt_file")]
+    # An eval set must be read whole: a record it cannot read is an error naming file:line.
+    ev = tmp_path / "deep_eval.jsonl"
+    ev.write_text(json.dumps({"text": "q"}) + "\n" + "[" * 50_000 + "\n")
+    assert main(["--input", str(src), "--output", str(out), "--decontaminate", str(ev)]) == 1

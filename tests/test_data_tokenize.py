@@ -1,4 +1,5 @@
-"""data_prep.tokenize: round trip through Megatron-Core's reader, bad input, resume after kill -9."""
+"""data_prep.tokenize: round trip through Megatron-Core's reader, bad input, hostile input (deep
+JSON, huge lines, compression bombs) with bounded memory, resume after kill -9."""
 
 import gzip
 import json
@@ -8,12 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data_prep import indexed
+from data_prep.readers import iter_batches, plan_shards
 from data_prep.tokenize import BadRecordError, Options, main, tokenize
 from data_prep.tokenizer import get_tokenizer
 
@@ -223,3 +227,217 @@ def test_kill9_then_rerun_is_byte_identical(tmp_path):
     assert reused == len(done)  # finished shards were skipped, not redone
     for ext in (".bin", ".idx", ".rejects.jsonl"):
         assert Path(f"{out}{ext}").read_bytes() == Path(f"{ref}{ext}").read_bytes(), ext
+
+
+# ---------------------------------------------------------------- hostile input
+# What a downloaded file can hold to exhaust the machine. Each is a listed reject at file:line
+# while the records around it are tokenized (exit 0); --strict stops there naming file:line;
+# reading it holds about --max-record-bytes, whatever the line's size.
+
+CAP = 1 << 20  # --max-record-bytes in these tests
+GOOD = [json.dumps({"text": f"good document {i}"}).encode() + b"\n" for i in range(3)]
+
+
+def write_stream(path, pieces):
+    """Write byte pieces as plain, gzip or zstd (by suffix), never holding the whole content."""
+    with open(path, "wb") as raw:
+        if str(path).endswith(".gz"):
+            z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            for p in pieces:
+                raw.write(z.compress(p))
+            raw.write(z.flush())
+        elif str(path).endswith(".zst"):
+            import zstandard
+
+            with zstandard.ZstdCompressor(level=19).stream_writer(raw, closefd=False) as w:
+                for p in pieces:
+                    w.write(p)
+        else:
+            for p in pieces:
+                raw.write(p)
+
+
+def long_record(n: int):
+    """A valid JSON record whose text is `n` bytes, as 1 MiB pieces."""
+    yield b'{"text": "'
+    block = b"x" * (1 << 20)
+    for start in range(0, n, len(block)):
+        yield block[:n - start]
+    yield b'"}'
+
+
+ATTACKS = [
+    # (name, file suffix, the bad line as byte pieces, reason)
+    ("deep_array", ".jsonl", lambda: [b'{"text": "ok", "meta": ' + b"[" * 1000 + b"]" * 1000 + b"}"], "too_deep"),
+    ("deep_unclosed", ".jsonl", lambda: [b"[" * 100_000], "too_deep"),
+    ("deep_objects_gzip", ".jsonl.gz", lambda: [b'{"a": ' * 5000 + b"1" + b"}" * 5000], "too_deep"),
+    ("long_line_plain", ".jsonl", lambda: long_record(32 << 20), "too_large"),
+    ("long_line_gzip", ".jsonl.gz", lambda: long_record(32 << 20), "too_large"),
+    ("long_line_zstd", ".jsonl.zst", lambda: long_record(32 << 20), "too_large"),
+    ("gzip_bomb", ".jsonl.gz", lambda: long_record(128 << 20), "too_large"),  # ~130 KB -> 128 MiB
+    ("zstd_bomb", ".jsonl.zst", lambda: long_record(256 << 20), "too_large"),  # ~8 KB -> 256 MiB
+    ("invalid_utf8_zstd", ".jsonl.zst", lambda: [b'{"text": "caf\xe9"}'], "invalid_utf8"),
+    ("malformed_gzip", ".jsonl.gz", lambda: [b'{"text": "unterminated'], "malformed_json"),
+]
+
+
+def _read_peak(path, max_bytes=CAP) -> int:
+    """Peak Python memory (bytes) to read every record of `path`, and the rejects seen."""
+    tracemalloc.start()
+    try:
+        rejects = [(r.line, r.reason) for shard in plan_shards([str(path)], 1 << 40)
+                   for _, _, rej, _, _ in iter_batches(shard, "text", max_bytes=max_bytes) for r in rej]
+        return tracemalloc.get_traced_memory()[1], rejects
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("name,suffix,bad_line,reason", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_hostile_record_is_a_listed_reject(name, suffix, bad_line, reason, tmp_path, capsys):
+    if suffix.endswith(".zst"):
+        pytest.importorskip("zstandard")
+    path = tmp_path / f"{name}{suffix}"
+    write_stream(path, [GOOD[0], GOOD[1], *bad_line(), b"\n", GOOD[2]])
+
+    peak, seen = _read_peak(path)
+    assert seen == [(3, reason)]
+    assert peak < 16 << 20, f"reading {name} took {peak / 2**20:.1f} MiB with a 1 MiB record limit"
+
+    out = tmp_path / "out" / "ds"
+    argv = ["--input", str(path), "--max-record-bytes", "1MiB", "--quiet"]
+    assert main(argv + ["--output-prefix", str(out)]) == 0
+    rejects = [json.loads(line) for line in open(f"{out}.rejects.jsonl", encoding="utf-8")]
+    assert [(r["file"], r["line"], r["reason"]) for r in rejects] == [(str(path), 3, reason)]
+    assert f"{reason}=1" in capsys.readouterr().out
+    _, docs = megatron_docs(out)
+    tok = get_tokenizer("qwen2")
+    assert [tok.decode(d.tolist()) for d in docs] == [f"good document {i}" for i in range(3)]
+
+    with pytest.raises(BadRecordError, match=rf"^{re.escape(str(path))}:3: {reason}: "):
+        tokenize([str(path)], str(tmp_path / "strict"), Options(strict=True, max_record_bytes=CAP), quiet=True)
+    assert main(argv + ["--output-prefix", str(tmp_path / "strict"), "--strict"]) == 1
+    assert f"{path}:3: {reason}" in capsys.readouterr().err
+    assert not (tmp_path / "strict.idx").exists()
+
+
+def test_long_lines_across_chunks_and_at_the_end(tmp_path):
+    """A long line spanning many byte chunks of a plain .jsonl is one reject at its own line;
+    so is a long last line without a newline; the chunks inside it read only their own range."""
+    path = tmp_path / "long.jsonl"
+    write_stream(path, [GOOD[0], *long_record(8 << 20), b"\n", GOOD[1], GOOD[2], *long_record(3 << 20)])
+    out = tmp_path / "o"
+    s = tokenize([str(path)], str(out), Options(max_record_bytes=CAP), chunk_mb=0.25, quiet=True)
+    assert s.shards > 40 and s.docs == 3 and s.rejects["too_large"] == 2
+    rejects = [json.loads(line) for line in open(f"{out}.rejects.jsonl", encoding="utf-8")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "too_large"), (5, "too_large")]
+    assert rejects[0]["detail"].startswith(f"record is {(8 << 20) + 12:,} bytes > --max-record-bytes {CAP:,}")
+    assert rejects[1]["detail"].startswith(f"record is {(3 << 20) + 12:,} bytes")
+    # --strict: the long line starts in a later chunk, and the error still gives its file line.
+    later = tmp_path / "later.jsonl"
+    write_stream(later, [GOOD[0] * 30_000, *long_record(3 << 20), b"\n", GOOD[1]])
+    with pytest.raises(BadRecordError, match=rf"^{re.escape(str(later))}:30001: too_large"):
+        tokenize([str(later)], str(tmp_path / "s"), Options(strict=True, max_record_bytes=CAP), chunk_mb=0.25,
+                 quiet=True)
+    # A line exactly at the limit is a record; one byte more is not.
+    exact = tmp_path / "exact.jsonl"
+    rec = json.dumps({"text": "y" * 1000}).encode()
+    exact.write_bytes(rec + b"\n" + rec + b"y\n" + rec)
+    s = tokenize([str(exact)], str(tmp_path / "e"), Options(max_record_bytes=len(rec)), quiet=True)
+    assert s.docs == 2 and s.rejects["too_large"] == 1
+
+
+def test_json_depth_scan():
+    from data_prep.readers import MAX_JSON_DEPTH, json_depth, parse_line
+
+    assert json_depth(b'{"a": "[[[[", "b": [[1]]}') == 3  # brackets inside strings do not count
+    assert json_depth(b'"\\"[[[" [[ ]') == 2  # nor after an escaped quote
+    assert json_depth(b'"unterminated [[[[[') == 0
+    assert json_depth(b"[" * 5_000_000, stop=100) > 100
+    deep_text = {"text": "[" * 5000 + "{" * 5000}  # brackets in the text itself are fine
+    assert parse_line(json.dumps(deep_text).encode(), "text") == (deep_text["text"], None)
+    n = MAX_JSON_DEPTH - 1  # the record's own object is one level
+    assert parse_line(b'{"text": "t", "m": ' + b"[" * n + b"]" * n + b"}", "text") == ("t", None)
+    n += 1
+    assert parse_line(b'{"text": "t", "m": ' + b"[" * n + b"]" * n + b"}", "text")[1] == \
+        ("too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def test_parquet_oversize_value(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": ["first", "x" * (2 * CAP), "third"]}), path)
+    peak, seen = _read_peak(path)
+    assert seen == [(2, "too_large")]
+    s = tokenize([str(path)], str(tmp_path / "o"), Options(max_record_bytes=CAP), quiet=True)
+    assert s.docs == 2 and s.rejects["too_large"] == 1
+
+
+def test_rerun_after_hostile_rejects(tmp_path):
+    """A run that rejected hostile records can be rerun: finished shards are reused and the
+    outputs are byte-identical (deep JSON used to crash both runs)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_stream(data / "a.jsonl", [GOOD[0], b"[" * 5000, b"\n", GOOD[1]])
+    write_stream(data / "b.jsonl.gz", [GOOD[2], *long_record(4 << 20), b"\n", GOOD[0]])
+    write_stream(data / "c.jsonl", [GOOD[1], b'{"text": "caf\xe9"}\n', GOOD[2]])
+    out = tmp_path / "o"
+    argv = ["--input", str(data), "--output-prefix", str(out), "--max-record-bytes", "1MiB", "--quiet"]
+    assert main(argv + ["--keep-shards"]) == 0
+    first = {ext: Path(f"{out}{ext}").read_bytes() for ext in (".bin", ".idx", ".rejects.jsonl")}
+    rerun = subprocess.run([sys.executable, "-m", "data_prep.tokenize", *argv], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "(3 shards, 3 reused)" in rerun.stdout
+    assert {ext: Path(f"{out}{ext}").read_bytes() for ext in first} == first
+    assert [json.loads(line)["reason"] for line in first[".rejects.jsonl"].splitlines()] == \
+        ["too_deep", "too_large", "invalid_utf8"]
+
+
+_HWM = """import sys
+from data_prep.tokenize import main
+rc = main(sys.argv[1:])
+print("VmHWM", [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0], file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def peak_rss_mib(*argv) -> float:
+    """Peak resident memory of a `data_prep.tokenize` run in its own process (VmHWM counts only
+    that process's memory since exec, unlike ru_maxrss, which can carry the forking parent's)."""
+    r = subprocess.run([sys.executable, "-c", _HWM, *argv, "--quiet"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return int(re.search(r"VmHWM (\d+)", r.stderr).group(1)) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_zstd_bomb_memory_stays_at_baseline(tmp_path):
+    """A few KB of zstd holding one 256 MiB line: the process peaks near a run on a small file."""
+    pytest.importorskip("zstandard")
+    base, bomb = tmp_path / "base.jsonl.zst", tmp_path / "bomb.jsonl.zst"
+    write_stream(base, GOOD)
+    write_stream(bomb, [GOOD[0], *long_record(256 << 20), b"\n", GOOD[1], GOOD[2]])
+    assert bomb.stat().st_size < 64 << 10
+    normal = peak_rss_mib("--input", str(base), "--output-prefix", str(tmp_path / "a"), "--max-record-bytes", "1MiB")
+    hostile = peak_rss_mib("--input", str(bomb), "--output-prefix", str(tmp_path / "b"), "--max-record-bytes", "1MiB")
+    assert hostile - normal < 32, f"peak RSS {hostile:.0f} MiB vs {normal:.0f} MiB on a small file"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_256mib_line_memory_at_default_limit(suffix, tmp_path):
+    """One 256 MiB line under the default --max-record-bytes (16 MiB): rejected, and the peak
+    stays within about twice the limit of a run on a small file."""
+    if suffix.endswith(".zst"):
+        pytest.importorskip("zstandard")
+    base, big = tmp_path / f"base{suffix}", tmp_path / f"big{suffix}"
+    write_stream(base, GOOD)
+    write_stream(big, [GOOD[0], *long_record(256 << 20), b"\n", GOOD[1], GOOD[2]])
+    normal = peak_rss_mib("--input", str(base), "--output-prefix", str(tmp_path / "a"))
+    hostile = peak_rss_mib("--input", str(big), "--output-prefix", str(tmp_path / "b"))
+    assert hostile - normal < 64, f"peak RSS {hostile:.0f} MiB vs {normal:.0f} MiB on a small file"
+    rejects = [json.loads(line) for line in open(f"{tmp_path / 'b'}.rejects.jsonl", encoding="utf-8")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(2, "too_large")]
