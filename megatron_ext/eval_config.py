@@ -44,6 +44,9 @@ class EvalConfig:
     best-of-k (min, last and product of step scores), and evaluated on `processbench` tasks."""
     timeout_s: float = 10.0
     """Seconds per program in the code sandbox."""
+    math_timeout_s: float = 2.0
+    """Seconds to judge one math answer (`verify_math`; each comparison of maj@k's vote too);
+    an answer not judged in time, or too large to evaluate, is wrong."""
     train_tasks: List[str] = field(default_factory=list)
     """Tasks evaluated on the model being trained every train.eval_interval steps (and at the
     end), with this section's sampling settings (no RM / PRM); their metrics take the loop's

@@ -11,7 +11,9 @@ Each optimizer step (the stage's `before_step` hook, on every rank, with the cur
    returns the behaviour log-probs of the sampled tokens. `PolicyRollout` samples from the
    training model itself (collective over TP/PP), so weight sync is trivial; an external engine
    (vLLM, SGLang) implements the same two methods and receives the weights in `sync`.
-3. Rewards from the verifiers: rows with "answer" are math (`verify_math` on the completion),
+3. Rewards from the verifiers: rows with "answer" are math (`verify_math` on the completion,
+   at most `grpo.verify_timeout_s` seconds each: an answer not judged in time, or too large
+   to evaluate, gets 0 and is counted in a warning),
    rows with "tests" are code (`run_code_tests` on its last code block). Rewards are summed over
    the DP group, so groups split across ranks are normalised together:
    A = (r - mean_group) / (std_group + 1e-4)   (centring only with grpo.scale_rewards=false).
@@ -30,7 +32,7 @@ the loop). The policy's log-probs are at the sampling temperature too. Reported 
 reward, KL, clip fraction (as verl counts it: the tokens where the clipped term is the one
 taken, i.e. ratio > 1 + eps with A > 0 or ratio < 1 - eps with A < 0), completion length.
 Data rows: jsonl with "prompt" (text, sent as one user turn in ChatML) and "answer" or
-"tests"; the default is a synthetic one-digit-sum task
+"tests" (with an optional "setup": the problem's helpers the tests use, see `reward`); the default is a synthetic one-digit-sum task
 (`posttrain.synthetic.arithmetic_prompts`), which a model first fine-tuned on
 `posttrain/data/arithmetic_sft.jsonl` (`python -m posttrain.sft`) can earn rewards on.
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from functools import partial
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Protocol, Sequence
@@ -55,7 +58,8 @@ from megatron_ext.generation import Generation, generate
 from posttrain.common import Cycled, pad_to, read_jsonl, report, require, run_cli, token_logps
 from posttrain.reference import Reference, forward_only
 from posttrain.synthetic import arithmetic_prompts
-from data_prep.verifiers import run_code_tests, verify_math
+from data_prep.verifiers import run_code_tests
+from data_prep.verifiers.math import DEFAULT_TIMEOUT_S, DIFFERENT, EQUAL, NO_ANSWER, judge_math
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +95,23 @@ class PolicyRollout:
 # ---------------------------------------------------------------- rewards and advantages
 
 
-def reward(row: dict, completion: str) -> float:
-    """1.0 if the completion is verified correct for the row, else 0.0."""
+def reward(row: dict, completion: str, math_timeout_s: float = DEFAULT_TIMEOUT_S,
+           unjudged: Optional[Counter] = None) -> float:
+    """1.0 if the completion is verified correct for the row, else 0.0.
+
+    A math answer gets 0 when it is not judged within `math_timeout_s` seconds or is too large
+    to evaluate; `unjudged` (when given) counts those by reason ("timeout", "too large", "error").
+
+    A code row's optional "setup" (the problem's imports and helpers its tests use) is the
+    sandbox's `trusted_setup`: the completion may call those helpers, and the tests always
+    use the row's definitions, never the completion's redefinitions."""
     if "answer" in row:
-        return float(verify_math(completion, str(row["answer"])))
-    return float(run_code_tests(extract_code(completion), row["tests"]).status == "passed")
+        verdict = judge_math(completion, str(row["answer"]), math_timeout_s)
+        if unjudged is not None and verdict.reason not in (EQUAL, DIFFERENT, NO_ANSWER):
+            unjudged[verdict.reason] += 1
+        return float(verdict.correct)
+    return float(run_code_tests(extract_code(completion), row["tests"],
+                                trusted_setup=row.get("setup") or "").status == "passed")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
@@ -148,6 +164,8 @@ def prompt_rows(cfg: Config) -> List[dict]:
         if not isinstance(row.get("prompt"), str) or not ("answer" in row or isinstance(row.get("tests"), list)):
             raise ValueError(f"{p.data_path}:{i}: a GRPO row needs a string 'prompt' and an 'answer' "
                              "or a list of 'tests'")
+        if not isinstance(row.get("setup", ""), str):
+            raise ValueError(f"{p.data_path}:{i}: 'setup' (the problem's code the tests use) must be a string")
     if not rows:
         raise ValueError(f"{p.data_path}: no rows")
     return rows
@@ -185,6 +203,8 @@ class GRPOOptions:
     """Weight of the k3 KL estimate to the reference model (0: no reference model)."""
     scale_rewards: bool = True
     """Divide group-centred rewards by the group's std (False: centring only, as Dr. GRPO)."""
+    verify_timeout_s: float = DEFAULT_TIMEOUT_S
+    """Seconds to judge one math answer (`verify_math`); one not judged in time gets reward 0."""
 
 
 class GRPOStage:
@@ -207,6 +227,8 @@ class GRPOStage:
         if p.max_new_tokens < 1 or p.temperature <= 0 or p.clip_eps <= 0 or p.kl_coef < 0:
             errors.append(f"need grpo.max_new_tokens >= 1 (got {p.max_new_tokens}), temperature > 0 "
                           f"({p.temperature}), clip_eps > 0 ({p.clip_eps}), kl_coef >= 0 ({p.kl_coef})")
+        if not 0 < p.verify_timeout_s < float("inf"):
+            errors.append(f"grpo.verify_timeout_s={p.verify_timeout_s} must be a positive number of seconds")
         if cfg.data.num_workers:
             errors.append(f"data.num_workers={cfg.data.num_workers}: GRPO's rollouts live in this process; use 0")
         if errors:
@@ -260,8 +282,12 @@ class GRPOStage:
         out = self.engine.generate(prompts, p.max_new_tokens, p.temperature, seed, self.eos)
         texts = [self.text(ids) for ids in out.tokens]
         rewards = torch.zeros(t.global_batch_size)
+        unjudged: Counter = Counter()
         for i, row, text in zip(mine, rows, texts):
-            rewards[i - start] = reward(row, text)
+            rewards[i - start] = reward(row, text, p.verify_timeout_s, unjudged)
+        if unjudged:
+            log.warning("GRPO step %d: %d math answers not judged (%s), rewarded 0", state.step,
+                        sum(unjudged.values()), ", ".join(f"{k}: {v}" for k, v in sorted(unjudged.items())))
         if dp > 1:
             on_device = rewards.cuda() if torch.cuda.is_available() else rewards
             torch.distributed.all_reduce(on_device, group=parallel_state.get_data_parallel_group())
@@ -325,7 +351,7 @@ class GRPOStage:
         out = generate(rt, prompts, max_new_tokens or self.cfg.grpo.max_new_tokens, greedy=True,
                        eos_token_id=self.eos)
         texts = [self.text(ids) for ids in out.tokens]
-        return sum(reward(r, x) for r, x in zip(rows, texts)) / len(rows)
+        return sum(reward(r, x, self.cfg.grpo.verify_timeout_s) for r, x in zip(rows, texts)) / len(rows)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ def test_majority_vote():
 
     # "1/2", "0.5" and "\frac{1}{2}" are one answer; "3" twice loses to it.
     assert answer_classes(["3", "1/2", "0.5", None, "\\frac{1}{2}", "3"]) == [0, 1, 1, None, 1, 0]
+    # An answer too large to evaluate is a class of its own (never equal to another by value).
+    assert answer_classes(["1/2", r"(x^{1000})^{1000}", "0.5", r"(x^{1000})^{1000}"], timeout_s=1.0) == [0, 1, 0, 1]
+    from posttrain.evals.tasks import Problem, judge
+
+    assert judge(Problem("m", "math", "q", answer="2"), r"so \boxed{10^{10^{10}}}", math_timeout_s=1.0) == \
+        {"correct": False, "answer": "10^{10^{10}}", "reason": "too large"}
     from posttrain.evals.runner import sample_metrics
 
     items = [{"correct": [False, True, True, False], "answers": ["3", "1/2", "0.5", "2"]},   # vote: 1/2 (right)
@@ -171,6 +177,82 @@ def test_humaneval_ships_164_problems_judged_in_the_sandbox():
         assert not judge(p, "    return None\n")["correct"], p.id
 
 
+def _sandbox_modes():
+    from data_prep.verifiers.code import sandbox_problem
+
+    problem = sandbox_problem("bwrap")
+    return [pytest.param("bwrap", marks=pytest.mark.skipif(problem is not None, reason=f"isolated sandbox unavailable: {problem}")),
+            "unsafe_local"]
+
+
+# HumanEval problems whose tests use a helper of the prompt as the oracle: (id, helper, completions
+# that redefine the helper so the test passes trivially, a wrong answer).
+ORACLE_PROBLEMS = [
+    ("HumanEval/32", "poly", ["def poly(xs, x):\n    return 0.0\n\ndef find_zero(xs):\n    return 0.0\n",
+                              "    global poly\n    poly = lambda xs, x: 0.0\n    return 0.0\n"],
+     "    return 0.0\n"),
+    ("HumanEval/38", "encode_cyclic", ["def encode_cyclic(s):\n    return s\n\ndef decode_cyclic(s):\n    return s\n",
+                                       "    global encode_cyclic\n    encode_cyclic = lambda x: x\n    return s\n"],
+     "    return s\n"),
+    ("HumanEval/50", "encode_shift", ["encode_shift = str\n\ndef decode_shift(s):\n    return s\n",
+                                      "    globals()['encode_shift'] = lambda x: x\n    return s\n"],
+     "    return encode_shift(s)\n"),
+]
+
+
+@pytest.mark.parametrize("mode", _sandbox_modes())
+def test_humaneval_oracles_come_from_the_problem(mode, monkeypatch):
+    """A completion that redefines the prompt's helper a test uses as its oracle fails; the
+    canonical solutions (38 calls the helper) pass; wrong answers fail."""
+    from posttrain.evals.tasks import humaneval_path, judge, load_task
+
+    monkeypatch.setenv("CODE_SANDBOX", mode)
+    problems = {p.id: p for p in load_task("humaneval").problems}
+    rows = {r["task_id"]: r for r in map(json.loads, gzip.open(humaneval_path(), "rt"))}
+    for pid, helper, cheats, wrong in ORACLE_PROBLEMS:
+        p, row = problems[pid], rows[pid]
+        assert f"def {helper}(" in p.setup and f"def {p.entry_point}(" not in p.setup, p.setup
+        assert judge(p, row["canonical_solution"])["correct"], pid
+        assert judge(p, f"```python\n{row['prompt']}{row['canonical_solution']}```")["correct"], pid
+        for cheat in cheats:
+            assert not judge(p, f"```python\n{cheat}```")["correct"], (pid, cheat)
+        assert not judge(p, wrong)["correct"], pid
+
+
+@pytest.mark.parametrize("mode", _sandbox_modes())
+def test_local_code_rows_setup_is_the_tests_oracle(mode, monkeypatch):
+    """MBPP's test_imports / test_setup_code (or `setup`) are trusted setup, not a test."""
+    from posttrain.evals.tasks import judge, row_problem
+
+    monkeypatch.setenv("CODE_SANDBOX", mode)
+    row = {"text": "Write decode, the inverse of encode.", "test_list": ["assert decode(encode('abc')) == 'abc'"],
+           "test_imports": ["import math"], "test_setup_code": "def encode(s):\n    return s[::-1] + str(math.pi)[:0]"}
+    p = row_problem(row, "mbpp.jsonl:1")
+    assert p.tests == row["test_list"] and "import math" in p.setup and "def encode" in p.setup
+    assert judge(p, "```python\ndef decode(s):\n    return s[::-1]\n```")["correct"]
+    assert judge(p, "```python\ndef decode(s):\n    return encode(s)\n```")["correct"]
+    assert not judge(p, "```python\ndef encode(s):\n    return s\ndef decode(s):\n    return s\n```")["correct"]
+    with pytest.raises(ValueError, match="setup"):
+        row_problem(dict(row, setup=["x"]), "mbpp.jsonl:2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", _sandbox_modes())
+def test_every_humaneval_canonical_solution_passes(mode, monkeypatch):
+    from posttrain.evals.tasks import humaneval_path, judge, load_task
+
+    monkeypatch.setenv("CODE_SANDBOX", mode)
+    rows = [json.loads(line) for line in gzip.open(humaneval_path(), "rt")]
+    failures = []
+    for row, p in zip(rows, load_task("humaneval").problems):
+        for completion in (row["canonical_solution"], f"```python\n{row['prompt']}{row['canonical_solution']}```"):
+            if not judge(p, completion)["correct"]:
+                failures.append(p.id)
+        if judge(p, "    return None\n")["correct"]:
+            failures.append(f"{p.id}: `return None` passes")
+    assert not failures, failures
+
+
 def test_heldout_synthetic_problems_come_from_their_own_seed_namespace():
     from data_prep.synth import code_gen, math_gen
     from posttrain.evals.tasks import HELDOUT, load_task
@@ -199,7 +281,8 @@ def test_eval_config_rules():
     check(EvalConfig())
     for bad, words in ((dict(k=4), "temperature"), (dict(k=4, num_samples=2, temperature=1.0), "eval.k"),
                        (dict(tasks=["processbench"]), "eval.prm_load"), (dict(limit=0), "eval.limit"),
-                       (dict(top_p=0.0), "top_p"), (dict(tasks=["gsm9k"]), "neither a task")):
+                       (dict(top_p=0.0), "top_p"), (dict(tasks=["gsm9k"]), "neither a task"),
+                       (dict(math_timeout_s=0.0), "eval.math_timeout_s")):
         with pytest.raises(ConfigError, match=words):
             check(EvalConfig(**bad))
 

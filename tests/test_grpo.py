@@ -36,6 +36,36 @@ def test_reward_verifies_math_and_code():
     tests = ["assert add(2, 3) == 5"]
     assert reward({"tests": tests}, "```python\ndef add(a, b):\n    return a + b\n```") == 1.0
     assert reward({"tests": tests}, "def add(a, b):\n    return a - b") == 0.0
+    # A math answer that cannot be judged in time is wrong and counted, never a stall.
+    from collections import Counter
+
+    unjudged = Counter()
+    assert reward({"answer": "2"}, r"\boxed{((x^{1000})^{1000})^{10}}", 1.0, unjudged) == 0.0
+    assert reward({"answer": "x"}, r"\boxed{x}", 1.0, unjudged) == 1.0
+    assert unjudged == Counter({"too large": 1})
+
+
+def _sandbox_modes():
+    from data_prep.verifiers.code import sandbox_problem
+
+    problem = sandbox_problem("bwrap")
+    return [pytest.param("bwrap", marks=pytest.mark.skipif(problem is not None, reason=f"isolated sandbox unavailable: {problem}")),
+            "unsafe_local"]
+
+
+@pytest.mark.parametrize("mode", _sandbox_modes())
+def test_code_reward_oracle_is_the_rows_setup(mode, monkeypatch):
+    """A row's tests call a helper the problem defines ("setup"): redefining it earns nothing."""
+    from posttrain.grpo import reward
+
+    monkeypatch.setenv("CODE_SANDBOX", mode)
+    row = {"prompt": "Write decode(s), the inverse of encode.",
+           "setup": "def encode(s):\n    return s[1:] + s[:1]\n",
+           "tests": ["for w in ['abc', 'hello']:\n    assert decode(encode(w)) == w"]}
+    assert reward(row, "```python\ndef decode(s):\n    return s[-1:] + s[:-1]\n```") == 1.0
+    assert reward(row, "```python\ndef decode(s):\n    for _ in range(len(s) - 1):\n        s = encode(s)\n    return s\n```") == 1.0
+    assert reward(row, "```python\ndef encode(s):\n    return s\n\ndef decode(s):\n    return s\n```") == 0.0
+    assert reward(row, "```python\nencode = str\ndef decode(s):\n    return s\n```") == 0.0
 
 
 def test_bad_config_is_named():
@@ -45,6 +75,8 @@ def test_bad_config_is_named():
 
     with pytest.raises(ConfigError, match="grpo.group_size=3 must be >= 2 and divide train.global_batch_size=4"):
         GRPOStage(load_config(GRPO + ["grpo.group_size=3"]))
+    with pytest.raises(ConfigError, match="grpo.verify_timeout_s=0.0 must be a positive number of seconds"):
+        GRPOStage(load_config(GRPO + ["grpo.verify_timeout_s=0"]))
     cfg = load_config(GRPO + ["data.seq_length=8"])
     with pytest.raises(ConfigError, match="data.seq_length=8 is too short for GRPO"):
         GRPOStage(cfg).datasets(cfg, 4, 0)

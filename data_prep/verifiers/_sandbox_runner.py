@@ -1,34 +1,45 @@
 """The two processes of one sandboxed test run (started by `data_prep.verifiers.code`); stdlib only.
 
     python -I -S -u _sandbox_runner.py candidate JOB_FD REQ_FD RESP_FD STARTED_FD LIMITS_JSON
-    python -I -S -u _sandbox_runner.py harness   JOB_FD RESP_FD REQ_FD VERDICT_FD LIMITS_JSON
+    python -I -S -u _sandbox_runner.py harness   JOB_FD RESP_FD REQ_FD VERDICT_FD KEY_FD LIMITS_JSON
 
 Each runs in its own sandbox (own mount, PID, network and user namespaces when bubblewrap is
 used); they share nothing but two pipes.
 
-- candidate: reads the candidate source from JOB_FD, applies its resource limits (and, when
-  started as the namespace's root, drops to an unprivileged uid), installs an audit hook that
-  records and refuses process creation, sockets, native code and writes outside the work dir,
-  executes the source, reports its top-level names, then serves requests ("call `f` with these
-  arguments", "attribute `x` of object #3", ...) until the harness closes the request pipe.
+- candidate: reads the candidate source (and the problem's setup code) from JOB_FD, applies
+  its resource limits (and, when started as the namespace's root, drops to an unprivileged
+  uid), installs an audit hook that records and refuses process creation, sockets, native code
+  and writes outside the work dir, executes the setup code, then the source (which may call or
+  shadow the setup's helpers), reports its top-level names, then serves requests ("call `f`
+  with these arguments", "attribute `x` of object #3", ...) until the harness closes the
+  request pipe.
   It never sees the test source or the expected values.
-- harness: reads the tests from JOB_FD and runs each one in its own interpreter, where the
+- harness: reads the per-run verdict key from KEY_FD (then closes it), the tests and the
+  problem's setup code from JOB_FD, and runs each test in its own interpreter, where the
   candidate's functions are proxies. Every value that crosses the pipe is encoded as a tree of
   plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset,
   range) and rebuilt here as genuine built-in objects, so `==`, `<`, `in`, `sorted` ... run on the
   harness's own objects. The candidate's top-level names are visible to the tests, except names
   of built-ins (`abs`, `len`, `sorted`, ...) and of standard modules that are not that module
-  (a class called `math`): the tests' own helpers cannot be replaced. Anything else stays in the candidate as an opaque handle: calls,
+  (a class called `math`), and every name the setup code binds: the harness executes the
+  problem's setup (its helpers, e.g. HumanEval's `encode_cyclic` that a test uses as its
+  oracle) after binding the candidate's names, so the tests' helpers are always the problem's
+  and never the candidate's. The harness never executes candidate code. Anything else stays
+  in the candidate as an opaque handle: calls,
   attribute access, indexing, iteration, len/str/int/float/bool go to the candidate; comparing a
   handle with a test value is never delegated (it would show the expected value to the
   candidate): `==` falls back to identity (False) and ordering raises TypeError. The verdict
-  (one JSON frame per test, then a summary) goes to VERDICT_FD, a pipe only the harness holds.
+  (one frame per test, then a summary) goes to VERDICT_FD, a pipe only the harness holds;
+  each frame carries a keyed BLAKE2b tag (`send_signed`), and the caller counts a test's
+  verdict once, only with a valid tag.
 
 A candidate may take over its own process completely (monkeypatch this module, walk frames,
 forge replies): all it can do is choose the values its calls return, which is what any
-program does. It cannot learn the expected values or write the verdict.
+program does. It cannot learn the expected values or write the verdict (in the isolated mode;
+`CODE_SANDBOX=unsafe_local` shares the caller's uid, /proc and files: see code.py).
 
-Frames on every pipe: a 4-byte big-endian length, then UTF-8 JSON.
+Frames on every pipe: a 4-byte big-endian length, then UTF-8 JSON (verdict frames: the tag
+between the two).
 """
 
 import binascii
@@ -142,6 +153,43 @@ def read_all(fd):
         chunks.append(chunk)
     os.close(fd)
     return loads(b"".join(chunks))
+
+
+# Verdict frames: a 4-byte big-endian length, a keyed BLAKE2b tag of the body, the UTF-8 JSON body.
+# The key is random per run and reaches only the harness (a pipe read once, then closed);
+# the caller drops frames whose tag is wrong. code.py computes the same tag.
+try:
+    from _blake2 import blake2b as _blake2b
+except ImportError:  # another Python implementation
+    from hashlib import blake2b as _blake2b
+
+KEY_BYTES = 32
+TAG_BYTES = 32
+TAG_PERSON = b"sbx-verdict"
+
+
+def verdict_tag(key, body):
+    return _blake2b(body, key=key, digest_size=TAG_BYTES, person=TAG_PERSON).digest()
+
+
+def read_key(fd):
+    key = b""
+    while len(key) < KEY_BYTES:
+        chunk = os.read(fd, KEY_BYTES - len(key))
+        if not chunk:
+            raise ProtocolError("the verdict key pipe closed early")
+        key += chunk
+    os.close(fd)
+    return key
+
+
+def send_signed(fd, key, obj):
+    body = dumps(obj).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_FRAME}")
+    view = memoryview(struct.pack(">I", TAG_BYTES + len(body)) + verdict_tag(key, body) + body)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # ------------------------------------------------------------------------------ values
@@ -276,7 +324,8 @@ def _apply_limits(limits):
         os.setgroups([])
         os.setgid(SANDBOX_UID)
         os.setuid(SANDBOX_UID)
-    lim = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 64)]
+    lim = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_MSGQUEUE, 0),
+           (resource.RLIMIT_SIGPENDING, 128)]   # queued signals and POSIX timers hold kernel memory
     for key, which in (("as_bytes", "RLIMIT_AS"), ("cpu_s", "RLIMIT_CPU"), ("fsize_bytes", "RLIMIT_FSIZE"),
                        ("nproc", "RLIMIT_NPROC")):
         if limits.get(key):
@@ -285,10 +334,102 @@ def _apply_limits(limits):
         resource.setrlimit(which, (value, value))
 
 
+# ------------------------------------------------------------------------------ sandbox set-up
+# Under bubblewrap both roles start as the namespace's root with CAP_SYS_ADMIN (and, when the
+# caller is root, CAP_SETUID/CAP_SETGID), with bubblewrap's seccomp program in force, which
+# refuses everything the final program refuses except mount/umount2. `setup_sandbox` runs
+# before the job is read and before any candidate code; it fails closed (an exception ends the
+# process). The kernel then bounds: the work dir's bytes and inodes (its own tmpfs), /proc (only
+# this process's fd table), and every syscall of the final program.
+
+_MS_NOSUID, _MS_NODEV, _MS_BIND, _MNT_DETACH = 0x2, 0x4, 0x1000, 0x2
+_PR_SET_SECCOMP, _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 22, 38, 47, 4
+_SECCOMP_MODE_FILTER = 2
+_CAP_VERSION_3 = 0x20080522
+
+
+def setup_sandbox(setup, keep_fds, drop_uid):
+    """Close inherited fds, mount the work dir and /proc, load the final seccomp program and
+    drop every capability (and uid 0, when `drop_uid`)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ul = ctypes.c_ulong
+
+    def check(result, what):
+        if result != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"sandbox set-up: {what}: {os.strerror(err)}")
+
+    stage, work = setup["proc_stage"], setup["work"]
+    fd_dir = f"{stage}/{os.getpid()}/fd"
+    # bubblewrap hands the command every fd it was given (the user namespace, its info pipe,
+    # the memfds of this file and of the filter): keep stdio, this role's fds and the filter
+    keep = {0, 1, 2, int(setup["seccomp_fd"])} | {int(fd) for fd in keep_fds}
+    for name in os.listdir(fd_dir):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
+    program = b""
+    while True:
+        chunk = os.read(int(setup["seccomp_fd"]), 1 << 16)
+        if not chunk:
+            break
+        program += chunk
+    os.close(int(setup["seccomp_fd"]))
+    if not program or len(program) % 8:
+        raise OSError(f"sandbox set-up: bad seccomp program of {len(program)} bytes")
+
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ul, ctypes.c_char_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    libc.prctl.argtypes = [ctypes.c_int, ul, ul, ul, ul]
+    # the work dir: a tmpfs of `work_bytes` holding at most `work_inodes` files (inodes are
+    # kernel memory that the size option does not count)
+    options = f"size={int(setup['work_bytes'])},nr_inodes={int(setup['work_inodes'])},mode=1777"
+    check(libc.mount(b"tmpfs", work.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options.encode()), f"mount {work}")
+    os.chdir(work)   # the new tmpfs, not bubblewrap's one beneath it
+    # /proc: bubblewrap mounted a read-only tmpfs there with an empty self/fd; this process's
+    # fd table goes there, the PID namespace's procfs (host boot id, kernel command line,
+    # mount table, ...) goes away
+    check(libc.mount(fd_dir.encode(), b"/proc/self/fd", None, _MS_BIND, None), "bind /proc/self/fd")
+    check(libc.umount2(stage.encode(), _MNT_DETACH), f"unmount {stage}")
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buf))
+    check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    check(libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "seccomp")
+
+    if drop_uid and os.getuid() == 0:   # namespace root -> unprivileged uid
+        os.setgroups([])
+        os.setgid(SANDBOX_UID)
+        os.setuid(SANDBOX_UID)
+
+    class CapHeader(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class CapData(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header, data = CapHeader(_CAP_VERSION_3, 0), (CapData * 2)()
+    check(libc.capset(ctypes.byref(header), data), "capset")
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header, data = CapHeader(_CAP_VERSION_3, 0), (CapData * 2)()
+    check(libc.capget(ctypes.byref(header), data), "capget")
+    if any(d.effective or d.permitted or d.inheritable for d in data):
+        raise OSError("sandbox set-up: capabilities are still held")
+
+
 def candidate_main(job_fd, req_fd, resp_fd, started_fd, limits):
-    code = read_all(job_fd)["code"]
+    job = read_all(job_fd)
+    code, setup = job["code"], job.get("setup") or ""
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
+    os.close(devnull)
     sys.stdin = open(0, closefd=False)
     _apply_limits(limits)
     for name in list(sys.modules):
@@ -316,6 +457,8 @@ def candidate_main(job_fd, req_fd, resp_fd, started_fd, limits):
     os.write(started_fd, b"s")  # the caller's wall clock starts now (sandbox start-up is not counted)
     os.close(started_fd)
     try:
+        if setup:  # the problem's helpers, so the code may call them (and may shadow them here)
+            exec(compile(setup, "<problem setup>", "exec"), ns)  # noqa: S102
         exec(compile(code, "<candidate>", "exec"), ns)  # noqa: S102 - this is the sandbox
     except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt from candidates too
         load_error = _short(exc)
@@ -573,8 +716,10 @@ _NO_IMPORT = {"antigravity", "this", "__hello__", "__phello__", "idlelib", "tkin
               "webbrowser", "pydoc", "pdb", "code", "site"}   # modules whose import acts (the harness binds its own copy)
 
 
-def harness_main(job_fd, resp_fd, req_fd, verdict_fd, limits):
-    tests = read_all(job_fd)["tests"]
+def harness_main(job_fd, resp_fd, req_fd, verdict_fd, key_fd, limits):
+    key = read_key(key_fd)  # first: the pipe is open (and visible in /proc) only until this read
+    job = read_all(job_fd)
+    tests, setup = job["tests"], job.get("setup") or ""
     _apply_limits(limits)
     conn = Conn(req_fd, resp_fd)
     summary = {"done": True, "load_error": None, "violations": [], "names": 0}
@@ -606,6 +751,13 @@ def harness_main(job_fd, resp_fd, req_fd, verdict_fd, limits):
         except Exception:  # noqa: BLE001 - a malformed name entry only costs that name
             pass
     summary["names"] = len(ns) - 2
+    if setup and summary["load_error"] is None:
+        # The problem's own helpers (the tests' oracles) replace whatever the candidate defined
+        # under their names: executed here from the job, never taken from the candidate.
+        try:
+            exec(compile(setup, "<problem setup>", "exec"), ns)  # noqa: S102 - trusted input
+        except BaseException as exc:  # noqa: BLE001
+            summary["load_error"] = "the problem's setup code raised in the harness: " + _short(exc)
     for i, test in enumerate(tests):
         if summary["load_error"] is not None:
             ok, err = False, summary["load_error"]
@@ -615,15 +767,20 @@ def harness_main(job_fd, resp_fd, req_fd, verdict_fd, limits):
                 ok, err = True, None
             except BaseException as exc:  # noqa: BLE001
                 ok, err = False, _short(exc)
-        send(verdict_fd, {"i": i, "ok": ok, "error": err})
+        send_signed(verdict_fd, key, {"i": i, "ok": ok, "error": err})
     summary["violations"] = conn.violations
-    send(verdict_fd, summary)
+    send_signed(verdict_fd, key, summary)
     os.close(req_fd)
     os._exit(0)
 
 
 def main(argv):
     role, fds, limits = argv[1], [int(a) for a in argv[2:-1]], loads(argv[-1])
+    if limits.get("setup"):   # bubblewrap: before anything else
+        setup_sandbox(limits["setup"], fds, limits.get("drop_uid"))
+    if role == "probe":   # `code._bwrap_problem`: the set-up works here
+        os.write(1, b"%d\n" % os.getuid())
+        os._exit(0)
     if role == "candidate":
         candidate_main(*fds, limits)
     elif role == "harness":

@@ -13,10 +13,22 @@ thread it starts:
   namespace flag return EPERM; `clone3` returns ENOSYS so the C library falls back to `clone`,
   whose flags the filter can read. Threads are allowed (their number is bounded by the address
   space limit and, where the kernel enforces it, RLIMIT_NPROC);
-- allows `socket()` only for AF_UNIX (the network namespace has no interfaces anyway).
+- allows `socket()` only for AF_UNIX (the network namespace has no interfaces anyway);
+- refuses every way to hold memory outside the process's address space (RLIMIT_AS) and outside
+  the size-limited work dir: `memfd_create`, `memfd_secret`, System V shared memory, message
+  queues and semaphores (`shm*`, `msg*`, `sem*`; 64-bit x86 and arm64 have no `ipc`
+  multiplexer, and 32-bit/x32 calls are killed above), POSIX message queues (`mq_*`), and
+  inotify/fanotify instances (kernel memory per watch).
 
 Everything else is allowed: the mount, PID, network and user namespaces and the read-only
 binds do the rest.
+
+Two programs: `filter_bytes(setup=True)` is loaded by bubblewrap before the sandbox's runner
+starts and still allows `mount`/`umount2`, which the runner needs once (as the namespace's root,
+before any candidate code) to mount its inode-limited work dir and its /proc; the runner then
+loads `filter_bytes()` (both stay in force, so everything above is refused from the first
+instruction on and the mount calls from before the candidate's code on) and drops every
+capability.
 """
 
 from __future__ import annotations
@@ -53,7 +65,12 @@ _DENIED = ("ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2"
            "pidfd_getfd", "kcmp", "open_by_handle_at", "name_to_handle_at", "mknod", "mknodat", "fork", "vfork",
            "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
            "lookup_dcookie", "vhangup", "settimeofday", "clock_settime", "adjtimex", "clock_adjtime",
-           "sethostname", "setdomainname", "move_pages", "migrate_pages")
+           "sethostname", "setdomainname", "move_pages", "migrate_pages",
+           # memory that RLIMIT_AS does not count
+           "memfd_create", "memfd_secret", "shmget", "shmat", "shmctl", "shmdt", "semget", "semop", "semctl",
+           "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend",
+           "mq_timedreceive", "mq_notify", "mq_getsetattr", "inotify_init", "inotify_init1", "fanotify_init")
+_SETUP_ALLOWED = ("mount", "umount2")   # allowed by the setup program only (see the module doc)
 
 # Syscall numbers (x86_64: asm/unistd_64.h; aarch64: asm-generic/unistd.h). A name missing from
 # an architecture's table does not exist there (aarch64 has no fork, vfork, mknod, iopl, ioperm).
@@ -67,7 +84,10 @@ _X86_64 = dict(ptrace=101, process_vm_readv=310, process_vm_writev=311, mount=16
                fsopen=430, fsconfig=431, fsmount=432, fspick=433, move_mount=429, open_tree=428,
                mount_setattr=442, lookup_dcookie=212, vhangup=153, settimeofday=164, clock_settime=227,
                adjtimex=159, clock_adjtime=305, sethostname=170, setdomainname=171, move_pages=279,
-               migrate_pages=256, socket=41, clone=56, clone3=435)
+               migrate_pages=256, memfd_create=319, memfd_secret=447, shmget=29, shmat=30, shmctl=31, shmdt=67,
+               semget=64, semop=65, semctl=66, semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71,
+               mq_open=240, mq_unlink=241, mq_timedsend=242, mq_timedreceive=243, mq_notify=244, mq_getsetattr=245,
+               inotify_init=253, inotify_init1=294, fanotify_init=300, socket=41, clone=56, clone3=435)
 _AARCH64 = dict(ptrace=117, process_vm_readv=270, process_vm_writev=271, mount=40, umount2=39, pivot_root=41,
                 chroot=51, unshare=97, setns=268, bpf=280, perf_event_open=241, userfaultfd=282, keyctl=219,
                 add_key=217, request_key=218, kexec_load=104, kexec_file_load=294, init_module=105,
@@ -77,7 +97,11 @@ _AARCH64 = dict(ptrace=117, process_vm_readv=270, process_vm_writev=271, mount=4
                 open_by_handle_at=265, name_to_handle_at=264, mknodat=33, fsopen=430, fsconfig=431, fsmount=432,
                 fspick=433, move_mount=429, open_tree=428, mount_setattr=442, lookup_dcookie=18, vhangup=58,
                 settimeofday=170, clock_settime=112, adjtimex=171, clock_adjtime=266, sethostname=161,
-                setdomainname=162, move_pages=239, migrate_pages=238, socket=198, clone=220, clone3=435)
+                setdomainname=162, move_pages=239, migrate_pages=238, memfd_create=279, memfd_secret=447,
+                shmget=194, shmat=196, shmctl=195, shmdt=197, semget=190, semop=193, semctl=191, semtimedop=192,
+                msgget=186, msgsnd=189, msgrcv=188, msgctl=187, mq_open=180, mq_unlink=181, mq_timedsend=182,
+                mq_timedreceive=183, mq_notify=184, mq_getsetattr=185, inotify_init1=26, fanotify_init=262,
+                socket=198, clone=220, clone3=435)
 
 # machine -> (AUDIT_ARCH_*, syscall table, first number of a foreign ABI sharing the arch value)
 ARCHES: Dict[str, Tuple[int, Dict[str, int], int]] = {
@@ -94,7 +118,7 @@ def _ins(code: int, k: int = 0, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
-def _program(machine: str) -> List[bytes]:
+def _program(machine: str, setup: bool = False) -> List[bytes]:
     if machine not in ARCHES:
         raise UnsupportedArchitecture(f"the sandbox's seccomp filter knows {sorted(ARCHES)}, not {machine!r}")
     audit_arch, table, foreign_base = ARCHES[machine]
@@ -106,7 +130,7 @@ def _program(machine: str) -> List[bytes]:
     if foreign_base:
         prog += [_ins(_JGE_K, foreign_base, jt=0, jf=1), _ins(_RET_K, RET_KILL_PROCESS)]
     for name in _DENIED:
-        if name in table:   # "if nr == N: return EPERM"
+        if name in table and not (setup and name in _SETUP_ALLOWED):   # "if nr == N: return EPERM"
             prog += [_ins(_JEQ_K, table[name], jt=0, jf=1), _ins(_RET_K, eperm)]
     prog += [_ins(_JEQ_K, table["clone3"], jt=0, jf=1), _ins(_RET_K, RET_ERRNO | errno.ENOSYS)]
     # clone: a thread (CLONE_THREAD) without namespace flags is allowed, anything else refused
@@ -126,9 +150,10 @@ def _program(machine: str) -> List[bytes]:
 
 
 @lru_cache(maxsize=None)
-def filter_bytes(machine: str = "") -> bytes:
-    """The compiled filter for `machine` (default: this one, `platform.machine()`)."""
-    prog = _program(machine or platform.machine())
+def filter_bytes(machine: str = "", setup: bool = False) -> bytes:
+    """The compiled filter for `machine` (default: this one, `platform.machine()`); `setup`: the
+    program bubblewrap loads, which still allows the runner's own mount calls."""
+    prog = _program(machine or platform.machine(), setup)
     if len(prog) > 4096:  # BPF_MAXINSNS
         raise AssertionError(f"seccomp filter too long: {len(prog)} instructions")
     return b"".join(prog)

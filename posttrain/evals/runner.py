@@ -29,6 +29,7 @@ import torch
 from megatron.core import parallel_state
 
 from data_prep.chat import encode_chat
+from data_prep.verifiers.math import DEFAULT_TIMEOUT_S
 from megatron_ext import checkpoint, offline
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.eval_config import EvalConfig
@@ -60,6 +61,8 @@ def check(e: EvalConfig) -> None:
         errors.append(f"eval.limit={e.limit} must be >= 1 (or null)")
     if e.few_shot < 0 or e.timeout_s <= 0:
         errors.append(f"need eval.few_shot >= 0 and eval.timeout_s > 0, got {e.few_shot}, {e.timeout_s}")
+    if not 0 < e.math_timeout_s < float("inf"):
+        errors.append(f"eval.math_timeout_s={e.math_timeout_s} must be a positive number of seconds")
     for name in e.tasks:
         if name not in BUILTIN and not os.path.isfile(name):
             errors.append(f"eval.tasks: {name!r} is neither a task ({', '.join(BUILTIN)}) nor a jsonl file")
@@ -321,7 +324,7 @@ def task_report(task: Task, texts: List[List[str]], e: EvalConfig, rm: Optional[
     items = []
     for i, (p, outs) in enumerate(tqdm(list(zip(task.problems, texts)), desc=f"judging {task.name}",
                                        mininterval=2, file=sys.stderr, disable=len(texts) * n < 64)):
-        verdicts = [judge(p, text, e.timeout_s) for text in outs]
+        verdicts = [judge(p, text, e.timeout_s, e.math_timeout_s) for text in outs]
         item = {"id": p.id, "correct": [v["correct"] for v in verdicts], "answers": [v["answer"] for v in verdicts],
                 "completions": outs}
         if rm is not None:
@@ -329,11 +332,12 @@ def task_report(task: Task, texts: List[List[str]], e: EvalConfig, rm: Optional[
         if prm is not None:
             item["prm"] = [prm_reduce(s) for s in prm[i]]
         items.append(item)
-    metrics = sample_metrics(task.kind, items, k)
+    metrics = sample_metrics(task.kind, items, k, e.math_timeout_s)
     return {"kind": task.kind, "problems": len(items), "metrics": metrics, "items": items}
 
 
-def sample_metrics(kind: str, items: List[dict], k: int) -> Dict[str, float]:
+def sample_metrics(kind: str, items: List[dict], k: int,
+                   math_timeout_s: float = DEFAULT_TIMEOUT_S) -> Dict[str, float]:
     """accuracy, pass@j, maj@k, rm@k, prm_*@k from judged items (each: "correct" per sample, and
     "answers", "rm", "prm" where present)."""
     n = len(items[0]["correct"])
@@ -343,7 +347,7 @@ def sample_metrics(kind: str, items: List[dict], k: int) -> Dict[str, float]:
     if kind == "math" and k > 1:
         hits = []
         for it in items:
-            pick = M.majority_index(answer_classes(it["answers"][:k]))
+            pick = M.majority_index(answer_classes(it["answers"][:k], math_timeout_s))
             hits.append(pick is not None and it["correct"][pick])
         out[f"maj@{k}"] = M.mean([float(h) for h in hits])
     if "rm" in items[0]:

@@ -10,8 +10,9 @@ Task names (`eval.tasks`):
 - a path to a local `.jsonl` / `.jsonl.gz` file, whose form is read from its fields:
   GSM8K/MATH (`question` or `problem`, and `answer` (GSM8K's `#### x` or a `\\boxed{}`) or a
   MATH `solution`), MBPP (`text` or `prompt`, and `test_list` or `tests`: assert lines; MBPP's
-  `test_list` is shown in the prompt as MBPP does, `tests` is not), or ProcessBench (`problem`,
-  `steps`, `label`).
+  `test_list` is shown in the prompt as MBPP does, `tests` is not; the problem's own code that
+  the tests use, MBPP's `test_imports` / `test_setup_code` or `setup`, is the sandbox's
+  `trusted_setup`), or ProcessBench (`problem`, `steps`, `label`).
 
 Prompts go through the Qwen chat template: optional few-shot turns (worked examples from the
 generators' `fewshot:` namespace, never a test problem), then the question as a user turn.
@@ -30,7 +31,8 @@ from typing import Dict, List, Optional
 
 from data_prep.synth import code_gen, math_gen
 from posttrain.common import DATA_DIR
-from data_prep.verifiers import extract_answer, math_equal, run_code_tests, verify_math
+from data_prep.verifiers import extract_answer, judge_math, math_equal, run_code_tests
+from data_prep.verifiers.math import DEFAULT_TIMEOUT_S
 
 HELDOUT = "heldout"
 """Seed namespace of the held-out synthetic problems. The generators key problem i of a corpus
@@ -63,6 +65,10 @@ class Problem:
     """code: test snippets judged in the sandbox (all must pass)."""
     prefix: str = ""
     """code: source put before the answer's code (HumanEval's prompt: imports, helpers, the stub)."""
+    setup: str = ""
+    """code: the problem's own code the tests rely on (imports, helpers such as HumanEval's
+    `encode_cyclic`), passed to the sandbox as `trusted_setup`: the tests always use these
+    definitions, never an answer's redefinition of them."""
     entry_point: Optional[str] = None
     steps: List[str] = field(default_factory=list)
     """processbench: the solution's steps."""
@@ -93,8 +99,27 @@ def humaneval_problems() -> List[Problem]:
     for row in _read_rows(humaneval_path()):
         question = ("Complete the following Python function.\n\n```python\n" + row["prompt"] + "```")
         problems.append(Problem(row["task_id"], "code", question, tests=[f"{row['test']}\ncheck({row['entry_point']})\n"],
-                                prefix=row["prompt"], entry_point=row["entry_point"]))
+                                prefix=row["prompt"], entry_point=row["entry_point"],
+                                setup=prompt_setup(row["prompt"], row["entry_point"])))
     return problems
+
+
+def prompt_setup(prompt: str, entry_point: str) -> str:
+    """A HumanEval prompt without the stub of its entry point: its imports and helper functions,
+    which the tests may use as oracles (`poly` in HumanEval/32, `encode_cyclic` in /38)."""
+    import ast
+
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError as e:
+        raise ValueError(f"HumanEval prompt of {entry_point!r} does not parse: {e}") from None
+    lines = prompt.splitlines(keepends=True)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            del lines[first - 1:node.end_lineno]
+            break
+    return "".join(lines)
 
 
 def _math_stream(namespace: str, n: int) -> List[dict]:
@@ -171,12 +196,13 @@ def row_problem(row: dict, where: str) -> Problem:
         tests = [tests] if isinstance(tests, str) else list(tests)
         if not tests or not all(isinstance(t, str) for t in tests):
             raise ValueError(f"{where}: 'tests'/'test_list' must be a non-empty list of strings")
-        setup = "\n".join(list(row.get("test_imports") or []) + [row.get("test_setup_code") or ""]).strip()
-        if setup:
-            tests = [setup] + tests
+        imports, parts = row.get("test_imports") or [], [row.get("test_setup_code") or "", row.get("setup") or ""]
+        if not isinstance(imports, list) or not all(isinstance(t, str) for t in imports + parts):
+            raise ValueError(f"{where}: 'test_imports' must be a list of strings, 'test_setup_code'/'setup' strings")
+        setup = "\n".join(imports + parts).strip()
         if "test_list" in row:  # MBPP shows its tests, which name the function
             text = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(row["test_list"])
-        return Problem(rid, "code", text, tests=tests)
+        return Problem(rid, "code", text, tests=tests, setup=setup)
     raise ValueError(f"{where}: unknown row form (fields {sorted(row)}); expected question+answer (GSM8K/MATH), "
                      "problem+solution (MATH), text/prompt+test_list/tests (MBPP) or problem+steps+label (ProcessBench)")
 
@@ -260,19 +286,24 @@ def program(problem: Problem, completion: str) -> str:
     return problem.prefix + code
 
 
-def judge(problem: Problem, completion: str, timeout_s: float = 10.0) -> dict:
-    """{"correct": bool, "answer": extracted final answer (math) or the sandbox status (code)}."""
+def judge(problem: Problem, completion: str, timeout_s: float = 10.0,
+          math_timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """{"correct": bool, "answer": extracted final answer (math) or the sandbox status (code)};
+    math also has "reason" (`MathVerdict.reason`: "timeout" past `math_timeout_s` seconds)."""
     if problem.kind == "math":
-        return {"correct": bool(verify_math(completion, problem.answer)), "answer": extract_answer(completion)}
+        verdict = judge_math(completion, problem.answer, math_timeout_s)
+        return {"correct": verdict.correct, "answer": extract_answer(completion), "reason": verdict.reason}
     if problem.kind == "code":
-        result = run_code_tests(program(problem, completion), problem.tests, timeout_s=timeout_s, memory_mb=512)
+        result = run_code_tests(program(problem, completion), problem.tests, timeout_s=timeout_s, memory_mb=512,
+                                trusted_setup=problem.setup)
         return {"correct": result.all_passed, "answer": result.status}
     raise ValueError(f"{problem.id}: {problem.kind} problems are not judged from completions")
 
 
-def answer_classes(answers: List[Optional[str]]) -> List[Optional[int]]:
-    """Equivalence class of each extracted math answer (`math_equal`), None where there is none:
-    the keys maj@k votes over ("1/2" and "0.5" are one answer)."""
+def answer_classes(answers: List[Optional[str]], timeout_s: float = DEFAULT_TIMEOUT_S) -> List[Optional[int]]:
+    """Equivalence class of each extracted math answer (`math_equal`, `timeout_s` seconds per
+    comparison: an undecided pair is two answers), None where there is none: the keys maj@k
+    votes over ("1/2" and "0.5" are one answer)."""
     reps: List[str] = []
     out: List[Optional[int]] = []
     for a in answers:
@@ -280,7 +311,7 @@ def answer_classes(answers: List[Optional[str]]) -> List[Optional[int]]:
             out.append(None)
             continue
         for j, r in enumerate(reps):
-            if a == r or math_equal(a, r):
+            if a == r or math_equal(a, r, timeout_s):
                 out.append(j)
                 break
         else:
