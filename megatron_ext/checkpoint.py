@@ -30,6 +30,13 @@ and every tool. Training checkpoints are checked against their CRC manifest firs
 (`verify`, spread over the ranks) that a full resume runs, so corrupted weights are never trained
 on, converted or evaluated silently; `open_checkpoint(..., verify=False)` (the tools'
 `--no-verify`) skips it with a warning.
+
+Reading never runs code from the checkpoint (it may come from anyone): meta.json,
+`qwen_checkpoint.json`, `latest` and metadata.json are JSON or text, and manifest entries must
+name files inside the checkpoint (`read_meta`); the torch_dist reader is fixed (`_dist_load`) and
+reads `.metadata` with a restricted unpickler, `common.pt`, the shards and `rng/rank_*.pt` with
+`torch.load(weights_only=True)` (`megatron_ext.safe_pickle`). Anything else in those pickles
+stops the load with `UnsafeCheckpointError` (a CheckpointError) naming the file and the global.
 """
 
 from __future__ import annotations
@@ -43,15 +50,18 @@ import shutil
 import sys
 import zlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_ext import cpu_backend
+from megatron_ext import cpu_backend, patches
 from megatron_ext.build import fuse_torch_adam, gather_params
 from models.config import ModelConfig
 
@@ -324,7 +334,23 @@ def read_meta(ckpt: Path) -> dict:
     for key in ("train_state", "scheduler", "layout", "data_fingerprint", "files"):
         if key not in meta:
             raise CheckpointError(f"{path}: metadata lacks '{key}' (truncated or foreign file)")
+    _check_manifest(path, meta["files"])
     return meta
+
+
+def _check_manifest(path: Path, files) -> None:
+    """Every manifest entry must be [size, crc] of a file inside the checkpoint: `verify` stats
+    and reads each entry, so `../x` or an absolute path would probe files anywhere (their sizes
+    showing through the size check)."""
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: 'files' is not a mapping of file -> [size, crc32]")
+    root = path.parent.resolve()
+    for rel, value in files.items():
+        entry = PurePosixPath(rel)
+        if entry.is_absolute() or ".." in entry.parts or not (root / rel).resolve().is_relative_to(root):
+            raise CheckpointError(f"{path}: manifest entry {rel!r} points outside the checkpoint {path.parent}")
+        if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)):
+            raise CheckpointError(f"{path}: manifest entry {rel!r} is {value!r}, not [size, crc32]")
 
 
 def verify(ckpt: Path) -> dict:
@@ -467,8 +493,7 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
     else:
         rt.scheduler.load_state_dict(meta["scheduler"])
     if meta["layout"] == _layout():
-        rank = torch.distributed.get_rank()
-        _set_rng_state(torch.load(ckpt / "rng" / f"rank_{rank:05d}.pt", weights_only=False))
+        _restore_rng(ckpt / "rng" / f"rank_{torch.distributed.get_rank():05d}.pt")
     else:
         log.warning("layout changed %s -> %s: RNG states not restored", meta["layout"], _layout())
     state = TrainState(**meta["train_state"])
@@ -476,13 +501,44 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
     return state
 
 
+def _restore_rng(path: Path) -> None:
+    from megatron_ext.safe_pickle import torch_load  # (imported here: it imports this module)
+
+    state = torch_load(path)  # weights_only: tensors in dicts, as _rng_state saves them
+    try:
+        _set_rng_state(state)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not the RNG states of this stack ({type(e).__name__}: {e})") from None
+
+
+def _dist_load(sharded: dict, dist_dir: Path, strict: StrictHandling) -> dict:
+    """dist_checkpointing.load of a torch_dist directory without running code from it: the
+    patch `checkpoint_reads_without_code` is in place, and the strategies are fixed (left to
+    Megatron, the directory's metadata.json would choose the reader)."""
+    patches.apply()
+    return dist_checkpointing.load(sharded, str(dist_dir), sharded_strategy=TorchDistLoadShardedStrategy(),
+                                   common_strategy=TorchCommonLoadStrategy(), strict=strict)
+
+
+def _load_error(dist_dir: Path, doing: str, e: BaseException) -> CheckpointError:
+    """The CheckpointError of a failed load. A refusal (megatron_ext.safe_pickle) raised inside
+    torch's distributed reader arrives wrapped in its CheckpointException (one failure per rank):
+    it is raised as itself, with the directory named."""
+    for failure, _ in getattr(e, "failures", {}).values():
+        if isinstance(failure, CheckpointError):
+            return type(failure)(f"{dist_dir}: {failure}")
+    return CheckpointError(f"{dist_dir}: {doing}: {e}")
+
+
 def _load_state(chunks, sharded: dict, ckpt: Path, strict: StrictHandling) -> dict:
     try:
-        state = dist_checkpointing.load(sharded, str(ckpt / "state"), strict=strict)
+        state = _dist_load(sharded, ckpt / "state", strict)
         for i, chunk in enumerate(chunks):
             _unwrap(chunk).load_state_dict(state["model"][f"chunk{i}"], strict=True)
-    except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
-        raise CheckpointError(f"{ckpt / 'state'}: cannot load into this model: {e}") from e
+    except CheckpointError:
+        raise  # names its file already (a refused pickle)
+    except (Exception, CheckpointException) as e:  # several types (torch's is no Exception): all "unusable here"
+        raise _load_error(ckpt / "state", "cannot load into this model", e) from e
     return state
 
 
@@ -693,11 +749,12 @@ def load_weights(chunks, ckpt: Union[str, Path, Source], model: Optional[ModelCo
         # One chunk's state dict at the top level, with global keys: each (virtual pipeline)
         # chunk reads its own layers from it.
         for module in map(_unwrap, chunks):
-            state = dist_checkpointing.load(module.sharded_state_dict(), str(src.dist_dir),
-                                            strict=StrictHandling.RAISE_UNEXPECTED)
+            state = _dist_load(module.sharded_state_dict(), src.dist_dir, StrictHandling.RAISE_UNEXPECTED)
             module.load_state_dict(state, strict=True)
-    except Exception as e:  # dist_checkpointing raises several types; all mean "unusable here"
-        raise CheckpointError(f"{src.dist_dir}: cannot load the model weights into this model: {e}") from e
+    except CheckpointError:
+        raise  # names its file already (a refused pickle)
+    except (Exception, CheckpointException) as e:  # as in _load_state
+        raise _load_error(src.dist_dir, "cannot load the model weights into this model", e) from e
     return src
 
 

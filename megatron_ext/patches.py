@@ -81,6 +81,16 @@
   planted "index" runs code in every rank that opens the cache. The patch gives those modules a
   `numpy` whose `load` never unpickles and accepts only integer arrays; anything else stops the
   run with `IndexCacheError` naming the file (delete it and the run rebuilds it).
+- checkpoint_reads_without_code (safety): reading a torch_dist checkpoint unpickles three kinds
+  of file, and a checkpoint may come from anyone: torch's `FileSystemReader.read_metadata`
+  reads `.metadata` with plain `pickle.load`, its `DefaultLoadPlanner.load_bytes` reads the
+  objects stored in the shards with `torch.load(weights_only=False)`, and Megatron-Core's
+  `TorchCommonLoadStrategy` reads `common.pt` with `torch.load` (weights_only only by torch's
+  default, which an environment variable turns off). A planted file ran code in every process
+  that loaded the checkpoint. The patch gives torch's filesystem module a `pickle` whose `load`
+  is the restricted metadata unpickler, and the planner's and Megatron's modules a `torch`
+  whose `load` always passes weights_only=True (`megatron_ext.safe_pickle`); anything else stops
+  the load with `UnsafeCheckpointError` naming the file and the global. GPUs included.
 """
 
 from __future__ import annotations
@@ -88,6 +98,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 
 import numpy
 import torch
@@ -478,6 +489,31 @@ def dataset_indices_without_pickle() -> None:
         importlib.import_module(name).numpy = _NumpyWithoutPickle()
 
 
+def checkpoint_reads_without_code() -> None:
+    from megatron.core.dist_checkpointing.strategies import common
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    from megatron_ext import safe_pickle
+
+    filesystem.pickle = safe_pickle.PICKLE_FOR_METADATA
+    default_planner.torch = common.torch = safe_pickle.TORCH_WEIGHTS_ONLY
+
+
+def _checkpoint_unpickling_sites() -> bool:
+    """Every unpickling on torch_dist's load path goes through the module globals the patch replaces."""
+    from megatron.core.dist_checkpointing.strategies import common
+    from torch.distributed.checkpoint import default_planner, filesystem
+
+    planner, fs, mcore = (inspect.getsource(m) for m in (default_planner, filesystem, common))
+    # (the multi-storage-client branches, `msc.torch.load`, run only once that feature is enabled)
+    mcore_loads = re.findall(r"(?<![\w.])(?:msc\.)?torch\.load\(", mcore)
+    return ("metadata = pickle.load(metadata_file)" in inspect.getsource(filesystem.FileSystemReader.read_metadata)
+            and fs.count("pickle.load") == 1 and "import pickle\n" in fs
+            and planner.count("torch.load(") == 2
+            and inspect.getsource(default_planner.DefaultLoadPlanner.load_bytes).count("torch.load(") == 2
+            and mcore_loads.count("torch.load(") == 3 and len(mcore_loads) == 6 and "import torch\n" in mcore)
+
+
 def upstream_call_sites() -> dict:
     """Source facts each patch relies on (checked by tests; a change means: re-check the patch)."""
     from megatron.core.models.common.embeddings import rope_utils
@@ -542,6 +578,9 @@ def upstream_call_sites() -> dict:
                 model_chunk.scale_gradients(scaling)"""),
         # The index caches are read through each module's `numpy` global, with pickle allowed.
         "dataset_indices_without_pickle": all(_reads_indices_through_numpy(name) for name in DATASET_MODULES),
+        # Every unpickling of a torch_dist load (.metadata, byte items, common.pt) is a call of
+        # the module global `pickle` / `torch` in these modules.
+        "checkpoint_reads_without_code": _checkpoint_unpickling_sites(),
     }
 
 
@@ -597,7 +636,7 @@ def _import_fallback(source: str) -> str:
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
            torch_adam_distributed_optimizer, rope_tables, foreach_optimizer_ops,
            single_rank_tp_mappings, linear_without_communication, token_scaling_without_sync,
-           dataset_indices_without_pickle)
+           dataset_indices_without_pickle, checkpoint_reads_without_code)
 
 
 def apply() -> None:

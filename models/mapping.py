@@ -20,6 +20,7 @@ Kinds:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -177,3 +178,62 @@ SHARED_EXPERT = swiglu(_M + "mlp.shared_experts.", _L + "mlp.shared_expert.", sc
     # HF: sigmoid(shared_expert_gate(x)) * shared_expert(x); Megatron's gate_weight is the same [1, hidden].
     Rule(_M + "mlp.shared_experts.gate_weight", (_L + "mlp.shared_expert_gate.weight",), scope="moe"),
 ]
+
+
+# ---- HF tensor shapes in config.json's terms: a directory is checked against its config.json
+# before a model of the config's size is built (a config may claim any size).
+
+_Q, _KV = "num_attention_heads * head_dim", "num_key_value_heads * head_dim"
+_E = _L + "mlp.experts.{expert}."
+_S = _L + "mlp.shared_expert."
+# HF name pattern -> the config.json size (or fixed size) of each dimension.
+HF_DIMS: Dict[str, Tuple] = {
+    "model.embed_tokens.weight": ("vocab_size", "hidden_size"),
+    "lm_head.weight": ("vocab_size", "hidden_size"),
+    "model.norm.weight": ("hidden_size",),
+    _L + "input_layernorm.weight": ("hidden_size",),
+    _L + "post_attention_layernorm.weight": ("hidden_size",),
+    _L + "self_attn.q_proj.weight": (_Q, "hidden_size"),
+    _L + "self_attn.k_proj.weight": (_KV, "hidden_size"),
+    _L + "self_attn.v_proj.weight": (_KV, "hidden_size"),
+    _L + "self_attn.o_proj.weight": ("hidden_size", _Q),
+    _L + "self_attn.q_proj.bias": (_Q,),
+    _L + "self_attn.k_proj.bias": (_KV,),
+    _L + "self_attn.v_proj.bias": (_KV,),
+    _L + "self_attn.q_norm.weight": ("head_dim",),
+    _L + "self_attn.k_norm.weight": ("head_dim",),
+    _L + "mlp.gate_proj.weight": ("intermediate_size", "hidden_size"),
+    _L + "mlp.up_proj.weight": ("intermediate_size", "hidden_size"),
+    _L + "mlp.down_proj.weight": ("hidden_size", "intermediate_size"),
+    _L + "mlp.gate.weight": ("num_experts", "hidden_size"),
+    _E + "gate_proj.weight": ("moe_intermediate_size", "hidden_size"),
+    _E + "up_proj.weight": ("moe_intermediate_size", "hidden_size"),
+    _E + "down_proj.weight": ("hidden_size", "moe_intermediate_size"),
+    _S + "gate_proj.weight": ("shared_expert_intermediate_size", "hidden_size"),
+    _S + "up_proj.weight": ("shared_expert_intermediate_size", "hidden_size"),
+    _S + "down_proj.weight": ("hidden_size", "shared_expert_intermediate_size"),
+    _L + "mlp.shared_expert_gate.weight": (1, "hidden_size"),
+}
+
+
+def hf_dim_sizes(m: ModelConfig) -> Dict[str, int]:
+    """The size each `HF_DIMS` label stands for in model `m`."""
+    return {"vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+            _Q: m.num_attention_heads * m.kv_channels, _KV: m.num_query_groups * m.kv_channels,
+            "head_dim": m.kv_channels, "num_experts": m.num_experts, "moe_intermediate_size": m.moe_ffn_hidden_size,
+            "shared_expert_intermediate_size": m.moe_shared_expert_intermediate_size}
+
+
+_INDEX = {"layer": re.compile(r"^model\.layers\.(\d+)\."), "expert": re.compile(r"\.experts\.(\d+)\.")}
+
+
+def hf_pattern(name: str) -> str:
+    """An HF tensor name with its layer and expert numbers replaced by `{layer}` / `{expert}`."""
+    name = _INDEX["layer"].sub("model.layers.{layer}.", name, count=1)
+    return _INDEX["expert"].sub(".experts.{expert}.", name, count=1)
+
+
+def hf_indices(names: Sequence[str], kind: str) -> List[int]:
+    """The distinct layer (kind="layer") or expert numbers that HF tensor names carry, sorted."""
+    found = {int(match.group(1)) for match in map(_INDEX[kind].search, names) if match}
+    return sorted(found)

@@ -15,6 +15,7 @@ training checkpoint's files against its CRC manifest, as resuming does (--no-ver
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -30,7 +31,8 @@ from data_prep.indexed import check_writable_dir
 from megatron_ext import checkpoint, layout, offline
 from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
-from models.mapping import Entry, by_mcore_name, expand, expected_hf_shapes, fuse, split
+from models.mapping import (HF_DIMS, Entry, by_mcore_name, expand, expected_hf_shapes, fuse, hf_dim_sizes, hf_indices,
+                            hf_pattern, split)
 from tools import launch
 from tools.hf_io import HFCheckpoint, HFCheckpointError, ShardWriter, dtype_of, parse_size, tokenizer_files
 
@@ -55,11 +57,47 @@ def check_names(hf: HFCheckpoint, entries: List[Entry], family: str) -> None:
                                 f"weight mapping{more}; refusing to drop weights")
 
 
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def check_counts(hf: HFCheckpoint) -> None:
+    """config.json's sizes must be positive integers, and it may claim no more layers or experts
+    than the weights hold (checked before the config is read: it makes per-layer lists)."""
+    for field in _SIZE_FIELDS:
+        value = hf.config.get(field)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise HFCheckpointError(f"{hf.dir / 'config.json'}: {field}={value!r} is not a positive integer")
+    for kind, fields in (("layer", ("num_hidden_layers",)), ("expert", ("num_experts", "num_local_experts"))):
+        field = next((f for f in fields if f in hf.config), None)
+        held = hf_indices(hf.names(), kind)
+        if field is not None and (type(hf.config[field]) is not int or hf.config[field] > len(held)):
+            raise HFCheckpointError(f"{hf.dir / 'config.json'}: {field}={hf.config[field]!r}, but the weights "
+                                    f"in {hf.dir} hold {len(held)} {kind}s")
+
+
+def check_sizes(hf: HFCheckpoint, m) -> None:
+    """Every HF tensor's shape (from the safetensors headers) must be what config.json's sizes
+    make it, before a model of those sizes is allocated: the error names tensor and config field."""
+    sizes = hf_dim_sizes(m)
+    for name in hf.names():
+        dims = HF_DIMS.get(hf_pattern(name))
+        if dims is None:
+            continue  # not a tensor of the weight mapping: check_names names it
+        want, got = [sizes[d] if isinstance(d, str) else d for d in dims], list(hf.shape(name))
+        if got != want:
+            fields = [f"{d}={w}" for d, g, w in itertools.zip_longest(dims, got, want) if g != w and d is not None]
+            because = f" (config.json: {', '.join(fields)})" if fields else ""
+            raise HFCheckpointError(f"HF tensor {name} in {hf.file_of(name)} has shape {got}, expected {want}{because}")
+
+
 def open_hf(hf_dir: str):
     """Read and check an HF directory: (reader, family module, ModelConfig, entries, dtype)."""
     hf = HFCheckpoint(hf_dir)
     family = registry.family_for_hf(hf.config)
+    check_counts(hf)
     m = family.config_from_hf(hf.config, name=Path(hf_dir).resolve().name)
+    check_sizes(hf, m)
     entries = expand(family.RULES, m)
     check_names(hf, entries, family.FAMILY)
     dtype = dtype_of(hf, entries[0].hf[0])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -50,6 +50,15 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def _check_shard_name(index: Path, tensor: str, file) -> None:
+    """A shard the index names must lie in the model directory: the index comes with the
+    download, and `../x` or an absolute path would read (and report on) files anywhere. Not
+    resolved: Hugging Face's cache links each file of a snapshot to a blob outside it."""
+    shard = PurePosixPath(file) if isinstance(file, str) else None
+    if shard is None or not file or shard.is_absolute() or ".." in shard.parts:
+        raise HFCheckpointError(f"{index}: shard {file!r} of tensor {tensor} is not a file inside {index.parent}")
+
+
 def _file_mode() -> int:
     """The mode an ordinary new file gets here (0644 under the usual umask 022)."""
     mask = os.umask(0)
@@ -85,6 +94,7 @@ class HFCheckpoint:
             if not isinstance(weight_map, dict):
                 raise HFCheckpointError(f"{index} has no weight_map")
             for name, file in sorted(weight_map.items()):
+                _check_shard_name(index, name, file)
                 if not (self.dir / file).is_file():
                     raise HFCheckpointError(f"missing shard {self.dir / file} (listed in {index.name} for tensor {name})")
             return weight_map
