@@ -63,6 +63,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext import cpu_backend, patches
 from megatron_ext.build import fuse_torch_adam, gather_params
+from megatron_ext.safe_pickle import CheckpointError, UnsafeCheckpointError, torch_load  # noqa: F401 (re-exported)
 from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _ITER = re.compile(r"^iter_(\d{7})$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used (missing, corrupted, foreign, not matching the model); the
-    message names the file or key. The one error of every checkpoint reader."""
 
 
 @dataclass
@@ -502,8 +498,6 @@ def load(rt, ckpt: Path, meta: dict, load_optimizer: bool = True) -> TrainState:
 
 
 def _restore_rng(path: Path) -> None:
-    from megatron_ext.safe_pickle import torch_load  # (imported here: it imports this module)
-
     state = torch_load(path)  # weights_only: tensors in dicts, as _rng_state saves them
     try:
         _set_rng_state(state)

@@ -32,7 +32,6 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata
 
-from megatron_ext.checkpoint import CheckpointError
 
 _DCP = "torch.distributed.checkpoint"
 METADATA_GLOBALS = frozenset({
@@ -58,6 +57,13 @@ METADATA_GLOBALS = frozenset({
 """(module, name) of every class or function `.metadata` may name; torch dtypes (which pickle as
 `torch.<dtype>`) are allowed besides. All are plain records, Enums or lookups: calling them with
 any arguments only builds data."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (missing, corrupted, foreign, not matching the model); the
+    message names the file or key. The one error of every checkpoint reader (defined in this leaf
+    module, which the checkpoint readers and the Megatron-Core patches both stand on;
+    `megatron_ext.checkpoint` hands it on)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
