@@ -160,18 +160,19 @@ def test_time_limit_kills_the_worker_and_a_new_one_takes_over(monkeypatch):
     """The backstop: with the static guards off, (x^{1000})^{1000} gets to sympy, which would
     take ~10 s in one big-integer computation; the caller SIGKILLs the worker at the budget."""
     import data_prep.verifiers.math as vm
+    from data_prep.verifiers import math_guards
 
     assert verify_math(r"\boxed{\sqrt{2}/2}", r"\frac{1}{\sqrt{2}}")  # sympy: runs in the worker
     first = vm.worker_pid()
     assert first is not None and _alive(first)
-    monkeypatch.setattr(vm, "_STATIC_GUARDS", False)
+    monkeypatch.setattr(math_guards, "_STATIC_GUARDS", False)
     start = time.monotonic()
     verdict = judge_math(r"\boxed{(x^{1000})^{1000}}", "x", timeout_s=1.0)
     elapsed = time.monotonic() - start
     assert verdict == MathVerdict(False, "timeout")
     assert 1.0 <= elapsed < 1.0 + SLACK_S, elapsed
     assert not _alive(first)  # killed and reaped
-    monkeypatch.setattr(vm, "_STATIC_GUARDS", True)
+    monkeypatch.setattr(math_guards, "_STATIC_GUARDS", True)
     assert judge_math(r"\boxed{x^2+2x+1}", "(x+1)^2") == MathVerdict(True, "equal")
     assert vm.worker_pid() not in (None, first)
 
@@ -229,14 +230,15 @@ def _judge_on_rank(rank, world_size):
     import torch.distributed as dist
 
     import data_prep.verifiers.math as vm
+    from data_prep.verifiers import math_guards
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     start = time.monotonic()
     answers = [r"\boxed{\frac{1}{2}}", r"\boxed{(x^{1000})^{1000}}", r"\boxed{x^2+2x+1}"]
     reasons = [judge_math(a, ref, timeout_s=BUDGET_S).reason for a, ref in zip(answers, ("0.5", "x", "(x+1)^2"))]
-    vm._STATIC_GUARDS = False  # and the time limit, on every rank at once
+    math_guards._STATIC_GUARDS = False  # and the time limit, on every rank at once
     reasons.append(judge_math(r"\boxed{(x^{1000})^{1000}}", "x", timeout_s=1.0).reason)
-    vm._STATIC_GUARDS = True
+    math_guards._STATIC_GUARDS = True
     reasons.append(judge_math(r"\boxed{2\sqrt{2}}", r"\sqrt{8}", timeout_s=BUDGET_S).reason)
     total = torch.tensor([float(r == "equal") for r in reasons])
     dist.all_reduce(total)

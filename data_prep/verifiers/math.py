@@ -28,77 +28,64 @@ bounded in time and memory, whatever the answer contains:
 
 - Time: `verify_math`, `math_equal`, `judge_math` and `compare_math` take `timeout_s` (default
   `DEFAULT_TIMEOUT_S`, 2 s). Equal strings and two plain decimal numbers are decided in the
-  calling process without sympy; everything else runs in a worker process, one per calling
-  process, started on first use as a fresh interpreter (`subprocess`: fork + exec, so threads,
-  CUDA or process groups of the caller are never inherited) and kept (a round trip costs
-  ~0.1 ms). When the budget runs out the caller SIGKILLs the worker (no signal inside it could
-  interrupt one long big-integer operation) and starts a replacement at once (~0.5 s of
-  imports, waited for only by the next answer that needs sympy); the answer is wrong with
-  reason "timeout". A forked child of the caller starts its own worker. The worker also sets
-  RLIMIT_CPU before each answer (the budget + 2 s), exits when its caller's pipe closes (so it
-  cannot outlive a killed caller), and `shutdown_worker` ends it at exit.
+  calling process without sympy; everything else runs in a worker process (`math_worker`: one
+  per calling process, a fresh interpreter kept between answers), which the caller SIGKILLs
+  and replaces when the budget runs out; the answer is then wrong with reason "timeout". A
+  forked child of the caller starts its own worker, and `shutdown_worker` ends it at exit.
 - Memory: the worker runs under RLIMIT_AS = `MEMORY_LIMIT_MB` (1 GiB); a MemoryError there is
   reason "too large".
-- Size, checked before sympy evaluates anything: an answer (or reference) over 1000 characters,
-  brackets nested deeper than 30, or an expression whose exact evaluation at the sample points
-  would need more than 2^17 bits is refused with reason "too large" (an upper bound computed on
-  the syntax tree of the parse: `(x^{1000})^{1000}`, `10^{10^{10}}`, `9^9^9^9`,
-  `e^{e^{e^{e^{x}}}}`), as is one exponent over 1000; a refused answer can still equal the
-  reference as a string. Scalars over 300 characters are compared as strings only (as before).
+- Size, checked before sympy evaluates anything (`math_guards`): an answer (or reference) over
+  1000 characters, brackets nested deeper than 30, or an expression whose exact evaluation at
+  the sample points would need more than 2^17 bits is refused with reason "too large" (an upper
+  bound computed on the syntax tree of the parse: `(x^{1000})^{1000}`, `10^{10^{10}}`,
+  `9^9^9^9`, `e^{e^{e^{e^{x}}}}`), as is one exponent over 1000; a refused answer can still
+  equal the reference as a string. Scalars over 300 characters are compared as strings only
+  (as before).
 - Code: `parse_expr` evaluates Python, so only a whitelist of characters and identifiers is
   ever parsed.
 
 `judge_math` / `compare_math` return a `MathVerdict` (`correct`, and a `reason`: "equal",
 "different", "no answer", "too large", "timeout" or "error" when the worker died); `verify_math`
 and `math_equal` return its bool.
+
+This module holds the public API and the comparison itself (`_compare_here`, which the worker
+runs); `math_guards` holds the size guards and `math_worker` the worker process and its client.
 """
 
 from __future__ import annotations
 
 import ast
-import atexit
 import builtins
 import cmath
-import json
-import os
 import re
-import select
-import subprocess
-import sys
-import threading
-import time
 import types
 from dataclasses import dataclass
-from fractions import Fraction
-from math import ceil, log2
-from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import List, Optional
 
 import sympy
 from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,
                                         standard_transformations, stringify_expr)
 
+from data_prep.verifiers import math_guards
+from data_prep.verifiers.math_guards import _MAX_DEPTH, _TooLarge, _depth, _guard_powers, _size
+from data_prep.verifiers.math_worker import (DIFFERENT, EQUAL, ERROR, MEMORY_LIMIT_MB, NO_ANSWER, TIMEOUT, TOO_LARGE,
+                                             _compare_in_worker, shutdown_worker, worker_pid)
+
+__all__ = ["DEFAULT_TIMEOUT_S", "MEMORY_LIMIT_MB", "EQUAL", "DIFFERENT", "NO_ANSWER", "TOO_LARGE", "TIMEOUT", "ERROR",
+           "MathVerdict", "compare_math", "extract_answer", "judge_math", "math_equal", "verify_math",
+           "shutdown_worker", "worker_pid"]
+
 _TRANSFORMS = standard_transformations + (implicit_multiplication_application, convert_xor)
 _FUNCS = {"sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "log": sympy.log, "ln": sympy.log,
           "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "exp": sympy.exp, "Rational": sympy.Rational}
 _MAX_LEN = 300
-_MAX_EXPONENT = 1000
 _REL_TOL = 1e-6
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
 
 DEFAULT_TIMEOUT_S = 2.0
 """Seconds one comparison of two answers may take (see the module doc)."""
-MEMORY_LIMIT_MB = 1024
-"""Address-space limit (RLIMIT_AS) of the worker process that runs sympy."""
-_STARTUP_TIMEOUT_S = 60.0  # a fresh worker imports sympy (~0.3 s idle; much more on a loaded host)
 _MAX_ANSWER_CHARS = 1000  # whole answers (tuples, unions) longer than this are refused
-_MAX_DEPTH = 30  # bracket nesting in the sympy form of one scalar
-_MAX_BITS = 1 << 17  # bits of the exact rationals evaluating one expression at the sample points
-_STATIC_GUARDS = True  # the depth and size guards (tests turn them off to reach the time limit)
 _PLAIN = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?")  # decided without sympy (up to 15 digits)
-
-EQUAL, DIFFERENT, NO_ANSWER, TOO_LARGE, TIMEOUT, ERROR = \
-    "equal", "different", "no answer", "too large", "timeout", "error"
 
 
 @dataclass(frozen=True)
@@ -113,10 +100,6 @@ class MathVerdict:
 
     def __bool__(self) -> bool:
         return self.correct
-
-
-class _TooLarge(Exception):
-    """An expression refused before evaluation: too big to evaluate safely."""
 
 
 def _braced(text: str, start: int) -> Optional[tuple]:
@@ -208,140 +191,6 @@ def _latex_to_sympy(s: str) -> str:
     return s.replace("{", "(").replace("}", ")").replace("^", "**")
 
 
-def _guard_powers(expr) -> None:
-    for node in sympy.preorder_traversal(expr):
-        if isinstance(node, sympy.Pow) and node.exp.is_number:
-            try:
-                big = abs(float(node.exp)) > _MAX_EXPONENT
-            except (TypeError, ValueError):
-                big = True
-            if big:
-                raise _TooLarge("exponent too large to evaluate safely")
-
-
-class _Size(NamedTuple):
-    """Bounds for one node of the syntax tree of an answer (see `_size`)."""
-
-    bits: float
-    """Size in bits of the exact rational its evaluation at a sample point gives."""
-    mag: float
-    """log2 of the largest |value| it can take there (at least 0)."""
-    exact: Optional[Fraction] = None
-    """Its value, where it is a small constant (exponents)."""
-
-
-_SMALL = 64  # bits of a constant folded into `exact`
-_SYMBOL = _Size(14, 4)  # sample points (37 + 17k + 5j) / 23, j < 52 symbols: numerators < 2^9, |value| < 2^4
-_CONSTANT = _Size(2, 2)  # pi, oo: evaluated numerically
-_UNKNOWN_MAG = float("inf")
-
-
-def _fold(value) -> Optional[Fraction]:
-    if value is None or not isinstance(value, Fraction):
-        return None
-    return value if max(abs(value.numerator), value.denominator).bit_length() <= _SMALL else None
-
-
-def _number(value: Fraction) -> _Size:
-    bits = abs(value.numerator).bit_length() + value.denominator.bit_length()
-    return _Size(bits, max(0.0, log2(abs(value))) if value else 0.0, _fold(value))
-
-
-def _size(node: ast.AST) -> _Size:
-    """Upper bounds on what evaluating `node` (the code sympy's parser makes of an answer) costs,
-    computed before sympy sees it: the exact rationals of a power grow with the product of the
-    exponents, so `(x^{1000})^{1000}` needs ~14 million bits at a sample point, and a gcd of
-    such numbers takes minutes. Raises _TooLarge past _MAX_BITS (or an exponent whose value is
-    not bounded)."""
-    if isinstance(node, ast.Expression):
-        return _size(node.body)
-    if isinstance(node, ast.BinOp):
-        a, b = _size(node.left), _size(node.right)
-        op = node.op
-        if isinstance(op, (ast.Add, ast.Sub)):
-            exact = None if a.exact is None or b.exact is None else \
-                a.exact + b.exact if isinstance(op, ast.Add) else a.exact - b.exact
-            out = _Size(a.bits + b.bits + 1, max(a.mag, b.mag) + 1, _fold(exact))
-        elif isinstance(op, ast.Mult):
-            exact = None if a.exact is None or b.exact is None else a.exact * b.exact
-            out = _Size(a.bits + b.bits, a.mag + b.mag, _fold(exact))
-        elif isinstance(op, (ast.Div, ast.FloorDiv)):
-            exact = None if a.exact is None or not b.exact or isinstance(op, ast.FloorDiv) else a.exact / b.exact
-            out = _Size(a.bits + b.bits, a.mag + b.bits, _fold(exact))
-        elif isinstance(op, ast.Pow):
-            if b.exact is not None:
-                top, negative = abs(b.exact), b.exact < 0
-            elif b.mag <= 30:
-                top, negative = Fraction(2) ** ceil(b.mag), True
-            else:
-                raise _TooLarge("exponent without a bound")
-            times = max(1, ceil(top))
-            exact = None
-            if a.exact is not None and b.exact is not None and b.exact.denominator == 1 and times <= _SMALL \
-                    and (a.exact or not negative):
-                exact = _fold(a.exact ** int(b.exact))
-            out = _Size(max(a.bits, 1) * times, (a.bits if negative else a.mag) * times, exact)
-        else:
-            out = _Size(a.bits + b.bits, _UNKNOWN_MAG)
-    elif isinstance(node, ast.UnaryOp):
-        a = _size(node.operand)
-        exact = -a.exact if isinstance(node.op, ast.USub) and a.exact is not None else \
-            a.exact if isinstance(node.op, ast.UAdd) else None
-        out = _Size(a.bits, a.mag if isinstance(node.op, (ast.USub, ast.UAdd)) else _UNKNOWN_MAG, exact)
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        name, args = node.func.id, node.args
-        if name in ("Integer", "Float", "Number") and len(args) == 1 and isinstance(args[0], ast.Constant):
-            text = str(args[0].value)  # at most _MAX_LEN digits
-            try:
-                return _number(Fraction(int(text)))
-            except ValueError:
-                pass
-            try:  # a Float: mpmath's, of bounded precision
-                value = Fraction(float(text))
-            except (ValueError, OverflowError):  # Float('1e999'): of unknown size
-                return _Size(64, _UNKNOWN_MAG)
-            return _Size(64, _number(value).mag, _fold(value))
-        if name == "Symbol":
-            return _SYMBOL
-        sizes = [_size(a) for a in args]
-        bits = sum(x.bits for x in sizes)
-        mag = max([x.mag for x in sizes] or [0.0])
-        if name in ("sin", "cos", "tan", "exp") and mag > _MAX_BITS:  # argument reduction needs mag bits
-            raise _TooLarge(f"{name} of a huge argument")
-        if name in ("sin", "cos"):
-            out = _Size(bits, 1)
-        elif name == "exp":
-            out = _Size(bits, 1.45 * 2.0 ** min(mag, 1000.0))
-        elif name in ("log", "ln"):
-            out = _Size(bits, log2(max(bits, mag) + 1) + 1)
-        elif name == "sqrt":
-            out = _Size(bits, mag / 2)
-        elif name == "Rational":
-            out = _Size(bits, sum(x.bits for x in sizes))
-        else:
-            out = _Size(bits, _UNKNOWN_MAG)
-    elif isinstance(node, ast.Name):
-        out = _SYMBOL if len(node.id) == 1 else _CONSTANT
-    elif isinstance(node, ast.Constant):
-        out = _number(Fraction(node.value)) if isinstance(node.value, int) else \
-            _Size(4 * len(str(node.value)) + 1, 4 * len(str(node.value)))  # digits, 3.3 bits each
-    else:  # nothing else is expected from the whitelisted characters: bounded, of unknown value
-        sizes = [_size(c) for c in ast.iter_child_nodes(node)]
-        out = _Size(sum(x.bits for x in sizes), _UNKNOWN_MAG)
-    if out.bits > _MAX_BITS:
-        raise _TooLarge(f"an exact value of over {_MAX_BITS} bits")
-    return out
-
-
-def _depth(s: str) -> int:
-    depth = top = 0
-    for ch in s:
-        depth += ch == "("
-        depth -= ch == ")"
-        top = max(top, depth)
-    return top
-
-
 def _parser_globals() -> dict:
     """The global namespace `parse_expr` builds on every call (built once here)."""
     names: dict = {}
@@ -373,7 +222,7 @@ def _parse(s: str):
     names = set(re.findall(r"[A-Za-z]+", py))
     local = dict(_FUNCS)
     local.update({n: sympy.Symbol(n) for n in names if len(n) == 1})
-    if _STATIC_GUARDS:
+    if math_guards._STATIC_GUARDS:  # read at each call: tests and the worker's requests switch it
         if _depth(py) > _MAX_DEPTH:
             raise _TooLarge("brackets nested too deeply")
         try:  # sympy's tokenizer and transformations only: nothing is evaluated yet
@@ -484,7 +333,8 @@ def _math_equal(answer: str, reference: str) -> bool:
 
 
 def _compare_here(answer: str, reference: str) -> str:
-    """The reason `_math_equal` gives (`equal`, `different` or `too large`), in this process."""
+    """The reason `_math_equal` gives (`equal`, `different` or `too large`), in this process: what
+    the worker (`math_worker._serve`) answers each request with."""
     try:
         return EQUAL if _math_equal(answer, reference) else DIFFERENT
     except (_TooLarge, MemoryError, RecursionError):
@@ -542,203 +392,3 @@ def verify_math(answer_text: str, reference: str, timeout_s: float = DEFAULT_TIM
     `timeout_s` seconds, or too large to evaluate, is wrong (`judge_math` says why); see the
     module doc."""
     return judge_math(answer_text, reference, timeout_s).correct
-
-
-# ---------------------------------------------------------------- the worker process
-
-_ROOT = str(Path(__file__).resolve().parents[2])  # the directory holding the data_prep package
-_WORKER_MAIN = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); sys.path[0:1] = [sys.argv[1]]; "
-                "from data_prep.verifiers.math import _serve; _serve(int(sys.argv[2]))")
-
-
-class _Worker:
-    """A persistent child process running `_compare_here` on requests (one JSON line each)."""
-
-    def __init__(self):
-        self.proc: Optional[subprocess.Popen] = None
-        self.buf = b""
-        self.ready = False
-        self.seq = 0
-
-    def start(self) -> None:
-        # A fresh interpreter (fork + exec): nothing of the caller's threads, CUDA or process
-        # group state is inherited; the pipes are its only link.
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN, _ROOT, str(MEMORY_LIMIT_MB)],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True)
-        except OSError as e:
-            raise RuntimeError(f"cannot start the math verifier's worker process ({sys.executable}): {e}") from e
-        self.buf, self.ready = b"", False
-
-    def _readline(self, deadline: float) -> Optional[bytes]:
-        """The next line from the worker; None when the deadline passes first; b"" when it died."""
-        fd = self.proc.stdout.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if not poller.poll(max(1, ceil(left * 1000))):
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return b""
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line
-
-    def _ensure_ready(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:  # died while idle
-            self.close()
-        if self.proc is None:
-            self.start()
-        if not self.ready:
-            deadline, line = time.monotonic() + _STARTUP_TIMEOUT_S, b"-"
-            while line and line != b"ready":  # (skipping whatever start-up hooks may print)
-                line = self._readline(deadline)
-            if line != b"ready":
-                self.kill()
-                raise RuntimeError(f"the math verifier's worker process did not start within {_STARTUP_TIMEOUT_S:.0f}s "
-                                   f"(it said {line!r}; its stderr is this process's)")
-            self.ready = True
-
-    def compare(self, answer: str, reference: str, timeout_s: float) -> str:
-        for _ in range(2):
-            self._ensure_ready()
-            self.seq += 1
-            request = json.dumps({"id": self.seq, "a": answer, "b": reference, "guards": _STATIC_GUARDS,
-                                  "cpu_s": timeout_s}).encode() + b"\n"
-            try:
-                view = memoryview(request)
-                while view:  # small: the idle worker takes it at once
-                    view = view[self.proc.stdin.write(view):]
-                break
-            except OSError:  # it died before reading this answer: once more with a new one
-                self.kill()
-        else:
-            return ERROR
-        try:
-            line = self._readline(time.monotonic() + timeout_s)
-        except BaseException:  # e.g. KeyboardInterrupt: its reply would be stale; start afresh
-            self.kill()
-            raise
-        if line is None:  # out of time: SIGKILL it and start the replacement now
-            self.kill()
-            try:
-                self.start()
-            except RuntimeError:  # the next answer tries again (and raises if it still cannot)
-                pass
-            return TIMEOUT
-        try:
-            reply = json.loads(line)
-            if reply["id"] != self.seq or reply["reason"] not in (EQUAL, DIFFERENT, TOO_LARGE, ERROR):
-                raise ValueError(line)
-            return reply["reason"]
-        except (ValueError, KeyError, TypeError):  # it died (b""), or this is no reply: start afresh
-            self.kill()
-            return ERROR
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.close()
-
-    def close(self, wait_s: float = 2.0) -> None:
-        """Close the pipes (an idle worker exits), reap it (SIGKILL after wait_s)."""
-        proc, self.proc, self.ready = self.proc, None, False
-        if proc is None:
-            return
-        for f in (proc.stdin, proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def detach(self) -> None:
-        """In a forked child: drop the parent's worker without touching it (close our copies of
-        its pipes, so it still sees end-of-file when the parent goes)."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            for f in (proc.stdin, proc.stdout):
-                try:
-                    f.close()
-                except OSError:
-                    pass
-            proc.returncode = 0  # not our child: never wait for it
-
-
-_WORKER: Optional[_Worker] = None
-_WORKER_LOCK = threading.Lock()
-
-
-def _compare_in_worker(answer: str, reference: str, timeout_s: float) -> str:
-    global _WORKER
-    with _WORKER_LOCK:
-        if _WORKER is None:
-            _WORKER = _Worker()
-        return _WORKER.compare(answer, reference, timeout_s)
-
-
-def worker_pid() -> Optional[int]:
-    """The process id of this process's worker, None when none is running."""
-    w = _WORKER
-    return w.proc.pid if w is not None and w.proc is not None else None
-
-
-def shutdown_worker() -> None:
-    """End this process's worker (run at exit; the next comparison starts a new one)."""
-    global _WORKER
-    w, _WORKER = _WORKER, None
-    if w is not None:
-        w.close()
-
-
-def _after_fork_in_child() -> None:
-    global _WORKER, _WORKER_LOCK
-    w, _WORKER, _WORKER_LOCK = _WORKER, None, threading.Lock()
-    if w is not None:
-        w.detach()
-
-
-atexit.register(shutdown_worker)
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _set_limit(which: int, soft: int) -> None:
-    import resource
-
-    _, hard = resource.getrlimit(which)
-    if hard != resource.RLIM_INFINITY:
-        soft = min(soft, hard)
-    resource.setrlimit(which, (soft, hard if which == resource.RLIMIT_CPU else soft))
-
-
-def _serve(memory_mb: int) -> None:
-    """The worker's loop: one JSON request per line on stdin, one reply per line on the
-    original stdout (anything printed goes to stderr); ends at end-of-file."""
-    import resource
-
-    global _STATIC_GUARDS
-    _set_limit(resource.RLIMIT_AS, memory_mb << 20)
-    _set_limit(resource.RLIMIT_CORE, 0)
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)
-    out.write(b"ready\n")
-    for line in sys.stdin.buffer:
-        rid, reason = None, ERROR
-        try:
-            req = json.loads(line)
-            rid, _STATIC_GUARDS = req["id"], bool(req["guards"])
-            used = resource.getrusage(resource.RUSAGE_SELF)
-            # A kernel-enforced backstop of the caller's kill: SIGXCPU past the budget + 2 s of CPU.
-            _set_limit(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + float(req["cpu_s"])) + 2)
-            reason = _compare_here(str(req["a"]), str(req["b"]))
-        except Exception:  # noqa: BLE001 - a malformed request or an unforeseen failure: "error"
-            pass
-        out.write(json.dumps({"id": rid, "reason": reason}).encode() + b"\n")
