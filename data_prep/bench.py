@@ -13,6 +13,9 @@ times, end to end (JSON parse, tokenize, write `.bin/.idx`):
 * ours: `data_prep.tokenize` (batched tiktoken encoding, sharded, merged).
 
 Both outputs must be byte-identical (same token ids, same files); the script exits 1 if not.
+The baseline reads whole lines with no limit, as Megatron-LM does, so an `--input` corpus is first
+checked through `data_prep.readers` (every line a JSON object with a string "text", none over
+16 MiB or nested deeper than 100 levels); a bad line stops the run (exit 2) naming file:line.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from data_prep.readers import Reject, iter_json_lines
 from data_prep.tokenize import Options, tokenize
 from data_prep.tokenizer import write_hf_tokenizer
 
@@ -53,6 +57,16 @@ def generate_corpus(path: Path, size_mb: float) -> int:
                 if written >= target:
                     break
     return docs
+
+
+def check_corpus(path: Path) -> None:
+    """Raise ValueError "PATH:LINE: REASON: DETAIL" at the first line the baseline could not read
+    within the tokenizer's limits (blank, not JSON, too large or deep, no string "text")."""
+    for line, row in iter_json_lines(path):
+        if isinstance(row, Reject):
+            raise ValueError(f"{path}:{line}: {row.reason}: {row.detail}")
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}:{line}: not a JSON object with a string 'text'")
 
 
 # --- baseline: per-document encode loop, as Megatron-LM's preprocess_data.py -------------------
@@ -129,6 +143,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not a.input:
             n = generate_corpus(corpus, a.size_mb)
             print(f"generated {corpus}: {n:,} docs of Python stdlib source")
+        else:
+            try:
+                check_corpus(corpus)
+            except (ValueError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         print(f"corpus: {os.path.getsize(corpus) / 1e6:.1f} MB, cpus: {os.cpu_count()}")
         hf_dir = write_hf_tokenizer(a.tokenizer.replace(".", "_"), work / "hf_tokenizer")
         from data_prep.tokenizer import get_tokenizer

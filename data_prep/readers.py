@@ -17,6 +17,9 @@ found by a scan that does not recurse, and a batch holds about BATCH_BYTES of re
 then set by `max_bytes` (tokenizing a record takes about 16x its size; json.loads of a record made
 of many tiny arrays/objects up to ~25x), never by the input, plus a zstd frame's window (up to
 128 MiB, zstd's own decoding limit, for files compressed with --long or --ultra).
+
+Readers of other jsonl inputs (post-training data, eval task files, synthesis task lists) use
+`iter_json_lines` / `read_json_lines`: the same bounded line reader and checks for one file.
 """
 
 from __future__ import annotations
@@ -108,8 +111,8 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
-def too_large(size: int, max_bytes: int) -> Tuple[str, str]:
-    return "too_large", f"record is {size:,} bytes > --max-record-bytes {max_bytes:,}; skipped unread"
+def too_large(size: int, max_bytes: int, limit: str = "--max-record-bytes") -> Tuple[str, str]:
+    return "too_large", f"record is {size:,} bytes > {limit} {max_bytes:,}; skipped unread"
 
 
 def file_kind(path: str) -> str:
@@ -327,8 +330,9 @@ def _corrupt(line: int, error: Exception) -> Reject:
     return Reject(line, "corrupt_file", f"{error}; this line and the rest of the file cannot be read")
 
 
-def parse_line(raw: bytes, key: str) -> Tuple[Optional[str], Optional[Tuple[str, str]]]:
-    """Return `(text, None)` for a usable record or `(None, (reason, detail))`."""
+def parse_json(raw: bytes) -> Tuple[object, Optional[Tuple[str, str]]]:
+    """Return `(value, None)` for a line holding one JSON value or `(None, (reason, detail))`:
+    blank_line, invalid_utf8, too_deep (found before json.loads, which recurses) or malformed_json."""
     if not raw.strip():
         return None, ("blank_line", "line is empty")
     try:
@@ -340,12 +344,73 @@ def parse_line(raw: bytes, key: str) -> Tuple[Optional[str], Optional[Tuple[str,
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         return None, ("too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        obj = json.loads(line)
+        return json.loads(line), None
     except (ValueError, RecursionError) as e:
         return None, ("malformed_json", str(e) or type(e).__name__)
+
+
+def parse_line(raw: bytes, key: str) -> Tuple[Optional[str], Optional[Tuple[str, str]]]:
+    """Return `(text, None)` for a usable record or `(None, (reason, detail))`."""
+    obj, bad = parse_json(raw)
+    if bad is not None:
+        return None, bad
     if not isinstance(obj, dict):
         return None, ("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
     return check_text(obj.get(key, _MISSING), key, escaped=b"\\u" in raw or b"\\U" in raw)
+
+
+def _line_kind(path: str) -> str:
+    """How to read a line-based file: by its compression suffix, else as plain jsonl (any name)."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        return "gz"
+    if name.endswith(".zst"):
+        return "zst"
+    if name.endswith(".parquet"):
+        raise ValueError(f"{path}: a parquet file is not jsonl")
+    return "jsonl"
+
+
+def iter_json_lines(path, max_bytes: Optional[int] = None) -> Iterator[Tuple[int, object]]:
+    """`(line number, value)` for each line of one jsonl file (gzip/zstd by a `.gz`/`.zst` suffix,
+    anything else read as plain jsonl): the line's JSON value, or a `Reject` (blank_line,
+    invalid_utf8, malformed_json, too_deep, too_large; corrupt_file last, where damaged
+    compressed data ends the file). Read as `data_prep.tokenize` reads its input: a line longer
+    than `max_bytes` (None: DEFAULT_MAX_RECORD_BYTES, 16 MiB) is skipped unread, compressed data is
+    decoded in bounded steps, nesting deeper than MAX_JSON_DEPTH is refused before json.loads, so
+    memory is set by `max_bytes`, never by the file."""
+    path = str(path)
+    max_bytes = DEFAULT_MAX_RECORD_BYTES if max_bytes is None else max_bytes
+    lines = _stream_lines(Shard(path, _line_kind(path), 0, 0, 1 << 62), max_bytes)
+    lineno = 0
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            return
+        except CorruptFileError as e:
+            yield lineno + 1, _corrupt(lineno + 1, e)
+            return
+        lineno += 1
+        if raw.__class__ is LongLine:
+            yield lineno, Reject(lineno, *too_large(raw.record, max_bytes, "the record limit"))
+            continue
+        value, bad = parse_json(raw)
+        yield lineno, (value if bad is None else Reject(lineno, *bad))
+
+
+def read_json_lines(path, max_bytes: Optional[int] = None) -> Iterator[Tuple[int, dict]]:
+    """`(line number, object)` for each non-blank line of one jsonl file, read by `iter_json_lines`
+    (the same limits); a line that is not a JSON object raises ValueError
+    "PATH:LINE: REASON: DETAIL" (a reason of REASONS) when it is reached."""
+    for lineno, value in iter_json_lines(path, max_bytes):
+        if value.__class__ is Reject:
+            if value.reason == "blank_line":
+                continue
+            raise ValueError(f"{path}:{lineno}: {value.reason}: {value.detail}")
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}:{lineno}: malformed_json: expected a JSON object, got {type(value).__name__}")
+        yield lineno, value
 
 
 # A JSON string (an unterminated one runs to the end), and the bytes that open/close nesting.

@@ -8,12 +8,12 @@ parallelism, sends them along the pipeline, logs them and returns them in each s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from data_prep.readers import read_json_lines
 from megatron_ext.config import Config, ConfigError
 
 
@@ -69,21 +69,22 @@ def pad_to(ids: Sequence[int], length: int, pad: int, what: str) -> List[int]:
 
 
 def read_jsonl(path) -> List[dict]:
-    """Rows of a jsonl file (errors name the file and line)."""
+    """Rows of a jsonl file (errors name the file and line; see `read_jsonl_lines`)."""
     return [row for _, row in read_jsonl_lines(path)]
 
 
 def read_jsonl_lines(path) -> List[Tuple[int, dict]]:
-    """(line number, row) of each non-empty line of a jsonl file, for errors that name the line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-    return rows
+    """(line number, row) of each non-empty line of a jsonl file (`.jsonl.gz` / `.jsonl.zst` too),
+    for errors that name the line.
+
+    The file may come from anyone: it is read by `data_prep.readers.read_json_lines`, with the
+    limits of `data_prep.tokenize`. A line that is not a JSON object is a ValueError
+    "PATH:LINE: REASON: DETAIL": malformed_json, invalid_utf8, corrupt_file (damaged compressed
+    data), too_deep (nested deeper than MAX_JSON_DEPTH = 100 levels, refused before json.loads
+    recurses) or too_large (longer than DEFAULT_MAX_RECORD_BYTES = 16 MiB, skipped unread, so
+    reading holds at most that much of one line). 16 MiB is about 4M tokens, far beyond any
+    data.seq_length a row has to fit, so no setting raises the limit."""
+    return list(read_json_lines(path))
 
 
 def require(cfg: Config, stage: str, *, pairs: bool = False, no_cp: bool = True, no_pp: bool = False) -> None:

@@ -55,7 +55,7 @@ from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.generation import Generation, generate
-from posttrain.common import Cycled, pad_to, read_jsonl, report, require, run_cli, token_logps
+from posttrain.common import Cycled, pad_to, read_jsonl_lines, report, require, run_cli, token_logps
 from posttrain.reference import Reference, forward_only
 from posttrain.synthetic import arithmetic_prompts
 from data_prep.verifiers import run_code_tests
@@ -159,8 +159,9 @@ def prompt_rows(cfg: Config) -> List[dict]:
     p = cfg.posttrain
     if p.data_path is None:
         return arithmetic_prompts(p.num_samples, p.task_seed)
-    rows = read_jsonl(p.data_path)
-    for i, row in enumerate(rows, 1):
+    lines = read_jsonl_lines(p.data_path)
+    rows = [row for _, row in lines]
+    for i, row in lines:
         if not isinstance(row.get("prompt"), str) or not ("answer" in row or isinstance(row.get("tests"), list)):
             raise ValueError(f"{p.data_path}:{i}: a GRPO row needs a string 'prompt' and an 'answer' "
                              "or a list of 'tests'")

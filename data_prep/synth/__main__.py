@@ -15,10 +15,10 @@ Then: python -m data_prep.tokenize --input math.jsonl --output-prefix out/math -
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from itertools import chain
+from itertools import chain, islice
 
+from data_prep.readers import read_json_lines
 from data_prep.synth import backends, code_gen, math_gen
 from data_prep.synth.records import write_jsonl
 
@@ -38,8 +38,9 @@ def _load_tasks(spec: str, n: int, seed: int):
         return backends.math_tasks(spec.split(":", 1)[1], n, seed)
     if spec == "code":
         return backends.code_tasks(n, seed)
-    with open(spec) as f:
-        return [json.loads(line) for line in f if line.strip()][:n]
+    # The first n tasks of a jsonl file, read with the tokenizer's limits (a line over 16 MiB or
+    # nested deeper than 100 levels is a ValueError naming file:line, as is one that is not JSON).
+    return [task for _, task in islice(read_json_lines(spec), n)]
 
 
 def _model(a, checkpoint_backend) -> int:

@@ -7,7 +7,7 @@ Task names (`eval.tasks`):
 - `math_synth` / `code_synth`: held-out problems of the verified generators
   (`data_prep.synth.math_gen`, `code_gen`) drawn from the seed namespace `heldout:` (see `HELDOUT`), distinct questions.
 - `processbench`: the bundled ProcessBench-form sample (PRM checkpoints only).
-- a path to a local `.jsonl` / `.jsonl.gz` file, whose form is read from its fields:
+- a path to a local `.jsonl` / `.jsonl.gz` / `.jsonl.zst` file, whose form is read from its fields:
   GSM8K/MATH (`question` or `problem`, and `answer` (GSM8K's `#### x` or a `\\boxed{}`) or a
   MATH `solution`), MBPP (`text` or `prompt`, and `test_list` or `tests`: assert lines; MBPP's
   `test_list` is shown in the prompt as MBPP does, `tests` is not; the problem's own code that
@@ -21,14 +21,13 @@ Math asks for the final answer in `\\boxed{}`; code asks for one ```python block
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from dataclasses import dataclass, field
 from itertools import islice, zip_longest
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+from data_prep.readers import read_json_lines
 from data_prep.synth import code_gen, math_gen
 from posttrain.common import DATA_DIR
 from data_prep.verifiers import extract_answer, judge_math, math_equal, run_code_tests
@@ -149,22 +148,22 @@ def code_synth_problems(n: int, timeout_s: float) -> List[Problem]:
             for r in islice(code_gen.generate(n, HELDOUT, timeout_s=timeout_s), n)]
 
 
-def _read_rows(path) -> List[dict]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    rows = []
+def _read_lines(path) -> List[Tuple[int, dict]]:
+    """(line number, row) of a local task file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), which may come
+    from anyone: read by `data_prep.readers.read_json_lines` (a line over 16 MiB is skipped
+    unread, nesting deeper than 100 levels is refused before json.loads), a bad line is a
+    ValueError "PATH:LINE: REASON: DETAIL"."""
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+        rows = list(read_json_lines(path))
     except OSError as e:
         raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _read_rows(path) -> List[dict]:
+    return [row for _, row in _read_lines(path)]
 
 
 def _reference(row: dict) -> Optional[str]:
@@ -208,8 +207,7 @@ def row_problem(row: dict, where: str) -> Problem:
 
 
 def file_problems(path: str) -> List[Problem]:
-    rows = _read_rows(path)
-    problems = [row_problem(r, f"{path}:{i + 1}") for i, r in enumerate(rows)]
+    problems = [row_problem(r, f"{path}:{line}") for line, r in _read_lines(path)]
     kinds = {p.kind for p in problems}
     if len(kinds) > 1:
         raise ValueError(f"{path}: rows of different forms ({', '.join(sorted(kinds))}); use one file per benchmark")
@@ -227,7 +225,7 @@ def load_task(name: str, limit: Optional[int] = None, synth_size: int = 200, tim
         problems = code_synth_problems(n, timeout_s)
     elif name == "processbench":
         problems = file_problems(str(PROCESSBENCH_SAMPLE))
-    elif name.endswith((".jsonl", ".jsonl.gz", ".json")) or os.path.sep in name:
+    elif name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst", ".json")) or os.path.sep in name:
         if not os.path.isfile(name):
             raise ValueError(f"eval.tasks: {name}: no such file")
         problems = file_problems(name)
