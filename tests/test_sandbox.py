@@ -19,6 +19,7 @@ import time
 import pytest
 
 from data_prep.verifiers import code as sandbox_code
+from data_prep.verifiers import sandbox as sandbox_box
 from data_prep.verifiers import run_code_tests
 from data_prep.verifiers.code import SandboxUnavailableError, sandbox_problem
 
@@ -412,8 +413,8 @@ def test_output_is_kept_bounded_and_partial_results_survive_a_timeout():
 
 
 def test_refuses_without_isolation_unless_opted_in(monkeypatch):
-    sandbox_code._bwrap_problem.cache_clear()
-    monkeypatch.setattr(sandbox_code.shutil, "which", lambda name: None)
+    sandbox_box._bwrap_problem.cache_clear()
+    monkeypatch.setattr(sandbox_box.shutil, "which", lambda name: None)
     monkeypatch.delenv("CODE_SANDBOX", raising=False)
     try:
         with pytest.raises(SandboxUnavailableError) as err:
@@ -426,7 +427,7 @@ def test_refuses_without_isolation_unless_opted_in(monkeypatch):
         with pytest.raises(ValueError, match="CODE_SANDBOX"):
             run_code_tests("def f(): return 1", ["assert f() == 1"])
     finally:
-        sandbox_code._bwrap_problem.cache_clear()
+        sandbox_box._bwrap_problem.cache_clear()
 
 
 def test_seccomp_filter_shape():

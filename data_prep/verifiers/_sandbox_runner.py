@@ -1,4 +1,4 @@
-"""The two processes of one sandboxed test run (started by `data_prep.verifiers.code`); stdlib only.
+"""The two processes of one sandboxed test run (started by `data_prep.verifiers.sandbox`); stdlib only.
 
     python -I -S -u _sandbox_runner.py candidate JOB_FD REQ_FD RESP_FD STARTED_FD LIMITS_JSON
     python -I -S -u _sandbox_runner.py harness   JOB_FD RESP_FD REQ_FD VERDICT_FD KEY_FD LIMITS_JSON
