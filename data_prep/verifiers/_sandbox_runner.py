@@ -348,6 +348,54 @@ _SECCOMP_MODE_FILTER = 2
 _CAP_VERSION_3 = 0x20080522
 
 
+def _close_inherited_fds(fd_dir, keep):
+    for name in os.listdir(fd_dir):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
+
+
+def _read_seccomp_program(fd):
+    program = b""
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        program += chunk
+    os.close(fd)
+    if not program or len(program) % 8:
+        raise OSError(f"sandbox set-up: bad seccomp program of {len(program)} bytes")
+    return program
+
+
+def _load_seccomp(ctypes, libc, check, program):
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buf))
+    check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    check(libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "seccomp")
+
+
+def _drop_capabilities(ctypes, libc, check):
+    class CapHeader(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class CapData(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    header, data = CapHeader(_CAP_VERSION_3, 0), (CapData * 2)()
+    check(libc.capset(ctypes.byref(header), data), "capset")
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header, data = CapHeader(_CAP_VERSION_3, 0), (CapData * 2)()
+    check(libc.capget(ctypes.byref(header), data), "capget")
+    if any(d.effective or d.permitted or d.inheritable for d in data):
+        raise OSError("sandbox set-up: capabilities are still held")
+
+
 def setup_sandbox(setup, keep_fds, drop_uid):
     """Close inherited fds, mount the work dir and /proc, load the final seccomp program and
     drop every capability (and uid 0, when `drop_uid`)."""
@@ -365,22 +413,8 @@ def setup_sandbox(setup, keep_fds, drop_uid):
     fd_dir = f"{stage}/{os.getpid()}/fd"
     # bubblewrap hands the command every fd it was given (the user namespace, its info pipe,
     # the memfds of this file and of the filter): keep stdio, this role's fds and the filter
-    keep = {0, 1, 2, int(setup["seccomp_fd"])} | {int(fd) for fd in keep_fds}
-    for name in os.listdir(fd_dir):
-        if int(name) not in keep:
-            try:
-                os.close(int(name))
-            except OSError:
-                pass
-    program = b""
-    while True:
-        chunk = os.read(int(setup["seccomp_fd"]), 1 << 16)
-        if not chunk:
-            break
-        program += chunk
-    os.close(int(setup["seccomp_fd"]))
-    if not program or len(program) % 8:
-        raise OSError(f"sandbox set-up: bad seccomp program of {len(program)} bytes")
+    _close_inherited_fds(fd_dir, {0, 1, 2, int(setup["seccomp_fd"])} | {int(fd) for fd in keep_fds})
+    program = _read_seccomp_program(int(setup["seccomp_fd"]))
 
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ul, ctypes.c_char_p]
     libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -395,33 +429,29 @@ def setup_sandbox(setup, keep_fds, drop_uid):
     # mount table, ...) goes away
     check(libc.mount(fd_dir.encode(), b"/proc/self/fd", None, _MS_BIND, None), "bind /proc/self/fd")
     check(libc.umount2(stage.encode(), _MNT_DETACH), f"unmount {stage}")
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    buf = ctypes.create_string_buffer(program, len(program))
-    fprog = SockFprog(len(program) // 8, ctypes.addressof(buf))
-    check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    check(libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0), "seccomp")
-
+    _load_seccomp(ctypes, libc, check, program)
     if drop_uid and os.getuid() == 0:   # namespace root -> unprivileged uid
         os.setgroups([])
         os.setgid(SANDBOX_UID)
         os.setuid(SANDBOX_UID)
+    _drop_capabilities(ctypes, libc, check)
 
-    class CapHeader(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
-    class CapData(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-
-    header, data = CapHeader(_CAP_VERSION_3, 0), (CapData * 2)()
-    check(libc.capset(ctypes.byref(header), data), "capset")
-    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header, data = CapHeader(_CAP_VERSION_3, 0), (CapData * 2)()
-    check(libc.capget(ctypes.byref(header), data), "capget")
-    if any(d.effective or d.permitted or d.inheritable for d in data):
-        raise OSError("sandbox set-up: capabilities are still held")
+def _exported_names(ns):
+    """What the candidate defined, as the harness learns it: a module by name, plain data by
+    value, anything else as a callable proxy."""
+    names = {}
+    for name, value in list(ns.items()):
+        if name.startswith("__"):
+            continue
+        if type(value).__name__ == "module":
+            names[name] = {"m": value.__name__}
+            continue
+        try:
+            names[name] = {"v": encode(value, None)}
+        except (TypeError, RecursionError):
+            names[name] = {"g": True}
+    return names
 
 
 def candidate_main(job_fd, req_fd, resp_fd, started_fd, limits):
@@ -462,18 +492,7 @@ def candidate_main(job_fd, req_fd, resp_fd, started_fd, limits):
         exec(compile(code, "<candidate>", "exec"), ns)  # noqa: S102 - this is the sandbox
     except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt from candidates too
         load_error = _short(exc)
-    names = {}
-    if load_error is None:
-        for name, value in list(ns.items()):
-            if name.startswith("__"):
-                continue
-            if type(value).__name__ == "module":
-                names[name] = {"m": value.__name__}
-                continue
-            try:
-                names[name] = {"v": encode(value, None)}
-            except (TypeError, RecursionError):
-                names[name] = {"g": True}
+    names = _exported_names(ns) if load_error is None else {}
     sent = 0
 
     def reply(msg):
