@@ -6,14 +6,18 @@ starting at 151643; each family adds a longer prefix of the same list.
 
 Both tokenizer classes expose the same small interface that the data pipeline and Megatron-Core's
 GPT datasets use: `encode`, `encode_batch`, `decode`, `token_to_id`, `vocab_size`, `eod`, `pad`,
-plus `apply_chat_template` (ChatML, see `data_prep.chat`).
+plus `apply_chat_template` (see `data_prep.chat`). A tokenizer's `chat_template` is None for the
+bundled Qwen tokenizers (plain ChatML) and the template stored with an HF directory
+(`chat_template.jinja` or `tokenizer_config.json`); `data_prep.chat.set_chat_template` changes it.
+`encode_rendered` tokenizes a rendered chat (special-token strings become their ids) and gives
+each token's character offset, for the loss mask.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Sequence, Tuple
 
 SPECIAL_START_ID = 151643
 
@@ -61,8 +65,14 @@ def _encoding(family: str):
 class _ChatMixin:
     """Chat formatting shared by every tokenizer class (kept in `data_prep.chat`)."""
 
+    chat_template = None
+    """Jinja chat template text, or None for plain ChatML."""
+    template_variables: dict = {}
+    """Special-token strings passed to the template (`eos_token`, ...), as transformers does."""
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = False):
-        """Return `(ids, loss_mask)` for ChatML `messages`; the mask covers assistant turns only."""
+        """Return `(ids, loss_mask)` for chat `messages` rendered with `chat_template` (plain
+        ChatML when None); the mask covers assistant replies only."""
         from data_prep.chat import encode_chat
 
         return encode_chat(self, messages, add_generation_prompt=add_generation_prompt)
@@ -103,6 +113,15 @@ class QwenTokenizer(_ChatMixin):
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
 
+    def encode_rendered(self, text: str) -> Tuple[List[int], List[int]]:
+        """A rendered chat -> (ids, character offset where each token starts); special-token
+        strings become their ids (what `apply_chat_template(tokenize=True)` does)."""
+        ids = self._enc.encode(text, allowed_special="all")
+        decoded, starts = self._enc.decode_with_offsets(ids)
+        if decoded != text:
+            raise ValueError("rendered chat does not round-trip through the tokenizer")
+        return ids, list(starts)
+
 
 class HFTokenizer(_ChatMixin):
     """A user's Hugging Face tokenizer directory (`tokenizer.json` + optional `tokenizer_config.json`).
@@ -128,6 +147,11 @@ class HFTokenizer(_ChatMixin):
         self.eod = self.token_to_id(eos)
         pad = _token_content(config.get("pad_token"))
         self.pad = self.token_to_id(pad) if pad else self.eod
+        from data_prep.chat import read_chat_template
+
+        self.chat_template = read_chat_template(tok_file.parent)
+        self.template_variables = {k: _token_content(config[k]) for k in
+                                   ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
         self.unique_identifiers = {"class": type(self).__name__, "path": str(self.path.resolve())}
 
     def token_to_id(self, token: str) -> int:
@@ -145,6 +169,16 @@ class HFTokenizer(_ChatMixin):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def encode_rendered(self, text: str) -> Tuple[List[int], List[int]]:
+        """A rendered chat -> (ids, character offset where each token starts); special-token
+        strings become their ids (what `apply_chat_template(tokenize=True)` does)."""
+        self._tok.encode_special_tokens = False
+        try:
+            enc = self._tok.encode(text, add_special_tokens=False)
+        finally:
+            self._tok.encode_special_tokens = True
+        return enc.ids, [start for start, _ in enc.offsets]
 
 
 def _read_tokenizer_config(directory: Path) -> dict:

@@ -136,9 +136,22 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)  # DDP-wrapped or bare GPTModel
 
 
-def _model_state(chunks) -> dict:
+def _model_state(chunks, drop=()) -> dict:
     # Keys inside each chunk are global (layer offsets applied), so any VPP/PP split loads.
-    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(chunks)}
+    # `drop`: state-dict keys not to read (a freshly initialised head).
+    return {f"chunk{i}": _without(_unwrap(chunk).sharded_state_dict(), drop) for i, chunk in enumerate(chunks)}
+
+
+def _without(sharded: dict, drop) -> dict:
+    return {k: v for k, v in sharded.items() if k not in drop}
+
+
+def _kept(module, state: dict, keep) -> dict:
+    """A loaded state dict with the module's own current values for the `keep` keys it has."""
+    if not keep:
+        return state
+    own = module.state_dict()
+    return {**state, **{k: own[k] for k in keep if k in own}}
 
 
 def _sharded_state(rt, is_loading: bool, with_optimizer: bool = True) -> dict:
@@ -524,11 +537,13 @@ def _load_error(dist_dir: Path, doing: str, e: BaseException) -> CheckpointError
     return CheckpointError(f"{dist_dir}: {doing}: {e}")
 
 
-def _load_state(chunks, sharded: dict, ckpt: Path, strict: StrictHandling) -> dict:
+def _load_state(chunks, sharded: dict, ckpt: Path, strict: StrictHandling, keep=()) -> dict:
+    check_shapes(sharded["model"], ckpt / "state", ckpt)
     try:
         state = _dist_load(sharded, ckpt / "state", strict)
         for i, chunk in enumerate(chunks):
-            _unwrap(chunk).load_state_dict(state["model"][f"chunk{i}"], strict=True)
+            module = _unwrap(chunk)
+            module.load_state_dict(_kept(module, state["model"][f"chunk{i}"], keep), strict=True)
     except CheckpointError:
         raise  # names its file already (a refused pickle)
     except (Exception, CheckpointException) as e:  # several types (torch's is no Exception): all "unusable here"
@@ -552,10 +567,22 @@ _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
                  "moe_layer_freq")
 
 
-def write_converted_meta(ckpt: Path, m: ModelConfig, dtype: torch.dtype, hf_config: Optional[Dict[str, Any]]) -> None:
-    """Write `CONVERTED_META` of a converted checkpoint (model, parameter dtype, source HF config)."""
+# What a checkpoint's output layer is: the language-model head, or the one-output value head of
+# a reward model (python -m posttrain.rm) or a process reward model (python -m posttrain.prm).
+HEADS = ("lm", "rm", "prm")
+HEAD_KEY = "output_layer.weight"
+"""The sharded-state key of the output layer (LM head [vocab, hidden], value head [1, hidden])."""
+_HEAD_NAMES = {"lm": "language model", "rm": "reward model", "prm": "process reward model"}
+
+
+def write_converted_meta(ckpt: Path, m: ModelConfig, dtype: torch.dtype, hf_config: Optional[Dict[str, Any]],
+                         head: str = "lm") -> None:
+    """Write `CONVERTED_META` of a converted checkpoint (model, parameter dtype, source HF config,
+    output head: one of `HEADS`)."""
+    if head not in HEADS:
+        raise ValueError(f"head={head!r} is not one of {HEADS}")
     meta = {"format_version": FORMAT_VERSION, "model": asdict(m),
-            "dtype": str(dtype).replace("torch.", ""), "hf_config": hf_config}
+            "dtype": str(dtype).replace("torch.", ""), "hf_config": hf_config, "head": head}
     (Path(ckpt) / CONVERTED_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -586,6 +613,9 @@ class Source:
     state dict at the top level of `dist_dir`, no manifest)."""
     verify: bool = True
     """Check the manifest in `load_weights` (False: the user accepted the risk, e.g. --no-verify)."""
+    head: str = "lm"
+    """The output layer the weights hold (`HEADS`): a converted checkpoint's metadata says; a
+    training checkpoint's is its stage's (rm, prm; every other stage trains a language model)."""
 
     @property
     def is_training(self) -> bool:
@@ -637,8 +667,11 @@ def _converted_source(path: Path) -> Source:
         model, dtype = ModelConfig(**meta["model"]), getattr(torch, meta["dtype"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable or foreign metadata ({type(e).__name__}: {e})") from None
+    head = meta.get("head", "lm")
+    if head not in HEADS:
+        raise CheckpointError(f"{meta_path}: head={head!r} is not one of {HEADS}")
     tok = path / TOKENIZER_DIR
-    return Source(path, model, dtype, meta.get("hf_config"), tok if tok.is_dir() else None)
+    return Source(path, model, dtype, meta.get("hf_config"), tok if tok.is_dir() else None, head=head)
 
 
 def _training_source(path: Path) -> Source:
@@ -654,7 +687,8 @@ def _training_source(path: Path) -> Source:
     # Model weights are kept in bf16 by every non-fp32 recipe (FP8 casts happen inside the GEMMs).
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     tokenizer = (config.get("data") or {}).get("tokenizer")
-    return Source(path / "state", model, dtype, tokenizer_name=tokenizer, manifest_dir=path)
+    head = config.get("stage") if config.get("stage") in ("rm", "prm") else "lm"
+    return Source(path / "state", model, dtype, tokenizer_name=tokenizer, manifest_dir=path, head=head)
 
 
 def open_checkpoint(ckpt: Union[str, Path, Source], verify: bool = True) -> Source:
@@ -717,6 +751,84 @@ def check_model(src: Source, model: ModelConfig) -> None:
                               + "\n  ".join(diffs))
 
 
+def _any_rank(flag: bool) -> bool:
+    """Collective: whether `flag` holds on any rank."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def has_value_head(chunks) -> bool:
+    """Collective: whether the model's output layer is a value head (a reward model's one score
+    per position) rather than the LM head; only the last pipeline stage holds it."""
+    local = any(getattr(getattr(_unwrap(c), "output_layer", None), "is_value_head", False) for c in chunks)
+    return _any_rank(local)
+
+
+def _head_policy(chunks, src: Source) -> bool:
+    """Collective: check the checkpoint's head against the model's; True when the model's value
+    head is to keep its fresh initialisation (a reward model started from a language model).
+    A reward-model checkpoint loaded into a language model is refused, naming both kinds."""
+    value = has_value_head(chunks)
+    if not value and src.head != "lm":
+        raise CheckpointError(f"{src.path} is a {_HEAD_NAMES[src.head]} ({src.head}) checkpoint: its output layer "
+                              f"is a one-score value head, and the model loading it is a language model (lm), "
+                              f"e.g. a policy or the DPO/GRPO reference (posttrain.ref_load); refusing to load it")
+    if value and src.head == "lm":
+        if _rank0_or_single():
+            log.info("%s is a language model (lm) checkpoint: the value head (%s) is freshly initialised, "
+                     "the LM head is not used", src.path, HEAD_KEY)
+        return True
+    return False
+
+
+def _rank0_or_single() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def saved_shapes(dist_dir: Path) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor's global shape, by sharded key, from a dist_checkpointing directory's metadata
+    (no tensor data read; read as `_dist_load` reads, without running code from the file)."""
+    patches.apply()
+    try:
+        md = TorchDistLoadShardedStrategy().load_tensors_metadata(Path(dist_dir))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any failure: the directory is unusable)
+        raise CheckpointError(f"{dist_dir}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    return {k: tuple(v.global_shape) for k, v in md.items()}
+
+
+def _requested_shapes(sharded: dict) -> Dict[str, Tuple[int, ...]]:
+    """The global shape of every plain sharded tensor a model's sharded state dict asks for
+    (tensor factories, e.g. a fused SwiGLU weight, are skipped: their parts' shapes follow from
+    the sizes the other tensors check)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return {t.key: tuple(t.global_shape) for t in nested_values(sharded) if isinstance(t, ShardedTensor)}
+
+
+def check_shapes(sharded: dict, src_dir: Path, what: Path) -> None:
+    """Collective: CheckpointError unless every tensor the sharded state dict requests has the
+    same global shape in the checkpoint at `src_dir` (from its metadata, before anything is
+    loaded); the error names the tensor and both shapes. Keys absent from the checkpoint are
+    left to the load's own missing-key error."""
+    saved = saved_shapes(src_dir)
+    bad = [f"tensor {k}: checkpoint shape {list(saved[k])}, model shape {list(want)}"
+           for k, want in sorted(_requested_shapes(sharded).items())
+           if k in saved and saved[k] != want]
+    everyone = [bad]
+    if torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, bad)
+    found = sorted(set().union(*map(set, everyone)))
+    if found:
+        raise CheckpointError(f"{what}: the checkpoint's tensors do not fit this model:\n  " + "\n  ".join(found))
+
+
 def load_weights(chunks, ckpt: Union[str, Path, Source], model: Optional[ModelConfig] = None,
                  verified: bool = False) -> Source:
     """Collective: fill model chunks (DDP-wrapped or bare, any TP/PP/EP layout, several virtual
@@ -728,23 +840,30 @@ def load_weights(chunks, ckpt: Union[str, Path, Source], model: Optional[ModelCo
     config exists. A training checkpoint's files are checked against its CRC manifest
     (`verify_manifest`) unless `verified` (the caller already ran `verify`). A key the model
     requests but the checkpoint lacks is an error; the checkpoint's optimizer state is ignored.
-    Every failure is a CheckpointError naming the checkpoint."""
+    Every tensor's shape is checked against the checkpoint's metadata before any is read
+    (`check_shapes`). Output heads (`Source.head`): a reward model (value head) loading a
+    language model keeps its freshly initialised head (logged); a reward-model checkpoint is
+    refused by a language model. Every failure is a CheckpointError naming the checkpoint."""
     src = open_checkpoint(ckpt)
     if model is not None:
         check_model(src, model)
     if not verified:
         verify_manifest(src)
+    keep = (HEAD_KEY,) if _head_policy(chunks, src) else ()
     if src.is_training:
         # The model's entries of the saved state, as a full resume reads them (the optimizer's
         # state beside them is left behind).
-        _load_state(chunks, {"model": _model_state(chunks)}, src.manifest_dir, StrictHandling.RAISE_UNEXPECTED)
+        _load_state(chunks, {"model": _model_state(chunks, drop=keep)}, src.manifest_dir,
+                    StrictHandling.RAISE_UNEXPECTED, keep=keep)
         return src
+    requests = [_without(_unwrap(c).sharded_state_dict(), keep) for c in chunks]
+    check_shapes(requests, src.dist_dir, src.path)
     try:
         # One chunk's state dict at the top level, with global keys: each (virtual pipeline)
         # chunk reads its own layers from it.
-        for module in map(_unwrap, chunks):
-            state = _dist_load(module.sharded_state_dict(), src.dist_dir, StrictHandling.RAISE_UNEXPECTED)
-            module.load_state_dict(state, strict=True)
+        for module, request in zip(map(_unwrap, chunks), requests):
+            state = _dist_load(request, src.dist_dir, StrictHandling.RAISE_UNEXPECTED)
+            module.load_state_dict(_kept(module, state, keep), strict=True)
     except CheckpointError:
         raise  # names its file already (a refused pickle)
     except (Exception, CheckpointException) as e:  # as in _load_state

@@ -72,7 +72,7 @@ def _parsed(overrides: Sequence[str]) -> list:
 def job_schema(overrides: Sequence[str] = ()) -> type:
     """The schema a job with these overrides is composed into: Config plus the section of its
     stage (the last `stage=X`, else conf/config.yaml's default; `stage_class=` if set)."""
-    stage, spec = _default_groups().get("stage", "pretrain"), None
+    stage, spec = default_stage(), None
     for o in _parsed(overrides):
         if o.is_delete():
             continue
@@ -87,6 +87,11 @@ def config_groups() -> Dict[str, List[str]]:
     """Config group -> its options (`conf/<group>/<option>.yaml`), sorted."""
     return {d.name: sorted(p.stem for p in d.glob("*.yaml"))
             for d in sorted(CONF_DIR.iterdir()) if d.is_dir() and any(d.glob("*.yaml"))}
+
+
+def default_stage() -> str:
+    """The stage conf/config.yaml's defaults list picks (what `megatron_ext.train` runs without stage=)."""
+    return _default_groups().get("stage", "pretrain")
 
 
 @lru_cache(maxsize=None)

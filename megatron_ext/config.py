@@ -7,6 +7,7 @@ asserts, so the checks also hold under `python -O`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -178,7 +179,14 @@ class DataConfig:
     paths: List[str] = field(default_factory=list)
     """Dataset prefixes; empty = the bundled sample corpus (tokenized on first use)."""
     weights: Optional[List[float]] = None
-    """Blend weights, one per path; None = proportional to dataset size."""
+    """Blend weights, one per path; None = proportional to dataset size (each path's token count,
+    read from its `.idx`). Either way the datasets repeat as often as the run needs."""
+    blend_file: Optional[str] = None
+    """Instead of `paths`/`weights`, for corpora of many shards: a text file of `weight prefix`
+    pairs (any number per line, `#` comments; a file of prefixes only is weighted by token
+    count), or a directory whose every `*.idx` prefix is used, weighted by token count. Relative
+    prefixes are resolved against the file's directory. Read before training starts and replaced
+    by the `paths`/`weights` it names (so checkpoints record and compare the blend itself)."""
     split: str = "98,2,0"
     """train,valid,test split of the documents."""
     tokenizer: str = "qwen3"
@@ -263,6 +271,12 @@ class PostTrainConfig:
     ref_load: Optional[str] = None
     """Checkpoint holding the frozen reference model (DPO, GRPO). None: checkpoint.load when it
     names a path, else the policy's initial weights (deterministic from train.seed)."""
+    chat_template: str = "auto"
+    """Chat format of SFT, RM/DPO and GRPO data: auto, chatml or a template path. `auto` = the
+    chat template of data.tokenizer when it is an HF directory that carries one
+    (`chat_template.jinja` or `tokenizer_config.json`), else plain ChatML (the bundled Qwen
+    tokenizers); `chatml` = plain ChatML always; a path = that `.jinja` template or the template
+    of that HF tokenizer/checkpoint directory (see data_prep.chat)."""
 
 
 @dataclass
@@ -435,6 +449,19 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
                f"({n_micro}) to be a multiple of parallel.pp={p.pp}", errors)
 
 
+def _validate_data(d: DataConfig, errors: List[str]) -> None:
+    if d.weights is not None:
+        _check(len(d.weights) == len(d.paths),
+               f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}", errors)
+        _check(all(math.isfinite(w) and w > 0 for w in d.weights),
+               f"data.weights={list(d.weights)}: every weight must be a positive number", errors)
+    if d.blend_file:
+        _check(not d.paths and d.weights is None,
+               f"data.blend_file={d.blend_file} and data.paths/data.weights both name the data; give one", errors)
+        _check(not d.mixture_steps, "data.mixture_steps needs data.paths (one weight per path), "
+               f"not data.blend_file={d.blend_file}", errors)
+
+
 def _validate_mixture_and_rope(cfg: Config, errors: List[str]) -> None:
     d, m = cfg.data, cfg.model
     if d.mixture_steps or d.mixture_weights:
@@ -522,10 +549,7 @@ def validate(cfg: Config, world_size: int, check_device: bool = True) -> None:
     errors: List[str] = []
     _validate_precision(cfg, check_device, errors)
     _check(cfg.data.seq_length > 0, f"data.seq_length={cfg.data.seq_length} must be positive", errors)
-    if cfg.data.weights is not None:
-        _check(len(cfg.data.weights) == len(cfg.data.paths),
-               f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}",
-               errors)
+    _validate_data(cfg.data, errors)
     c = cfg.checkpoint
     _check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be >= 0", errors)
     _check(not (c.save_interval and not c.dir), "checkpoint.save_interval needs checkpoint.dir", errors)

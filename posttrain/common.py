@@ -101,6 +101,19 @@ def require(cfg: Config, stage: str, *, pairs: bool = False, no_cp: bool = True,
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
+def chat_tokenizer(cfg: Config):
+    """data.tokenizer with the chat rendering `posttrain.chat_template` chooses (`auto`: the
+    tokenizer's own template, plain ChatML without one; `chatml`; or a template path)."""
+    from data_prep.chat import set_chat_template
+    from data_prep.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(cfg.data.tokenizer)
+    try:
+        return set_chat_template(tok, cfg.posttrain.chat_template)
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  - posttrain.chat_template: {e}") from None
+
+
 def unwrap(model) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module"):

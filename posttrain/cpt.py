@@ -81,7 +81,7 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 def _single_path_cfg(cfg: Config, path: str) -> Config:
-    d = dataclasses.replace(cfg.data, paths=[path], weights=None, mixture_steps=[], mixture_weights=[])
+    d = dataclasses.replace(cfg.data, paths=[path], weights=None, blend_file=None, mixture_steps=[], mixture_weights=[])
     return dataclasses.replace(cfg, data=d)
 
 
@@ -168,7 +168,10 @@ class CPTStage(PretrainStage):
         return data.build_datasets(cfg, train_samples, valid_samples)
 
 
-def stage_overrides(overrides: Sequence[str], default: str = "cpt_math") -> List[str]:
+DEFAULT_STAGE = "cpt_math"
+
+
+def stage_overrides(overrides: Sequence[str], default: str = DEFAULT_STAGE) -> List[str]:
     """Select a stage config group (`stage=X` or `+stage=X`; default cpt_math) plus the rest."""
     chosen = [o for o in overrides if o.split("=", 1)[0] in ("stage", "+stage")]
     rest = [o for o in overrides if o not in chosen]
@@ -181,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_ext.train import run
 
     args = list(sys.argv[1:] if argv is None else argv)
-    return run(stage_overrides(args), lambda cfg: CPTStage(), name="cpt")
+    return run(stage_overrides(args), lambda cfg: CPTStage(), name="cpt", base_overrides=[f"stage={DEFAULT_STAGE}"])
 
 
 if __name__ == "__main__":

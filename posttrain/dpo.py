@@ -13,9 +13,14 @@ h_avg = (pi_c - ref_c) / |c| - (pi_r - ref_r) / |r|:
   ipo_sum:       (h - 1 / (2 beta))^2       (token-summed log-ratios: a larger beta fits longer replies)
   simpo:         -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma)   (no reference)
 
-The implicit rewards reported are beta times the log-ratios the loss uses (per token for ipo).
-
 Reported: loss, reward accuracy, and the chosen/rejected implicit rewards and their margin.
+The implicit rewards are beta times the summed log-ratios, beta * (pi - ref), for every loss
+but simpo (beta times the per-token policy log-prob, the quantity its loss compares): for ipo
+too, as TRL's DPOTrainer logs rewards/chosen, rewards/margins and rewards/accuracies, although
+its loss compares per-token ratios. ipo also reports the per-token ones its loss uses, under
+`chosen_reward_normalized`, `rejected_reward_normalized`, `margin_normalized` and
+`accuracy_normalized` (beta * (pi - ref) / length); on the same model the two accuracies can
+differ, and the margins can have opposite signs.
 """
 
 from __future__ import annotations
@@ -43,29 +48,46 @@ def sequence_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tenso
 
 def preference_loss(kind: str, beta: float, gamma: float, pi: torch.Tensor, ref: torch.Tensor,
                     lengths: torch.Tensor):
-    """Per-pair losses and implicit rewards (chosen, rejected) from [2n] interleaved log-probs."""
+    """Per-pair losses and implicit rewards (chosen, rejected) from [2n] interleaved log-probs.
+
+    The rewards are beta * (pi - ref) summed over the reply for sigmoid, ipo and ipo_sum (TRL's
+    rewards/chosen and rewards/rejected, also for its length-normalised ipo loss); for simpo
+    beta * pi / length."""
     if kind == "simpo":
         avg = pi / lengths
         rc, rr = beta * avg[0::2], beta * avg[1::2]
         return -F.logsigmoid(rc - rr - gamma), rc, rr
     ratio = pi - ref
+    rc, rr = beta * ratio[0::2], beta * ratio[1::2]
     if kind == "ipo":
         ratio = ratio / lengths
-    rc, rr = beta * ratio[0::2], beta * ratio[1::2]
     h = ratio[0::2] - ratio[1::2]
     if kind in ("ipo", "ipo_sum"):
         return (h - 1.0 / (2.0 * beta)) ** 2, rc, rr
     return -F.logsigmoid(beta * h), rc, rr
 
 
+def preference_metrics(kind: str, rc: torch.Tensor, rr: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """The reported metrics as [sum over pairs, pairs]: accuracy, margin, chosen/rejected reward
+    (TRL's rewards/accuracies, rewards/margins, rewards/chosen, rewards/rejected), plus for ipo
+    the same four per token (`*_normalized`: each reward divided by its reply's length)."""
+    n = rc.numel()
+    out = {"accuracy": ((rc > rr).float().sum(), n), "margin": ((rc - rr).sum(), n),
+           "chosen_reward": (rc.sum(), n), "rejected_reward": (rr.sum(), n)}
+    if kind == "ipo":
+        nc, nr = rc / lengths[0::2], rr / lengths[1::2]
+        out.update({"accuracy_normalized": ((nc > nr).float().sum(), n), "margin_normalized": ((nc - nr).sum(), n),
+                    "chosen_reward_normalized": (nc.sum(), n), "rejected_reward_normalized": (nr.sum(), n)})
+    return out
+
+
 def dpo_loss_func(batch: dict, p, output: torch.Tensor):
     """loss_func for the loop: sum over pairs, count = pairs, metrics as [sum, count]."""
     pi = sequence_logps(output, batch["loss_mask"])  # token log-probs from token_logps
-    losses, rc, rr = preference_loss(p.loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"],
-                                     batch["loss_mask"].sum(-1))
+    lengths = batch["loss_mask"].sum(-1)
+    losses, rc, rr = preference_loss(p.loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"], lengths)
     n = losses.numel()
-    rep = report({"lm loss": (losses.sum(), n), "accuracy": ((rc > rr).float().sum(), n),
-                  "margin": ((rc - rr).sum(), n), "chosen_reward": (rc.sum(), n), "rejected_reward": (rr.sum(), n)})
+    rep = report({"lm loss": (losses.sum(), n), **preference_metrics(p.loss, rc, rr, lengths)})
     return losses.sum(), torch.tensor(n, dtype=torch.int), rep
 
 

@@ -51,11 +51,11 @@ from megatron.core import parallel_state
 
 from data_prep.chat import encode_chat
 from data_prep.synth.backends import extract_code
-from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.generation import Generation, generate
-from posttrain.common import Cycled, pad_to, read_jsonl_lines, report, require, run_cli, token_logps
+from posttrain.common import (Cycled, chat_tokenizer, pad_to, read_jsonl_lines, report, require, run_cli,
+                              token_logps)
 from posttrain.reference import Reference, forward_only
 from posttrain.synthetic import arithmetic_prompts
 from data_prep.verifiers import run_code_tests
@@ -110,7 +110,7 @@ def reward(row: dict, completion: str, math_timeout_s: float = DEFAULT_TIMEOUT_S
         if unjudged is not None and verdict.reason not in (EQUAL, DIFFERENT, NO_ANSWER):
             unjudged[verdict.reason] += 1
         return float(verdict.correct)
-    return float(run_code_tests(extract_code(completion), row["tests"],
+    return float(run_code_tests(extract_code(completion, row.get("entry_point")), row["tests"],
                                 trusted_setup=row.get("setup") or "").status == "passed")
 
 
@@ -237,7 +237,7 @@ class GRPOStage:
         self.cfg = cfg
         self.engine = engine or PolicyRollout()
         self.reference = Reference(cfg) if p.kl_coef > 0 else None
-        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = chat_tokenizer(cfg)  # prompts in the model's chat template
         self.eos = self.tokenizer.token_to_id("<|im_end|>")
         self.buffer: Optional[RolloutBuffer] = None
         self.prompts: Optional[Cycled] = None

@@ -12,9 +12,11 @@ labelled steps.
 
 Evaluation (the loop's validation) runs on the bundled ProcessBench-format sample
 (`posttrain/data/processbench_sample.jsonl`: "problem", "steps", "label" = earliest wrong step
-or -1): the predicted label is the first step whose P(correct) < 0.5, or -1. As ProcessBench
-defines it, accuracy is taken separately on the erroneous and the all-correct subsets and the
-reported F1 is their harmonic mean.
+or -1): the predicted label is the first step whose P(correct) <= 0.5, or -1 (a step is correct
+only above 0.5: ProcessBench's script takes the argmax of the (wrong, correct) logits, and a tie
+is "wrong"). As ProcessBench defines it, accuracy is taken separately on the erroneous and the
+all-correct subsets and the reported F1 is their harmonic mean; over several splits, the
+benchmark's score is the mean of the splits' F1 (`posttrain.evals.metrics.processbench_mean_f1`).
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ def step_item(tokenizer, row: dict, seq_length: int, where: str, processbench: b
 
 
 def earliest_error(probs: Sequence[float], threshold: float = 0.5) -> int:
-    """ProcessBench prediction: index of the first step judged wrong, or -1 if none is."""
-    return next((k for k, p in enumerate(probs) if p < threshold), -1)
+    """ProcessBench prediction: index of the first step judged wrong, or -1 if none is.
+
+    A step is correct only when P(correct) > threshold: ProcessBench's evaluation takes
+    argmax over the (wrong, correct) logits, which picks "wrong" on a tie (P = 0.5)."""
+    return next((k for k, p in enumerate(probs) if not p > threshold), -1)
 
 
 def processbench_f1(error_acc: float, correct_acc: float) -> float:

@@ -25,7 +25,7 @@ from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
 from posttrain import synthetic
-from posttrain.common import Cycled, pad_to, read_jsonl, report, require, run_cli
+from posttrain.common import Cycled, chat_tokenizer, pad_to, read_jsonl, report, require, run_cli
 
 HF_ARCH = {"qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
            "qwen2_moe": "Qwen2MoeForSequenceClassification", "qwen3_moe": "Qwen3MoeForSequenceClassification"}
@@ -39,6 +39,8 @@ class ValueHead(torch.nn.Module):
     Under sequence parallelism the sequence shards are gathered first; the backward keeps
     this rank's shard of the (identical) full gradient.
     """
+
+    is_value_head = True  # what megatron_ext.checkpoint.has_value_head looks for
 
     def __init__(self, hidden_size: int, sequence_parallel: bool, seed: int, std: float):
         super().__init__()
@@ -81,7 +83,7 @@ def pair_items(tokenizer, rows: List[dict], seq_length: int, where: str) -> List
 
 def preference_datasets(cfg: Config, train_samples: int, valid_samples: int):
     """Pair datasets from posttrain.data_path (90/10 split) or the synthetic task."""
-    tok = get_tokenizer(cfg.data.tokenizer)
+    tok = chat_tokenizer(cfg)
     p = cfg.posttrain
     if p.data_path:
         rows = read_jsonl(p.data_path)

@@ -1,8 +1,10 @@
-"""SFT: next-token loss on assistant tokens of ChatML conversations.
+"""SFT: next-token loss on the assistant replies of chat conversations.
 
 `python -m posttrain.sft [k=v ...]` trains on `posttrain.data_path` (jsonl rows with
-"messages") or the bundled sample. The loss mask (from `data_prep.chat.encode_chat`) covers
-assistant content and its closing `<|im_end|>` only, shifted to the label positions. Loss is
+"messages") or the bundled sample. Conversations are rendered with the model's own chat
+template when data.tokenizer carries one, else plain ChatML (`posttrain.chat_template`). The
+loss mask (from `data_prep.chat.encode_chat`) covers each assistant reply and its closing
+`<|im_end|>` only (not the newline after it), shifted to the label positions. Loss is
 summed per token and normalised by the global count of assistant tokens (reported as the
 per-token loss).
 
@@ -28,11 +30,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from data_prep.chat import encode_chat, pack_sequences
-from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.pretrain import masked_token_loss
-from posttrain.common import DATA_DIR, Cycled, pad_to, read_jsonl, run_cli
+from posttrain.common import DATA_DIR, Cycled, chat_tokenizer, pad_to, read_jsonl, run_cli
 
 SAMPLE = DATA_DIR / "sft_sample.jsonl"
 PACKED_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -138,7 +139,7 @@ class SFTStage:
 
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
         path = cfg.posttrain.data_path or SAMPLE
-        tok = get_tokenizer(cfg.data.tokenizer)
+        tok = chat_tokenizer(cfg)
         multiple = 2 * cfg.parallel.cp if self.packing else None
         train_rows, valid_rows = split_rows(read_jsonl(path))
         train = encode_rows(train_rows, tok, cfg.data.seq_length, str(path), multiple)

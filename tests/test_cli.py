@@ -85,6 +85,16 @@ def test_help_lists_only_the_stages_an_entry_runs(capsys):
     assert "sft.packing=false" in out and "dpo.loss" not in out
 
 
+def test_help_names_the_real_default_stage(capsys):
+    # The stage list is sorted (cpt_code first); the default is conf/config.yaml's, not the first.
+    _, out, _ = _entry_help("pretrain", ["-h"], capsys)
+    first = out.split("\n\n")[1]
+    assert "default pretrain)" in first and "default cpt_code" not in first, first
+    assert load_config([]).stage == "pretrain"
+    _, out, _ = _entry_help("cpt", ["-h"], capsys)
+    assert "default cpt_math)" in out.split("\n\n")[1]
+
+
 def test_help_shows_the_overridden_values(capsys):
     _, out, _ = _entry_help("pretrain", ["-h", "train.steps=77", "model=qwen2_debug"], capsys)
     assert "train.steps=77 " in out and "qwen2_debug (default)" in out

@@ -108,9 +108,52 @@ def test_ipo_is_length_normalised_as_in_trl():
     losses, rc, rr = preference_loss("ipo", beta, 0.0, pi, ref, lengths)
     want = [((2.0 / 4 - (-3.0) / 10) - 1.0) ** 2, ((1.0 / 2 - (-1.0) / 1) - 1.0) ** 2]
     torch.testing.assert_close(losses, torch.tensor(want))
-    torch.testing.assert_close(rc, beta * torch.tensor([2.0 / 4, 1.0 / 2]))
+    torch.testing.assert_close(rc, beta * torch.tensor([2.0, 1.0]))  # rewards: summed log-ratios, as TRL's
     summed, _, _ = preference_loss("ipo_sum", beta, 0.0, pi, ref, lengths)
     torch.testing.assert_close(summed, torch.tensor([(5.0 - 1.0) ** 2, (2.0 - 1.0) ** 2]))
+
+
+def test_ipo_metrics_are_trls_summed_ones_and_normalised_ones_have_their_own_names():
+    """TRL's DPOTrainer logs, for ipo as for sigmoid, rewards = beta * (policy_logps_sum -
+    ref_logps_sum), margins = chosen - rejected and accuracies = mean(chosen > rejected); its loss
+    alone is per token. Pairs where the two disagree: summed and per-token accuracies differ and
+    the margins have opposite signs."""
+    from posttrain.dpo import preference_loss, preference_metrics
+
+    beta = 0.1
+    # (policy chosen, ref chosen, |chosen|, policy rejected, ref rejected, |rejected|)
+    pairs = [(-20.0, -24.0, 40, -10.0, -11.0, 2),   # summed: chosen wins 0.4 > 0.1; per token: 0.01 < 0.05
+             (-30.0, -36.0, 60, -8.0, -9.5, 3),     # summed: chosen wins; per token: loses
+             (-5.0, -5.5, 1, -50.0, -50.2, 100),    # both: chosen wins
+             (-9.0, -8.0, 10, -7.0, -7.5, 5)]       # both: rejected wins
+    pi = torch.tensor([v for p in pairs for v in (p[0], p[3])])
+    ref = torch.tensor([v for p in pairs for v in (p[1], p[4])])
+    lengths = torch.tensor([float(v) for p in pairs for v in (p[2], p[5])])
+    losses, rc, rr = preference_loss("ipo", beta, 0.0, pi, ref, lengths)
+    rep = {k: (float(s) / c) for k, (s, c) in preference_metrics("ipo", rc, rr, lengths).items()}
+
+    # TRL by hand: chosen_rewards = beta * (chosen_logps - ref_chosen_logps), summed log-probs.
+    chosen = [beta * (p[0] - p[1]) for p in pairs]
+    rejected = [beta * (p[3] - p[4]) for p in pairs]
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    n = len(pairs)
+    assert math.isclose(rep["chosen_reward"], sum(chosen) / n, rel_tol=1e-5)
+    assert math.isclose(rep["rejected_reward"], sum(rejected) / n, rel_tol=1e-5)
+    assert math.isclose(rep["margin"], sum(margins) / n, rel_tol=1e-5)
+    assert rep["accuracy"] == sum(m > 0 for m in margins) / n == 0.75
+    # The per-token ones, under their own names.
+    nc = [beta * (p[0] - p[1]) / p[2] for p in pairs]
+    nr = [beta * (p[3] - p[4]) / p[5] for p in pairs]
+    assert math.isclose(rep["chosen_reward_normalized"], sum(nc) / n, rel_tol=1e-5)
+    assert math.isclose(rep["rejected_reward_normalized"], sum(nr) / n, rel_tol=1e-5)
+    assert math.isclose(rep["margin_normalized"], sum(c - r for c, r in zip(nc, nr)) / n, rel_tol=1e-5)
+    assert rep["accuracy_normalized"] == 0.25
+    assert rep["margin"] > 0 > rep["margin_normalized"]  # same model, opposite signs
+    # The loss is unchanged: TRL's per-token IPO.
+    want = [((c - r) / beta - 1 / (2 * beta)) ** 2 for c, r in zip(nc, nr)]
+    torch.testing.assert_close(losses, torch.tensor(want))
+    # Other losses report no per-token variants.
+    assert "margin_normalized" not in preference_metrics("sigmoid", rc, rr, lengths)
 
 
 PP = ["model=qwen3_debug", "data.seq_length=48", "train.micro_batch_size=2",

@@ -103,6 +103,23 @@ def test_best_of_n_picks_the_highest_score():
     assert (got["rm@3"], got["prm_last@3"], got["prm_min@3"], got["prm_prod@3"]) == (0.0, 0.0, 1.0, 1.0)
 
 
+def test_processbench_mean_f1_over_splits():
+    """ProcessBench reports each split's F1 and their plain mean (not the F1 of pooled accuracies)."""
+    from posttrain.evals.runner import table
+    from posttrain.prm import processbench_f1
+
+    f1_a, f1_b = processbench_f1(0.5, 1.0), processbench_f1(0.8, 0.6)
+    tasks = {"gsm8k.jsonl": {"kind": "processbench", "problems": 4, "metrics": {"processbench_f1": f1_a}},
+             "math.jsonl": {"kind": "processbench", "problems": 9, "metrics": {"processbench_f1": f1_b}},
+             "math_synth": {"kind": "math", "problems": 3, "metrics": {"accuracy": 0.1}}}
+    assert M.processbench_mean_f1(tasks) == pytest.approx((2 / 3 + 0.96 / 1.4) / 2)
+    assert M.processbench_mean_f1({"gsm8k.jsonl": tasks["gsm8k.jsonl"]}) is None  # one split: its own F1
+    no_f1 = {"kind": "processbench", "problems": 1, "metrics": {"error_acc": None}}
+    assert M.processbench_mean_f1({"a": tasks["gsm8k.jsonl"], "b": no_f1}) is None
+    text = table({"tasks": tasks, "processbench_mean_f1": M.processbench_mean_f1(tasks)})
+    assert text.splitlines()[-1] == f"ProcessBench mean F1 over the splits: {(f1_a + f1_b) / 2:.4f}"
+
+
 def test_report_table_and_atomic_write(tmp_path):
     from posttrain.evals.runner import table, write_report
 

@@ -35,6 +35,23 @@ def test_processbench_prediction_and_f1():
     assert math.isclose(processbench_f1(0.5, 1.0), 2 / 3) and processbench_f1(0.0, 1.0) == 0.0
 
 
+def test_processbench_step_scored_exactly_one_half_is_wrong():
+    """ProcessBench's script takes argmax over the (wrong, correct) logits: equal logits (P = 0.5)
+    give index 0, "wrong". Only P(correct) > 0.5 is a correct step."""
+    import torch
+
+    from posttrain.prm import earliest_error
+
+    assert earliest_error([0.9, 0.5, 0.9]) == 1
+    assert earliest_error([0.5]) == 0
+    assert earliest_error([0.9, 0.5000001]) == -1
+    assert earliest_error([float(torch.sigmoid(torch.tensor(0.0)))]) == 0  # a zero logit
+    # The official rule, on two-class logits: first step whose argmax is 0.
+    logits = torch.tensor([[0.0, 2.0], [1.0, 1.0], [0.0, 3.0]])
+    official = next((k for k, c in enumerate(torch.argmax(logits, dim=-1).tolist()) if c == 0), -1)
+    assert earliest_error(torch.softmax(logits, -1)[:, 1].tolist()) == official == 1
+
+
 def _prm_batch(rank, world_size, overrides):
     cfg, stage, model, batch = stage_batch("prm", world_size, overrides)
     out, loss_func = stage.forward_step(iter([batch]), model)

@@ -65,6 +65,31 @@ MATH_TABLE = [
     (r"\boxed{\text{YES}}", "no", False),
     (r"\boxed{1+10^{-7}}", "1", True),  # tolerance: |a - b| <= 1e-6 * max(1, |b|)
     (r"\boxed{1+10^{-5}}", "1", False),
+    # A unit's exponent is part of the unit, not of the number.
+    (r"\boxed{12 \text{ cm}^2}", "12", True),
+    (r"\boxed{12 \text{ cm}^2}", "144", False),
+    (r"\boxed{8\mbox{m}^3}", "8", True),
+    (r"\boxed{12\ \mathrm{cm}^{2}}", "12", True),
+    (r"\boxed{12 cm^2}", "12", True),
+    (r"\boxed{12 cm^2}", "144", False),
+    (r"\boxed{2x^2}", "2", False),  # a single letter is a variable, with its exponent
+    # Sets and unbracketed lists (roots) compare without order; tuples and intervals in order.
+    (r"\boxed{\{1,2\}}", r"\{2,1\}", True),
+    (r"\boxed{\left\{1, \frac{4}{2}\right\}}", r"\{2,1\}", True),
+    (r"\boxed{\{1,2\}}", r"\{1,3\}", False),
+    (r"\boxed{\{1,2\}}", r"\{1,2,2\}", False),
+    (r"\boxed{x = 1, 2}", "2, 1", True),
+    (r"\boxed{x = -1, x = 3}", "3, -1", True),
+    (r"\boxed{0.5, 3}", r"3, \frac{1}{2}", True),
+    (r"\boxed{1, 2}", "1, 3", False),
+    (r"\boxed{1, 2}", "1", False),
+    (r"\boxed{(1, 2), (3, 4)}", "(3,4), (1,2)", True),
+    (r"\boxed{(1, 2), (3, 4)}", "(2,1), (3,4)", False),
+    (r"\boxed{[1,2]}", "[2,1]", False),
+    # LaTeX's thousands separator.
+    (r"\boxed{1{,}000}", "1000", True),
+    (r"\boxed{1{,}000{,}000}", "1000000", True),
+    (r"\boxed{1{,}000}", "1", False),
 ]
 
 

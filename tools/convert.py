@@ -10,6 +10,15 @@ and writes a `dist_checkpointing` checkpoint that loads at any layout. Any HF te
 does not use, or any Megatron parameter it does not fill, is an error naming it. Outputs are
 written to a staging directory and renamed into place when complete. mcore-to-hf first checks a
 training checkpoint's files against its CRC manifest, as resuming does (--no-verify skips that).
+
+Reward models travel with their value head (the checkpoint's `head`, see
+megatron_ext.checkpoint.HEADS): a reward model (python -m posttrain.rm) is HF
+`*ForSequenceClassification` (num_labels=1, `score.weight`, `pad_token_id` set so transformers
+scores each row's last non-pad token); a process reward model (python -m posttrain.prm, one
+binary logit per token) is `*ForTokenClassification` with num_labels=2 (TRL's PRM format:
+softmax over [wrong, correct] logits [0, z], so P(correct) = sigmoid(z)). hf-to-mcore reads both
+back. Heads this stack cannot represent (Qwen2ForRewardModel / Qwen2ForProcessRewardModel: an
+MLP value head; a token-classification bias that differs between the labels) are refused.
 """
 
 from __future__ import annotations
@@ -31,8 +40,8 @@ from data_prep.indexed import check_writable_dir
 from megatron_ext import checkpoint, layout, offline
 from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
-from models.mapping import (HF_DIMS, Entry, by_mcore_name, expand, expected_hf_shapes, fuse, hf_dim_sizes, hf_indices,
-                            hf_pattern, split)
+from models.mapping import (HF_DIMS, Entry, by_mcore_name, expand, expected_hf_shapes, fuse, head_rules, hf_dim_sizes,
+                            hf_indices, hf_pattern, split)
 from tools import launch
 from tools.hf_io import HFCheckpoint, HFCheckpointError, ShardWriter, dtype_of, parse_size, tokenizer_files
 
@@ -41,10 +50,70 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def check_names(hf: HFCheckpoint, entries: List[Entry], family: str) -> None:
-    """The HF directory must hold exactly the tensors the mapping names."""
+_HEAD_OF_ARCH = {"ForCausalLM": "lm", "ForSequenceClassification": "rm", "ForTokenClassification": "prm"}
+_ARCH_OF_HEAD = {head: suffix for suffix, head in _HEAD_OF_ARCH.items()}
+_LABELS = {"rm": 1, "prm": 2}
+_HEAD_WORDS = {"rm": "reward model", "prm": "process reward model"}
+
+
+def num_labels(config: dict) -> int:
+    """config.json's label count as transformers reads it (id2label, else num_labels, else 2)."""
+    if isinstance(config.get("id2label"), dict):
+        return len(config["id2label"])
+    return int(config.get("num_labels", 2))
+
+
+def hf_head(hf: HFCheckpoint) -> str:
+    """The output head an HF directory holds, by config.json's `architectures`: "lm"
+    (`*ForCausalLM`, or none named), "rm" (`*ForSequenceClassification`, num_labels=1) or "prm"
+    (`*ForTokenClassification`, num_labels=2). Anything else is refused, naming the class."""
+    archs = hf.config.get("architectures") or []
+    where = hf.dir / "config.json"
+    if not archs:
+        return "lm"
+    arch = archs[0]
+    if "RewardModel" in arch:
+        raise HFCheckpointError(
+            f"{where}: {arch} has an MLP value head (score.0: Linear hidden->hidden, ReLU, score.2: Linear "
+            "hidden->num_labels, with biases); this stack's reward models have a single linear value head "
+            "[1, hidden] without bias, which cannot represent it: refusing to convert")
+    head = next((h for suffix, h in _HEAD_OF_ARCH.items() if arch.endswith(suffix)), None)
+    if head is None:
+        raise HFCheckpointError(f"{where}: architectures={archs}: {arch} is not supported (supported: "
+                                f"*{', *'.join(_HEAD_OF_ARCH)})")
+    if head != "lm" and num_labels(hf.config) != _LABELS[head]:
+        raise HFCheckpointError(
+            f"{where}: {arch} with num_labels={num_labels(hf.config)}: this stack's {_HEAD_WORDS[head]} "
+            f"converts from num_labels={_LABELS[head]} only")
+    return head
+
+
+def check_head(hf: HFCheckpoint, m, head: str) -> List[str]:
+    """The value head's tensors: `score.weight` of [num_labels, hidden]; a PRM's `score.bias`
+    (optional) must be equal for both labels (it then cancels in the softmax). Returns the
+    tensors read outside the weight mapping (the bias)."""
+    if head == "lm":
+        return []
+    want = [_LABELS[head], m.hidden_size]
+    if "score.weight" in hf.names() and list(hf.shape("score.weight")) != want:
+        raise HFCheckpointError(f"HF tensor score.weight in {hf.file_of('score.weight')} has shape "
+                                f"{list(hf.shape('score.weight'))}, expected {want} (num_labels, hidden_size)")
+    if "score.bias" not in hf.names():
+        return []
+    if head == "rm":
+        return []  # check_names names it: a reward model's head has no bias
+    bias = hf.get("score.bias")
+    if list(bias.shape) != [2] or bias[0] != bias[1]:
+        raise HFCheckpointError(
+            f"HF tensor score.bias in {hf.file_of('score.bias')} is {bias.tolist()}: a bias that differs between "
+            "the two labels has no place in this stack's PRM value head (one logit, no bias); refusing to drop it")
+    return ["score.bias"]
+
+
+def check_names(hf: HFCheckpoint, entries: List[Entry], family: str, ignore=()) -> None:
+    """The HF directory must hold exactly the tensors the mapping names (and `ignore`)."""
     needed = {h: e.mcore for e in entries for h in e.hf}
-    present = set(hf.names())
+    present = set(hf.names()) - set(ignore)
     missing = [h for h in needed if h not in present]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -92,21 +161,33 @@ def check_sizes(hf: HFCheckpoint, m) -> None:
 
 
 def open_hf(hf_dir: str):
-    """Read and check an HF directory: (reader, family module, ModelConfig, entries, dtype)."""
+    """Read and check an HF directory: (reader, family module, ModelConfig, entries, dtype, head)."""
     hf = HFCheckpoint(hf_dir)
     family = registry.family_for_hf(hf.config)
+    head = hf_head(hf)
     check_counts(hf)
     m = family.config_from_hf(hf.config, name=Path(hf_dir).resolve().name)
     check_sizes(hf, m)
-    entries = expand(family.RULES, m)
-    check_names(hf, entries, family.FAMILY)
+    entries = expand(head_rules(family.RULES, head), m)
+    check_names(hf, entries, family.FAMILY, ignore=check_head(hf, m, head))
     dtype = dtype_of(hf, entries[0].hf[0])
-    return hf, family, m, entries, dtype
+    return hf, family, m, entries, dtype, head
+
+
+def add_head(chunks, cfg, head: str) -> None:
+    """Give a reward model's chunks their value head (as posttrain.rm / posttrain.prm build them)."""
+    if head == "lm":
+        return
+    from posttrain.rm import add_value_head
+
+    for chunk in chunks:
+        add_value_head(chunk, cfg)
 
 
 def _source_entry(name: str, by_name: Dict[str, Entry], tied: bool) -> Entry:
-    # With tied embeddings the last pipeline stage holds its own copy of the embedding.
-    if tied and name == "output_layer.weight":
+    # With tied embeddings the last pipeline stage holds its own copy of the embedding (a value
+    # head, never tied, has its own entry).
+    if tied and name == "output_layer.weight" and name not in by_name:
         return by_name["embedding.word_embeddings.weight"]
     if name not in by_name:
         raise HFCheckpointError(f"Megatron parameter {name} has no source in the weight mapping")
@@ -145,8 +226,10 @@ def _all_filled(filled: set, entries: List[Entry]) -> None:
 
 def _hf_to_mcore_rank(hf_dir: str, out: str, layout: dict, overwrite: bool) -> dict:
     start = time.time()
-    hf, family, m, entries, dtype = open_hf(hf_dir)
-    chunks = offline.build(offline.layout_config(m, dtype, **layout))
+    hf, family, m, entries, dtype, head = open_hf(hf_dir)
+    cfg = offline.layout_config(m, dtype, **layout)
+    chunks = offline.build(cfg)
+    add_head(chunks, cfg, head)
     _all_filled(fill_rank(hf, chunks, m, entries), entries)
     hf.close()
     tmp = offline.staging_dir(Path(out))
@@ -154,7 +237,7 @@ def _hf_to_mcore_rank(hf_dir: str, out: str, layout: dict, overwrite: bool) -> d
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if _rank0():
-        checkpoint.write_converted_meta(tmp, m, dtype, hf.config)
+        checkpoint.write_converted_meta(tmp, m, dtype, hf.config, head=head)
         files = tokenizer_files(hf.dir)
         if files:
             (tmp / checkpoint.TOKENIZER_DIR).mkdir()
@@ -165,15 +248,19 @@ def _hf_to_mcore_rank(hf_dir: str, out: str, layout: dict, overwrite: bool) -> d
         torch.distributed.barrier()
     offline.release_layout()
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
-    return {"family": family.FAMILY, "hf_tensors": sum(len(e.hf) for e in entries), "mcore_tensors": len(entries),
-            "rank0_params": n_params, "dtype": str(dtype), "seconds": round(time.time() - start, 2)}
+    return {"family": family.FAMILY, "head": head, "hf_tensors": sum(len(e.hf) for e in entries),
+            "mcore_tensors": len(entries), "rank0_params": n_params, "dtype": str(dtype),
+            "seconds": round(time.time() - start, 2)}
 
 
 def hf_to_mcore(hf_dir: str, out: str, tp=1, pp=1, ep=1, etp=None, overwrite=False) -> dict:
     """Convert an HF directory to a Megatron checkpoint written at layout tp/pp/ep/etp."""
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    _, _, m, _, dtype = open_hf(hf_dir)  # fail on bad input before starting any ranks
+    _, _, m, _, dtype, head = open_hf(hf_dir)  # fail on bad input before starting any ranks
+    if head != "lm" and tp > 1:
+        raise HFCheckpointError(f"{hf_dir}: a {_HEAD_WORDS[head]} converts at --tp 1 (its value head is "
+                                "replicated, not split)")
     check_writable_dir(Path(out).absolute().parent)
     layout = dict(tp=tp, pp=pp, ep=ep, etp=etp)
     world = offline.world_size(offline.layout_config(m, dtype, **layout))
@@ -204,29 +291,59 @@ def _named_tokenizer(name: str, m, out: Path) -> Optional[dict]:
 
 def _write_hf(m, dtype, src: checkpoint.Source, params: dict, out: Path, max_shard_bytes: int) -> Tuple[int, int]:
     """Split every Megatron tensor into its HF tensors and write a complete HF directory."""
-    entries = expand(registry.family(m.family).RULES, m)
+    entries = expand(head_rules(registry.family(m.family).RULES, src.head), m)
     writer = ShardWriter(out, max_shard_bytes)
     for entry in tqdm(entries, desc="mcore-to-hf", unit="param", file=sys.stderr):
         for name, tensor in zip(entry.hf, split(entry.kind, params[entry.mcore].detach(), m)):
             writer.add(name, tensor)
+    if src.head == "prm":  # transformers' token-classification head has a bias: zero (softmax ignores it)
+        writer.add("score.bias", torch.zeros(2, dtype=params["output_layer.weight"].dtype))
     shards = writer.close()
     base = src.hf_config
     for f in tokenizer_files(src.tokenizer_dir) if src.tokenizer_dir else []:
         shutil.copy2(f, out / f.name)
     if src.tokenizer_name and base is None:
         base = _named_tokenizer(src.tokenizer_name, m, out)
-    (out / "config.json").write_text(json.dumps(registry.hf_config_for(m, dtype, base), indent=2) + "\n")
+    config = registry.hf_config_for(m, dtype, base)
+    if src.head != "lm":
+        _head_config(config, src)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return shards, writer.total_bytes
+
+
+def _pad_id(src: checkpoint.Source) -> int:
+    """The padding token id of a reward model's tokenizer (transformers scores each row at its
+    last token that is not this one)."""
+    if src.hf_config and src.hf_config.get("pad_token_id") is not None:
+        return int(src.hf_config["pad_token_id"])
+    name = str(src.tokenizer_dir) if src.tokenizer_dir else src.tokenizer_name
+    if name:
+        from data_prep.tokenizer import get_tokenizer
+
+        return int(get_tokenizer(name).pad)
+    raise HFCheckpointError(f"{src.path}: a {_HEAD_WORDS[src.head]} needs pad_token_id in config.json (transformers "
+                            "finds each row's last token by it), and the checkpoint names no tokenizer to take it from")
+
+
+def _head_config(config: dict, src: checkpoint.Source) -> None:
+    """config.json of a reward model: the family's classification class, its labels, pad token."""
+    arch = config["architectures"][0].replace(_ARCH_OF_HEAD["lm"], _ARCH_OF_HEAD[src.head])
+    labels = _LABELS[src.head]
+    config.update(architectures=[arch], num_labels=labels, pad_token_id=_pad_id(src),
+                  id2label={str(i): f"LABEL_{i}" for i in range(labels)},
+                  label2id={f"LABEL_{i}": i for i in range(labels)})
 
 
 def _mcore_to_hf_rank(ckpt, out: str, max_shard_bytes: int, overwrite: bool) -> dict:
     start = time.time()
     src = checkpoint.open_checkpoint(ckpt)
     m, dtype, base = src.model, src.dtype, src.hf_config
-    entries = expand(registry.family(m.family).RULES, m)
+    entries = expand(head_rules(registry.family(m.family).RULES, src.head), m)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
     # Loaded whole (TP=PP=EP=1); extra ranks, if launched with more, are idle data-parallel replicas.
-    chunks = offline.build(offline.layout_config(m, dtype, world=world))
+    cfg = offline.layout_config(m, dtype, world=world)
+    chunks = offline.build(cfg)
+    add_head(chunks, cfg, src.head)
     checkpoint.load_weights(chunks, src)
     params = dict(sequential_named_parameters(chunks[0]))
     unmapped = sorted(set(params) - {e.mcore for e in entries})
@@ -240,8 +357,8 @@ def _mcore_to_hf_rank(ckpt, out: str, max_shard_bytes: int, overwrite: bool) -> 
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     offline.release_layout()
-    return {"family": m.family, "hf_tensors": sum(len(e.hf) for e in entries), "mcore_tensors": len(entries),
-            "shards": shards, "bytes": total, "seconds": round(time.time() - start, 2)}
+    return {"family": m.family, "head": src.head, "hf_tensors": sum(len(e.hf) for e in entries),
+            "mcore_tensors": len(entries), "shards": shards, "bytes": total, "seconds": round(time.time() - start, 2)}
 
 
 def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=False, verify=True) -> dict:

