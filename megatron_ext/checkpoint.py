@@ -565,6 +565,9 @@ _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
                  "head_dim", "vocab_size", "qkv_bias", "qk_norm", "tie_word_embeddings", "num_experts",
                  "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
                  "moe_layer_freq")
+# The value head's layout: shape-deciding where the checkpoint holds a value head (a language
+# model's checkpoint gives a reward model a fresh head of any layout).
+_HEAD_FIELDS = ("value_head", "value_head_bias")
 
 
 # What a checkpoint's output layer is: the language-model head, or the one-output value head of
@@ -572,6 +575,8 @@ _SHAPE_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
 HEADS = ("lm", "rm", "prm")
 HEAD_KEY = "output_layer.weight"
 """The sharded-state key of the output layer (LM head [vocab, hidden], value head [1, hidden])."""
+HEAD_KEYS = (HEAD_KEY, "output_layer.bias", "output_layer.hidden_weight", "output_layer.hidden_bias")
+"""Every sharded-state key a value head may have (posttrain.rm.ValueHead: its bias, its MLP layer)."""
 _HEAD_NAMES = {"lm": "language model", "rm": "reward model", "prm": "process reward model"}
 
 
@@ -741,9 +746,11 @@ def _plain(value):
 
 def check_model(src: Source, model: ModelConfig) -> None:
     """CheckpointError unless the checkpoint's model equals `model` in every shape-deciding field
-    (`_SHAPE_FIELDS`; the others, e.g. RoPE scaling or max positions, may differ)."""
+    (`_SHAPE_FIELDS`, and the value head's layout `_HEAD_FIELDS` for a reward model's checkpoint;
+    the others, e.g. RoPE scaling or max positions, may differ)."""
     saved, job = _plain(asdict(src.model)), _plain(asdict(model))
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs job {job.get(k)!r}" for k in _SHAPE_FIELDS
+    fields = _SHAPE_FIELDS + (_HEAD_FIELDS if src.head != "lm" else ())
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs job {job.get(k)!r}" for k in fields
              if saved.get(k) != job.get(k)]
     if diffs:
         what = "training checkpoint's" if src.is_training else "converted"
@@ -779,7 +786,7 @@ def _head_policy(chunks, src: Source) -> bool:
     if value and src.head == "lm":
         if _rank0_or_single():
             log.info("%s is a language model (lm) checkpoint: the value head (%s) is freshly initialised, "
-                     "the LM head is not used", src.path, HEAD_KEY)
+                     "the LM head is not used", src.path, "output_layer.*")
         return True
     return False
 
@@ -849,7 +856,7 @@ def load_weights(chunks, ckpt: Union[str, Path, Source], model: Optional[ModelCo
         check_model(src, model)
     if not verified:
         verify_manifest(src)
-    keep = (HEAD_KEY,) if _head_policy(chunks, src) else ()
+    keep = HEAD_KEYS if _head_policy(chunks, src) else ()
     if src.is_training:
         # The model's entries of the saved state, as a full resume reads them (the optimizer's
         # state beside them is left behind).

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_ext.eval_config import EvalConfig
-from models.config import ModelConfig
+from models.config import VALUE_HEADS, ModelConfig
 
 
 class ConfigError(ValueError):
@@ -328,6 +328,7 @@ def _validate_model(m: ModelConfig, errors: List[str]) -> None:
         _check(m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads == 0,
                f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
                f"{m.num_attention_heads}; set model.head_dim", errors)
+    _check(m.value_head in VALUE_HEADS, f"model.value_head={m.value_head!r} is not one of {VALUE_HEADS}", errors)
     if m.family.endswith("_moe"):
         _check(bool(m.num_experts), f"model.family={m.family} needs model.num_experts", errors)
     if m.is_moe:

@@ -11,6 +11,9 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
+VALUE_HEADS = ("linear", "mlp")
+"""Layouts of a reward model's value head (`ModelConfig.value_head`)."""
+
 
 @dataclass
 class ModelConfig:
@@ -74,6 +77,16 @@ class ModelConfig:
     """HF `rope_scaling.beta_fast`: YaRN ramp boundary (rotations) above which frequencies are kept."""
     yarn_beta_slow: float = 1.0
     """HF `rope_scaling.beta_slow`: YaRN ramp boundary below which frequencies are fully interpolated."""
+    # Value head of a reward model (posttrain.rm / posttrain.prm); a language model ignores these.
+    value_head: str = "linear"
+    """The value head's layout: `linear`, one hidden -> 1 projection (what posttrain.rm / prm
+    train by default), or `mlp`, hidden -> hidden with bias and ReLU before that projection (the
+    `score.0` / `score.2` head of Qwen2.5-Math-RM / PRM, HF `Qwen2ForRewardModel` /
+    `Qwen2ForProcessRewardModel`). tools.convert sets it from the HF class; it is never written
+    into a language model's HF config.json."""
+    value_head_bias: bool = False
+    """A bias on the value head's final hidden -> 1 projection (Qwen2.5-Math-RM / PRM; a TRL PRM
+    whose two class biases differ)."""
 
     @property
     def kv_channels(self) -> int:

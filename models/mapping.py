@@ -23,7 +23,10 @@ Kinds:
 Reward models (posttrain.rm / posttrain.prm) replace the LM head by a value head
 `output_layer.weight` [1, hidden]: `head_rules` swaps the family's `lm_head` rule for HF's
 `score.weight` (`*ForSequenceClassification` for a reward model, `*ForTokenClassification`
-with two labels for a process reward model).
+with two labels for a process reward model). A head with a bias adds `output_layer.bias` [1]
+(`score.bias`; a PRM's by `pair_logit`, b[1] - b[0]); Qwen2.5-Math-RM / PRM's MLP head
+(`Qwen2ForRewardModel` / `Qwen2ForProcessRewardModel`) is `output_layer.hidden_weight` /
+`hidden_bias` (`score.0.*`) then `output_layer.weight` / `bias` (`score.2.*`).
 """
 
 from __future__ import annotations
@@ -154,16 +157,43 @@ EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight
 FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",), scope="model")
 # With tied embeddings HF has no lm_head tensor and Megatron reuses the embedding.
 OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), scope="untied")
-# Value heads (always present: a reward model never ties its head to the embedding).
+# Value heads (always present: a reward model never ties its head to the embedding). The final
+# projection is HF `score` of a *ForSequenceClassification (rm, copied) or a two-label
+# *ForTokenClassification (prm, `pair_logit`); Qwen2.5-Math-RM / PRM (`model.value_head=mlp`)
+# name the hidden layer `score.0` and the final one `score.2`.
 HEAD_RULES = {"rm": Rule("output_layer.weight", ("score.weight",), scope="model"),
               "prm": Rule("output_layer.weight", ("score.weight",), kind="pair_logit", scope="model")}
 
 
-def head_rules(rules: Sequence[Rule], head: str) -> List[Rule]:
-    """A family's rules for a model whose output layer is `head` ("lm", "rm" or "prm")."""
+def value_head_rules(head: str, m: ModelConfig) -> List[Rule]:
+    """The value head's rules of a reward model (`head` "rm" / "prm") of layout `m.value_head`,
+    `m.value_head_bias`."""
+    kind = HEAD_RULES[head].kind
+    final = "score.2." if m.value_head == "mlp" else "score."
+    rules = []
+    if m.value_head == "mlp":
+        rules += [Rule("output_layer.hidden_weight", ("score.0.weight",), scope="model"),
+                  Rule("output_layer.hidden_bias", ("score.0.bias",), scope="model")]
+    rules.append(Rule("output_layer.weight", (final + "weight",), kind=kind, scope="model"))
+    if m.value_head_bias:
+        rules.append(Rule("output_layer.bias", (final + "bias",), kind=kind, scope="model"))
+    return rules
+
+
+def head_rules(rules: Sequence[Rule], head: str, m: ModelConfig = None) -> List[Rule]:
+    """A family's rules for a model whose output layer is `head` ("lm", "rm" or "prm"); a reward
+    model's value head has the layout of `m` (default: linear, no bias)."""
     if head == "lm":
         return list(rules)
-    return [HEAD_RULES[head] if r.mcore == OUTPUT.mcore else r for r in rules]
+    out = []
+    for r in rules:
+        if r.mcore != OUTPUT.mcore:
+            out.append(r)
+        elif m is None:
+            out.append(HEAD_RULES[head])
+        else:
+            out += value_head_rules(head, m)
+    return out
 
 ATTENTION = [
     Rule(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",)),

@@ -34,7 +34,13 @@ HF_ARCH = {"qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequence
 class ValueHead(torch.nn.Module):
     """Replaces GPTModel.output_layer: hidden [s, b, h] -> one score per position [s, b, 1].
 
-    The weight is replicated on every TP rank (its input, the final norm's output, is too), so
+    Layout (`model.value_head`, `model.value_head_bias`): by default one projection `weight`
+    [1, h] without bias; `mlp` puts `hidden_weight` [h, h] + `hidden_bias` [h] and a ReLU before
+    it (Qwen2.5-Math-RM / PRM); `value_head_bias` adds `bias` [1] to the final projection.
+    `weight` is drawn first from the seeded generator, so the default head is the same whatever
+    the layout options add; biases start at zero.
+
+    The weights are replicated on every TP rank (their input, the final norm's output, is too), so
     each rank computes the full score and the full gradient; nothing needs reducing over TP.
     Under sequence parallelism the sequence shards are gathered first; the backward keeps
     this rank's shard of the (identical) full gradient.
@@ -42,26 +48,38 @@ class ValueHead(torch.nn.Module):
 
     is_value_head = True  # what megatron_ext.checkpoint.has_value_head looks for
 
-    def __init__(self, hidden_size: int, sequence_parallel: bool, seed: int, std: float):
+    def __init__(self, hidden_size: int, sequence_parallel: bool, seed: int, std: float, bias: bool = False,
+                 mlp: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)  # same init on every TP rank
         self.weight = torch.nn.Parameter(torch.randn(1, hidden_size, generator=g) * std)
+        self.mlp = mlp
+        if mlp:
+            self.hidden_weight = torch.nn.Parameter(torch.randn(hidden_size, hidden_size, generator=g) * std)
+            self.hidden_bias = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.bias = torch.nn.Parameter(torch.zeros(1)) if bias else None
         self.sequence_parallel = sequence_parallel
 
     def forward(self, hidden, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        return F.linear(hidden, self.weight.to(hidden.dtype)), None
+        dtype = hidden.dtype
+        if self.mlp:
+            hidden = F.relu(F.linear(hidden, self.hidden_weight.to(dtype), self.hidden_bias.to(dtype)))
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(hidden, self.weight.to(dtype), bias), None
 
 
 def add_value_head(chunk, cfg: Config) -> None:
-    """Stage hook: swap the LM output layer of the last pipeline stage for a ValueHead."""
+    """Stage hook: swap the LM output layer of the last pipeline stage for a ValueHead of the
+    layout `cfg.model` names (`value_head`, `value_head_bias`)."""
     if cfg.model.tie_word_embeddings and cfg.parallel.pp > 1:
         raise ConfigError("reward model: model.tie_word_embeddings with parallel.pp > 1 is not supported")
     if chunk.post_process:
         chunk.share_embeddings_and_output_weights = False
         chunk.output_layer = ValueHead(cfg.model.hidden_size, cfg.parallel.sp, cfg.train.seed,
-                                       cfg.train.init_method_std)
+                                       cfg.train.init_method_std, bias=cfg.model.value_head_bias,
+                                       mlp=cfg.model.value_head == "mlp")
 
 
 def pair_items(tokenizer, rows: List[dict], seq_length: int, where: str) -> List[dict]:
@@ -150,6 +168,10 @@ def export_hf(chunk, cfg: Config, out_dir) -> Path:
     params = {k: v.detach() for k, v in sequential_named_parameters(chunk)}
     if not isinstance(chunk.output_layer, ValueHead):
         raise ValueError("export_hf: the model has no ValueHead (not a reward model)")
+    if chunk.output_layer.mlp or chunk.output_layer.bias is not None:
+        raise ValueError("export_hf: transformers' *ForSequenceClassification holds a linear value head without "
+                         f"bias (model.value_head={m.value_head}, model.value_head_bias={m.value_head_bias}); "
+                         "convert the checkpoint with python -m tools.convert mcore-to-hf")
     tensors = {"score.weight": params.pop("output_layer.weight").contiguous()}
     for entry in expand(registry.family(m.family).RULES, m):
         if entry.mcore == "output_layer.weight":

@@ -3,8 +3,9 @@
 A reward model (python -m posttrain.rm) leaves as transformers' `*ForSequenceClassification`
 and scores the same tokens as our model to 1e-5 (fp32); a transformers SequenceClassification
 model comes in as a reward model that scores like transformers; a PRM goes both ways as
-`*ForTokenClassification` (num_labels=2: softmax P(correct) = sigmoid of our logit); heads that
-cannot be represented (Qwen2ForRewardModel's MLP head, a differing class bias) are refused.
+`*ForTokenClassification` (num_labels=2: softmax P(correct) = sigmoid of our logit), a class
+bias that differs between the labels included; Qwen2.5-Math-RM / PRM (Qwen2ForRewardModel /
+Qwen2ForProcessRewardModel, an MLP value head) go both ways and score as their MLP head does.
 Weight loading checks every tensor's shape first, starts a reward model from a language model
 with a fresh value head, and refuses a reward model as a language model (the DPO reference).
 """
@@ -19,8 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import (AutoModelForSequenceClassification, AutoModelForTokenClassification, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForSequenceClassification,
-                          Qwen3ForTokenClassification)
+                          Qwen2Model, Qwen3Config, Qwen3ForSequenceClassification, Qwen3ForTokenClassification)
 
 from tests.forked_ranks import run_on_ranks
 from tests.stage_fixture import train_stage
@@ -127,30 +127,123 @@ def test_prm_both_ways_as_token_classification(tmp_path):
     torch.testing.assert_close(_p_correct(tmp_path / "back"), want, rtol=0, atol=1e-5)
 
 
-def test_prm_with_a_differing_class_bias_is_refused(tmp_path):
+def test_prm_with_a_differing_class_bias_keeps_it_both_ways(tmp_path):
+    """TRL PRM with score.bias [b0, b1], b0 != b1: one logit with bias b1 - b0, back as [0, b1 - b0]."""
     hf_dir = _hf_tokcls(tmp_path / "hf", [0.1, -0.2])
-    with pytest.raises(HFCheckpointError, match="score.bias.*differs between the two labels"):
+    values, = run_on_ranks(_convert_and_score, 1, str(hf_dir), str(tmp_path / "ckpt"), str(tmp_path / "back"),
+                           "prm")
+    meta = json.loads((tmp_path / "ckpt" / "qwen_checkpoint.json").read_text())
+    assert meta["head"] == "prm" and meta["model"]["value_head_bias"] and meta["model"]["value_head"] == "linear"
+    want = _p_correct(hf_dir)
+    for i, row in enumerate(values):
+        torch.testing.assert_close(torch.sigmoid(torch.tensor(row)), want[i, :len(row)], rtol=0, atol=1e-5)
+    back = _tensors(tmp_path / "back")
+    torch.testing.assert_close(back["score.bias"], torch.tensor([0.0, -0.3]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_p_correct(tmp_path / "back"), want, rtol=0, atol=1e-5)
+
+
+def _hf_mlp_head(path: Path, arch: str, labels: int, lm_head: bool = False) -> Path:
+    """A Qwen2.5-Math-RM / PRM directory: Qwen2Model weights under `model.`, the MLP head
+    score.0 (Linear h -> h) + ReLU + score.2 (Linear h -> num_labels), both with biases (and,
+    as Qwen2.5-Math-RM-72B, an unused `lm_head.weight`)."""
+    config = Qwen2Config(**_COMMON, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    body = _randomize(Qwen2Model(config))
+    tensors = {f"model.{k}": v for k, v in body.state_dict().items()}
+    gen, h = torch.Generator().manual_seed(1), config.hidden_size
+    tensors.update({"score.0.weight": torch.randn(h, h, generator=gen) * 0.2,
+                    "score.0.bias": torch.randn(h, generator=gen) * 0.2,
+                    "score.2.weight": torch.randn(labels, h, generator=gen) * 0.2,
+                    "score.2.bias": torch.randn(labels, generator=gen) * 0.2})
+    if lm_head:
+        tensors["lm_head.weight"] = torch.randn(config.vocab_size, h, generator=gen)
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg.update(architectures=[arch], num_labels=labels, pad_token_id=PAD)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _mlp_head_logits(path: Path):
+    """Per row of ROWS (unpadded): transformers' Qwen2Model last hidden state -> score.0 -> ReLU
+    -> score.2, in fp32: [len(row), num_labels]."""
+    tensors = _tensors(path)
+    config = Qwen2Config(**{k: v for k, v in json.loads((path / "config.json").read_text()).items()
+                            if k not in ("architectures", "auto_map")})
+    body = Qwen2Model(config)
+    body.load_state_dict({k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")})
+    body.eval()
+    out = []
+    with torch.no_grad():
+        for row in ROWS:
+            hidden = body(input_ids=torch.tensor([row])).last_hidden_state[0]
+            mid = torch.relu(hidden @ tensors["score.0.weight"].float().T + tensors["score.0.bias"].float())
+            out.append(mid @ tensors["score.2.weight"].float().T + tensors["score.2.bias"].float())
+    return out
+
+
+def test_qwen2_reward_model_mlp_head_both_ways(tmp_path):
+    """Qwen2.5-Math-RM layout (Qwen2ForRewardModel): our RM scores each row's last token as the
+    MLP head does, and goes back to the same tensors (but the unused lm_head) and class."""
+    hf_dir = _hf_mlp_head(tmp_path / "hf", "Qwen2ForRewardModel", 1, lm_head=True)
+    values, = run_on_ranks(_convert_and_score, 1, str(hf_dir), str(tmp_path / "ckpt"), str(tmp_path / "back"), "rm")
+    meta = json.loads((tmp_path / "ckpt" / "qwen_checkpoint.json").read_text())
+    assert meta["head"] == "rm" and meta["model"]["value_head"] == "mlp" and meta["model"]["value_head_bias"]
+    want = torch.stack([logits[-1, 0] for logits in _mlp_head_logits(hf_dir)])
+    ours = torch.tensor([v[-1] for v in values])
+    assert len({round(x, 3) for x in want.tolist()}) > 1  # the rows really score differently
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["architectures"] == ["Qwen2ForRewardModel"] and back["num_labels"] == 1
+    assert "value_head" not in back and "value_head_bias" not in back
+    a, b = _tensors(hf_dir), _tensors(tmp_path / "back")
+    del a["lm_head.weight"]  # not part of the reward model
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_qwen2_process_reward_model_mlp_head_both_ways(tmp_path):
+    """Qwen2.5-Math-PRM layout (Qwen2ForProcessRewardModel, num_labels=2): sigmoid of our logit at
+    every position is the MLP head's softmax P(correct); back as the same class, scoring the same."""
+    hf_dir = _hf_mlp_head(tmp_path / "hf", "Qwen2ForProcessRewardModel", 2)
+    values, = run_on_ranks(_convert_and_score, 1, str(hf_dir), str(tmp_path / "ckpt"), str(tmp_path / "back"),
+                           "prm")
+    meta = json.loads((tmp_path / "ckpt" / "qwen_checkpoint.json").read_text())
+    assert meta["head"] == "prm" and meta["model"]["value_head"] == "mlp"
+    want = [logits.softmax(-1)[:, 1] for logits in _mlp_head_logits(hf_dir)]
+    for row, p in zip(values, want):
+        torch.testing.assert_close(torch.sigmoid(torch.tensor(row)), p, rtol=0, atol=1e-5)
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["architectures"] == ["Qwen2ForProcessRewardModel"] and back["num_labels"] == 2
+    for got, p in zip(_mlp_head_logits(tmp_path / "back"), want):
+        torch.testing.assert_close(got.softmax(-1)[:, 1], p, rtol=0, atol=1e-5)
+
+
+def test_mlp_head_with_wrong_score_shape_is_refused(tmp_path):
+    hf_dir = _hf_mlp_head(tmp_path / "hf", "Qwen2ForRewardModel", 2)  # a reward model has one label
+    with pytest.raises(HFCheckpointError, match=r"score.2.weight .* has shape \[2, 64\], expected \[1, 64\]"):
         hf_to_mcore(str(hf_dir), str(tmp_path / "ckpt"))
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("arch,labels", [("Qwen2ForRewardModel", 1), ("Qwen2ForProcessRewardModel", 2)])
-def test_qwen2_reward_model_mlp_head_is_refused(tmp_path, arch, labels):
-    """Qwen2.5-Math-RM / PRM layout: score.0 Linear(h, h) + ReLU + score.2 Linear(h, num_labels)."""
-    config = Qwen2Config(**_COMMON, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    body = {k: v for k, v in Qwen2ForCausalLM(config).state_dict().items() if not k.startswith("lm_head")}
-    h = config.hidden_size
-    body.update({"score.0.weight": torch.randn(h, h), "score.0.bias": torch.randn(h),
-                 "score.2.weight": torch.randn(labels, h), "score.2.bias": torch.randn(labels)})
-    out = tmp_path / "hf"
-    out.mkdir()
-    save_file({k: v.contiguous() for k, v in body.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = config.to_dict()
-    cfg.update(architectures=[arch], num_labels=labels)
-    (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(HFCheckpointError, match=f"{arch} has an MLP value head.*cannot represent"):
-        hf_to_mcore(str(out), str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("change,match", [
+    ({"value_head_bias": True}, "ForSequenceClassification score has no bias"),  # a reward model's bias
+    ({"value_head": "mlp", "value_head_bias": True}, "value_head=mlp has no HF layout"),  # MLP head: Qwen2 only
+])
+def test_value_head_without_hf_layout_is_refused_by_mcore_to_hf(tmp_path, change, match):
+    """mcore-to-hf refuses a Qwen3 reward model whose value head no HF class holds."""
+    import dataclasses
+
+    from megatron_ext.checkpoint import Source
+    from models import registry
+    from tools.convert import check_exportable
+
+    m = registry.config_from_hf(Qwen3Config(**_COMMON, head_dim=32).to_dict())
+    src = Source(tmp_path, dataclasses.replace(m, **change), torch.float32, head="rm")
+    with pytest.raises(HFCheckpointError, match=match):
+        check_exportable(src)
+    check_exportable(Source(tmp_path, m, torch.float32, head="rm"))  # the default head has one
 
 
 def _train_rm_then_export(rank, world_size, root, back):

@@ -17,13 +17,18 @@ megatron_ext.checkpoint.HEADS): a reward model (python -m posttrain.rm) is HF
 scores each row's last non-pad token); a process reward model (python -m posttrain.prm, one
 binary logit per token) is `*ForTokenClassification` with num_labels=2 (TRL's PRM format:
 softmax over [wrong, correct] logits [0, z], so P(correct) = sigmoid(z)). hf-to-mcore reads both
-back. Heads this stack cannot represent (Qwen2ForRewardModel / Qwen2ForProcessRewardModel: an
-MLP value head; a token-classification bias that differs between the labels) are refused.
+back. Qwen2.5-Math-RM / PRM (`Qwen2ForRewardModel` / `Qwen2ForProcessRewardModel`: `score.0`
+Linear hidden->hidden with bias, ReLU, `score.2` Linear hidden->num_labels with bias) come in with
+`model.value_head=mlp` (a PRM's two logits as one, their difference); a token-classification PRM
+whose class biases differ keeps the difference as a bias (`model.value_head_bias`). They go back
+in the same layouts; transformers has no class for Qwen2ForRewardModel / ForProcessRewardModel
+(the published checkpoints ship remote code), so only their weights and config.json are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import shutil
@@ -52,6 +57,11 @@ def _rank0() -> bool:
 
 _HEAD_OF_ARCH = {"ForCausalLM": "lm", "ForSequenceClassification": "rm", "ForTokenClassification": "prm"}
 _ARCH_OF_HEAD = {head: suffix for suffix, head in _HEAD_OF_ARCH.items()}
+# Qwen2.5-Math-RM / PRM (remote code, no transformers class): an MLP value head `score.0` (hidden ->
+# hidden, bias), ReLU, `score.2` (hidden -> num_labels, bias); num_labels is fixed by the class.
+_MLP_HEAD_OF_ARCH = {"ForProcessRewardModel": "prm", "ForRewardModel": "rm"}
+_MLP_ARCH_OF_HEAD = {head: suffix for suffix, head in _MLP_HEAD_OF_ARCH.items()}
+_MLP_FAMILIES = ("qwen2",)  # the families whose published reward models have the MLP head
 _LABELS = {"rm": 1, "prm": 2}
 _HEAD_WORDS = {"rm": "reward model", "prm": "process reward model"}
 
@@ -63,24 +73,28 @@ def num_labels(config: dict) -> int:
     return int(config.get("num_labels", 2))
 
 
+def _mlp_head(arch: str):
+    return next((h for suffix, h in _MLP_HEAD_OF_ARCH.items() if arch.endswith(suffix)), None)
+
+
 def hf_head(hf: HFCheckpoint) -> str:
     """The output head an HF directory holds, by config.json's `architectures`: "lm"
-    (`*ForCausalLM`, or none named), "rm" (`*ForSequenceClassification`, num_labels=1) or "prm"
-    (`*ForTokenClassification`, num_labels=2). Anything else is refused, naming the class."""
+    (`*ForCausalLM`, or none named), "rm" (`*ForSequenceClassification`, num_labels=1, or
+    `Qwen2ForRewardModel`) or "prm" (`*ForTokenClassification`, num_labels=2, or
+    `Qwen2ForProcessRewardModel`). Anything else is refused, naming the class."""
     archs = hf.config.get("architectures") or []
     where = hf.dir / "config.json"
     if not archs:
         return "lm"
     arch = archs[0]
-    if "RewardModel" in arch:
-        raise HFCheckpointError(
-            f"{where}: {arch} has an MLP value head (score.0: Linear hidden->hidden, ReLU, score.2: Linear "
-            "hidden->num_labels, with biases); this stack's reward models have a single linear value head "
-            "[1, hidden] without bias, which cannot represent it: refusing to convert")
+    mlp = _mlp_head(arch)
+    if mlp is not None:
+        return mlp  # the class fixes num_labels (1 / 2); check_head checks score.2's shape
     head = next((h for suffix, h in _HEAD_OF_ARCH.items() if arch.endswith(suffix)), None)
     if head is None:
+        supported = [f"*{s}" for s in _HEAD_OF_ARCH] + [f"Qwen2{s}" for s in _MLP_HEAD_OF_ARCH]
         raise HFCheckpointError(f"{where}: architectures={archs}: {arch} is not supported (supported: "
-                                f"*{', *'.join(_HEAD_OF_ARCH)})")
+                                f"{', '.join(supported)})")
     if head != "lm" and num_labels(hf.config) != _LABELS[head]:
         raise HFCheckpointError(
             f"{where}: {arch} with num_labels={num_labels(hf.config)}: this stack's {_HEAD_WORDS[head]} "
@@ -88,25 +102,55 @@ def hf_head(hf: HFCheckpoint) -> str:
     return head
 
 
+def head_layout(hf: HFCheckpoint, head: str) -> dict:
+    """ModelConfig value-head fields of an HF reward model: `Qwen2ForRewardModel` /
+    `Qwen2ForProcessRewardModel` have the MLP head with biases; a token-classification PRM whose
+    `score.bias` differs between its two labels keeps the difference as a bias. {} otherwise
+    (a linear head without bias, the default)."""
+    if head == "lm":
+        return {}
+    if _mlp_head((hf.config.get("architectures") or [""])[0]) is not None:
+        return {"value_head": "mlp", "value_head_bias": True}
+    if head == "prm" and "score.bias" in hf.names():
+        bias = hf.get("score.bias")
+        if list(bias.shape) == [2] and bias[0] != bias[1]:
+            return {"value_head_bias": True}
+    return {}
+
+
 def check_head(hf: HFCheckpoint, m, head: str) -> List[str]:
-    """The value head's tensors: `score.weight` of [num_labels, hidden]; a PRM's `score.bias`
-    (optional) must be equal for both labels (it then cancels in the softmax). Returns the
-    tensors read outside the weight mapping (the bias)."""
+    """The value head's tensors must have the shapes of its layout: `score.weight` [num_labels,
+    hidden] (plus `score.bias` [num_labels]), or for the MLP head `score.0.weight` [hidden,
+    hidden], `score.0.bias` [hidden], `score.2.weight` [num_labels, hidden], `score.2.bias`
+    [num_labels]. Returned, as read outside the weight mapping: a PRM's `score.bias` equal for
+    both labels (it cancels in the softmax); an `lm_head.weight` beside the MLP head (its class
+    has no LM head: left out)."""
     if head == "lm":
         return []
-    want = [_LABELS[head], m.hidden_size]
-    if "score.weight" in hf.names() and list(hf.shape("score.weight")) != want:
-        raise HFCheckpointError(f"HF tensor score.weight in {hf.file_of('score.weight')} has shape "
-                                f"{list(hf.shape('score.weight'))}, expected {want} (num_labels, hidden_size)")
-    if "score.bias" not in hf.names():
-        return []
+    h, labels = m.hidden_size, _LABELS[head]
+    final = "score.2." if m.value_head == "mlp" else "score."
+    want = {final + "weight": [labels, h], final + "bias": [labels]}
+    if m.value_head == "mlp":
+        want.update({"score.0.weight": [h, h], "score.0.bias": [h]})
+    for name, shape in want.items():
+        if name in hf.names() and list(hf.shape(name)) != shape:
+            raise HFCheckpointError(f"HF tensor {name} in {hf.file_of(name)} has shape {list(hf.shape(name))}, "
+                                    f"expected {shape} ({_HEAD_WORDS[head]}, num_labels={labels}, hidden_size={h})")
+    if m.value_head == "mlp":
+        # Qwen2.5-Math-RM-72B ships the LM head of its base model, which its class never reads.
+        unused = ["lm_head.weight"] if "lm_head.weight" in hf.names() else []
+        if unused and _rank0():
+            print(f"note: {hf.dir}: lm_head.weight is not part of {hf.config['architectures'][0]} (not read by it); "
+                  "not converted", file=sys.stderr)
+        return unused
+    if m.value_head_bias or "score.bias" not in hf.names():
+        return []  # the weight mapping reads the bias
     if head == "rm":
-        return []  # check_names names it: a reward model's head has no bias
+        return []  # check_names names it: transformers' SequenceClassification head has no bias
     bias = hf.get("score.bias")
-    if list(bias.shape) != [2] or bias[0] != bias[1]:
-        raise HFCheckpointError(
-            f"HF tensor score.bias in {hf.file_of('score.bias')} is {bias.tolist()}: a bias that differs between "
-            "the two labels has no place in this stack's PRM value head (one logit, no bias); refusing to drop it")
+    if bias[0] != bias[1]:  # head_layout gave such a PRM a bias: not reached
+        raise HFCheckpointError(f"HF tensor score.bias in {hf.file_of('score.bias')} is {bias.tolist()}: "
+                                "it differs between the two labels, and the value head has no bias")
     return ["score.bias"]
 
 
@@ -167,8 +211,13 @@ def open_hf(hf_dir: str):
     head = hf_head(hf)
     check_counts(hf)
     m = family.config_from_hf(hf.config, name=Path(hf_dir).resolve().name)
+    layout = head_layout(hf, head)
+    if layout.get("value_head") == "mlp" and family.FAMILY not in _MLP_FAMILIES:
+        raise HFCheckpointError(f"{hf.dir / 'config.json'}: {hf.config['architectures'][0]} is a {family.FAMILY} "
+                                f"model; the MLP value head converts for {', '.join(_MLP_FAMILIES)} only")
+    m = dataclasses.replace(m, **layout)
     check_sizes(hf, m)
-    entries = expand(head_rules(family.RULES, head), m)
+    entries = expand(head_rules(family.RULES, head, m), m)
     check_names(hf, entries, family.FAMILY, ignore=check_head(hf, m, head))
     dtype = dtype_of(hf, entries[0].hf[0])
     return hf, family, m, entries, dtype, head
@@ -291,13 +340,15 @@ def _named_tokenizer(name: str, m, out: Path) -> Optional[dict]:
 
 def _write_hf(m, dtype, src: checkpoint.Source, params: dict, out: Path, max_shard_bytes: int) -> Tuple[int, int]:
     """Split every Megatron tensor into its HF tensors and write a complete HF directory."""
-    entries = expand(head_rules(registry.family(m.family).RULES, src.head), m)
+    entries = expand(head_rules(registry.family(m.family).RULES, src.head, m), m)
     writer = ShardWriter(out, max_shard_bytes)
     for entry in tqdm(entries, desc="mcore-to-hf", unit="param", file=sys.stderr):
         for name, tensor in zip(entry.hf, split(entry.kind, params[entry.mcore].detach(), m)):
             writer.add(name, tensor)
-    if src.head == "prm":  # transformers' token-classification head has a bias: zero (softmax ignores it)
-        writer.add("score.bias", torch.zeros(2, dtype=params["output_layer.weight"].dtype))
+    if src.head != "lm" and not m.value_head_bias and (src.head == "prm" or m.value_head == "mlp"):
+        # The HF head has a bias (token classification, the MLP head's score.2): zero.
+        final = "score.2.bias" if m.value_head == "mlp" else "score.bias"
+        writer.add(final, torch.zeros(_LABELS[src.head], dtype=params["output_layer.weight"].dtype))
     shards = writer.close()
     base = src.hf_config
     for f in tokenizer_files(src.tokenizer_dir) if src.tokenizer_dir else []:
@@ -325,9 +376,26 @@ def _pad_id(src: checkpoint.Source) -> int:
                             "finds each row's last token by it), and the checkpoint names no tokenizer to take it from")
 
 
+def check_exportable(src: checkpoint.Source) -> None:
+    """Refuse a value head that no HF class holds: a bias on a reward model's linear head
+    (transformers' `*ForSequenceClassification` has none), or the MLP head in a family without
+    `*ForRewardModel` checkpoints."""
+    m = src.model
+    if src.head == "lm":
+        return
+    if m.value_head == "mlp" and m.family not in _MLP_FAMILIES:
+        raise HFCheckpointError(f"{src.path}: a {m.family} {_HEAD_WORDS[src.head]} with model.value_head=mlp has no "
+                                f"HF layout (Qwen2{_MLP_ARCH_OF_HEAD[src.head]} is {', '.join(_MLP_FAMILIES)} only)")
+    if src.head == "rm" and m.value_head == "linear" and m.value_head_bias:
+        raise HFCheckpointError(f"{src.path}: a reward model with model.value_head_bias=true has no HF layout "
+                                "(transformers' *ForSequenceClassification score has no bias); refusing to drop it")
+
+
 def _head_config(config: dict, src: checkpoint.Source) -> None:
-    """config.json of a reward model: the family's classification class, its labels, pad token."""
-    arch = config["architectures"][0].replace(_ARCH_OF_HEAD["lm"], _ARCH_OF_HEAD[src.head])
+    """config.json of a reward model: the family's classification class (Qwen2ForRewardModel /
+    Qwen2ForProcessRewardModel for the MLP head), its labels, pad token."""
+    suffix = (_MLP_ARCH_OF_HEAD if src.model.value_head == "mlp" else _ARCH_OF_HEAD)[src.head]
+    arch = config["architectures"][0].replace(_ARCH_OF_HEAD["lm"], suffix)
     labels = _LABELS[src.head]
     config.update(architectures=[arch], num_labels=labels, pad_token_id=_pad_id(src),
                   id2label={str(i): f"LABEL_{i}" for i in range(labels)},
@@ -338,7 +406,7 @@ def _mcore_to_hf_rank(ckpt, out: str, max_shard_bytes: int, overwrite: bool) -> 
     start = time.time()
     src = checkpoint.open_checkpoint(ckpt)
     m, dtype, base = src.model, src.dtype, src.hf_config
-    entries = expand(head_rules(registry.family(m.family).RULES, src.head), m)
+    entries = expand(head_rules(registry.family(m.family).RULES, src.head, m), m)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
     # Loaded whole (TP=PP=EP=1); extra ranks, if launched with more, are idle data-parallel replicas.
     cfg = offline.layout_config(m, dtype, world=world)
@@ -366,6 +434,7 @@ def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=Fals
 
     A training checkpoint's files are checked against its CRC manifest first (`verify`)."""
     src = checkpoint.open_checkpoint(ckpt, verify=verify)  # fail early on a non-checkpoint
+    check_exportable(src)
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     check_writable_dir(Path(out).absolute().parent)
