@@ -144,13 +144,32 @@ def test_subclass_results_cross_as_plain_values(mode, monkeypatch):
             "def c():\n    return Counter('aab')\ndef o():\n    return OrderedDict([(2, [Counter('z')])])\n"
             "def p():\n    return P(1, S('s'))\ndef fs():\n    class F(frozenset):\n        pass\n    return F({1})\n"
             "TABLE = Counter('ab')\n")
-    tests = ["assert c() == {'a': 2, 'b': 1} and type(c()) is dict",
-             "assert o() == {2: [{'z': 1}]} and type(o()[2][0]) is dict",
-             "assert p() == (1, 's') and type(p()) is tuple and type(p()[1]) is str",
-             "assert fs() == frozenset({1}) and type(fs()) is frozenset",
+    # Values compare as their built-in bases (read through the bases' own slots: S's __str__ is
+    # never asked), and what the base lacks (a namedtuple's fields) is still the candidate's.
+    tests = ["assert c() == {'a': 2, 'b': 1} and isinstance(c(), dict)",
+             "assert o() == {2: [{'z': 1}]} and isinstance(o()[2][0], dict)",
+             "assert p() == (1, 's') and isinstance(p(), tuple) and p()[1] == 's' and p().x == 1",
+             "assert fs() == frozenset({1}) and isinstance(fs(), frozenset)",
              "assert TABLE == {'a': 1, 'b': 1}"]
     result = run_code_tests(code, tests)
     assert result.status == "passed", result
+
+
+@pytest.mark.parametrize("mode", _modes())
+def test_subclass_views_keep_fields_pass_back_and_never_lie(mode, monkeypatch):
+    """A namedtuple result keeps its fields and goes back to the candidate as itself; a subclass
+    whose __eq__ always says True is compared by its plain value (so it fails)."""
+    from data_prep.verifiers import run_code_tests
+
+    monkeypatch.setenv("CODE_SANDBOX", mode)
+    code = ("from collections import namedtuple\nP = namedtuple('P', 'a b')\n"
+            "def f():\n    return P(1, 2)\ndef g(p):\n    return p.a + p.b\n"
+            "class Lying(tuple):\n    def __eq__(self, o):\n        return True\n    __hash__ = tuple.__hash__\n"
+            "def lie():\n    return Lying((9,))\n")
+    tests = ["assert f() == (1, 2) and f().a == 1 and f().b == 2", "assert g(f()) == 3", "assert lie() == (1,)"]
+    result = run_code_tests(code, tests)
+    assert (result.status, result.passed, result.total) == ("failed", 2, 3), result
+    assert result.test_errors[:2] == ["", ""] and result.test_errors[2].startswith("AssertionError")
 
 
 def test_code_reward_picks_the_defining_block():

@@ -197,7 +197,10 @@ def send_signed(fd, key, obj):
 # The candidate's results (`bases=True`) are the exception: a subclass of a built-in value type
 # (Counter, defaultdict, OrderedDict, a namedtuple, an IntEnum ...) crosses as its base type's
 # value, read through the base type's own slots (`dict.items(x)`, `tuple.__iter__(x)`, ...),
-# never through methods the subclass defines; the harness rebuilds it as the plain built-in.
+# never through methods the subclass defines. The harness rebuilds it as a *view*: a harness
+# class deriving from the plain built-in (so ==, hashing, len, indexing are the built-in's, on
+# plain data) whose attributes the built-in lacks (a namedtuple's fields) are looked up on the
+# candidate's object, like any other remote attribute; passed back, the view is that object.
 
 
 def _base_value(x, t):
@@ -228,7 +231,8 @@ def encode(x, handle_of, depth=0, bases=False):
     if bases and t not in _PLAIN:
         plain = _base_value(x, t)
         if plain is not None:
-            return encode(plain[0], handle_of, depth, bases)
+            value = encode(plain[0], handle_of, depth, bases)
+            return value if handle_of is None else {"sv": [value, handle_of(x)]}
     if t is int:
         return {"i": hex(x)}
     if t is float:
@@ -280,6 +284,8 @@ def decode(v, handle, depth=0):
         if type(body) is not int:
             raise ProtocolError("malformed handle")
         return handle(body)
+    if tag == "sv":
+        return _view(body, handle, depth)
     items = [decode(x, handle, depth + 1) for x in body] if tag != "d" else None
     if tag == "l":
         return items
@@ -292,6 +298,32 @@ def decode(v, handle, depth=0):
     if tag == "d":
         return {decode(k, handle, depth + 1): decode(x, handle, depth + 1) for k, x in body}
     raise ProtocolError(f"unknown value tag {tag!r}")
+
+
+def _view_class(base):
+    class View(base):
+        def __getattr__(self, name):  # only what the built-in lacks, e.g. a namedtuple's fields
+            if name.startswith("__") and name.endswith("__"):
+                raise AttributeError(name)
+            return getattr(self.__dict__["_remote"], name)
+
+    View.__name__ = View.__qualname__ = base.__name__
+    return View
+
+
+_VIEWS = {base: _view_class(base) for base, _ in _BASES}
+
+
+def _view(body, handle, depth):
+    """{"sv": [plain value, handle]} -> a view of the plain value (see the comment above encode)."""
+    if type(body) is not list or len(body) != 2 or type(body[1]) is not int:
+        raise ProtocolError("malformed value view")
+    value = decode(body[0], handle, depth + 1)
+    if type(value) not in _VIEWS:
+        raise ProtocolError(f"a view of a {type(value).__name__}")
+    view = _VIEWS[type(value)](value)
+    view.__dict__["_remote"] = handle(body[1])
+    return view
 
 
 def _short(exc):
@@ -618,6 +650,9 @@ _SAFE_EXCEPTIONS = {name for name in dir(builtins) if isinstance(getattr(builtin
                     and issubclass(getattr(builtins, name), Exception)} - {"StopIteration", "StopAsyncIteration"}
 
 
+_VIEW_TYPES = frozenset(_VIEWS.values())
+
+
 class Conn:
     def __init__(self, req_fd, resp_fd):
         self.req_fd, self.resp_fd = req_fd, resp_fd
@@ -664,6 +699,8 @@ class Conn:
 
     @staticmethod
     def _handle_id(obj):
+        if type(obj) in _VIEW_TYPES:
+            obj = obj.__dict__["_remote"]
         if isinstance(obj, Remote) and "h" in obj._t:
             return obj._t["h"]
         raise TypeError(f"a {type(obj).__name__} cannot be passed to the candidate's code (plain data only)")
