@@ -108,7 +108,7 @@ def check_config(cfg: Config, world: Optional[int] = None) -> str:
 
 def _score_samples(cfg: Config) -> int:
     """`eval.samples=FILE`: judge pre-generated samples (no checkpoint, no model, one process)."""
-    from posttrain.evals.runner import check_samples, score_samples, table, write_report
+    from posttrain.evals.runner import check_samples, score_samples
 
     try:
         check_samples(cfg.eval)
@@ -119,10 +119,17 @@ def _score_samples(cfg: Config) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return _show(report, cfg.eval.out)
+
+
+def _show(report: dict, out: Optional[str]) -> int:
+    """Print the report's table and write it to `out` (when set); the exit code."""
+    from posttrain.evals.runner import table, write_report
+
     print(table(report))
-    if cfg.eval.out:
-        write_report(report, cfg.eval.out)
-        print(f"report: {cfg.eval.out}")
+    if out:
+        write_report(report, out)
+        print(f"report: {out}")
     return 0
 
 
@@ -145,7 +152,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if PRINT_CONFIG in flags:
         print(config_yaml(cfg))
         return 0
-    from posttrain.evals.runner import table, write_report
     from tools import launch
 
     if cfg.eval.samples:
@@ -162,11 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if report is None:  # a rank other than 0 under torchrun
         return 0
-    print(table(report))
-    if cfg.eval.out:
-        write_report(report, cfg.eval.out)
-        print(f"report: {cfg.eval.out}")
-    return 0
+    return _show(report, cfg.eval.out)
 
 
 if __name__ == "__main__":
