@@ -73,9 +73,9 @@ class BlendSpec:
     def from_list(cls, items: Sequence[Union[str, float]]) -> "BlendSpec":
         """Megatron-LM's `--data-path` form: `[w1, p1, w2, p2, ...]` or `[p1, p2, ...]` (concat)."""
         items = [str(x) for x in items]
-        if items and all(_is_number(x) for x in items[0::2]) and len(items) % 2 == 0:
+        if items and all(is_number(x) for x in items[0::2]) and len(items) % 2 == 0:
             return cls([BlendSource(p, float(w)) for w, p in zip(items[0::2], items[1::2])], "weights")
-        if any(_is_number(x) for x in items):
+        if any(is_number(x) for x in items):
             raise ValueError(f"blend list {items} mixes weights and paths; use 'w1 p1 w2 p2 ...' or 'p1 p2 ...'")
         return cls([BlendSource(p) for p in items], "concat")
 
@@ -117,7 +117,8 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-def _is_number(x: str) -> bool:
+def is_number(x: str) -> bool:
+    """`x` reads as a float (a blend weight, not a prefix)."""
     try:
         float(x)
         return True

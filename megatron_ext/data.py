@@ -25,6 +25,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from data_prep.blend import is_number
 from data_prep.indexed import IndexedReader, bin_path, idx_path
 from data_prep.tokenizer import get_tokenizer
 from megatron_ext import patches
@@ -62,14 +63,6 @@ def token_counts(prefixes: List[str]) -> List[int]:
     return [IndexedReader(p).num_tokens for p in prefixes]
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def _blend_dir(directory: Path) -> Tuple[List[str], List[float]]:
     prefixes = sorted(str(p)[:-4] for p in directory.glob("*.idx"))
     if not prefixes:
@@ -79,17 +72,20 @@ def _blend_dir(directory: Path) -> Tuple[List[str], List[float]]:
     return prefixes, [float(n) for n in token_counts(prefixes)]
 
 
-def _check_blend_prefix(prefix: str, where: str) -> None:
-    hint = " (entries are prefixes without .bin/.idx)" if prefix.endswith((".bin", ".idx")) else ""
+def _check_blend_prefix(prefix: str, where: str, hint: str = " (entries are prefixes without .bin/.idx)") -> None:
+    """Both files of a dataset exist, its index matches its `.bin`, and it holds tokens;
+    ConfigError names `where`, the file and what is wrong (`hint` when a suffix was given)."""
+    hint = hint if prefix.endswith((".bin", ".idx")) else ""
     for path in (bin_path(prefix), idx_path(prefix)):
         if not path.is_file():
             raise ConfigError(f"{where}: {path} does not exist{hint}")
     try:
         reader = IndexedReader(prefix)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # the messages name the file
         raise ConfigError(f"{where}: unreadable dataset: {e}") from None
     if reader.num_tokens == 0:
-        raise ConfigError(f"{where}: {bin_path(prefix)} holds no tokens")
+        raise ConfigError(f"{where}: {bin_path(prefix)} holds no tokens ({len(reader)} documents); "
+                          "tokenize some text into it first")
 
 
 def read_blend_file(path: str) -> Tuple[List[str], List[float]]:
@@ -116,7 +112,7 @@ def read_blend_file(path: str) -> Tuple[List[str], List[float]]:
     if not items:
         raise ConfigError(f"data.blend_file={path}: {path} is empty (no 'weight prefix' entries)")
     base = source.parent
-    pairs = _is_number(items[0][1])
+    pairs = is_number(items[0][1])
     if pairs and len(items) % 2:
         line_no, token = items[-1]
         raise ConfigError(f"{path}:{line_no}: weight {token} has no prefix after it")
@@ -125,15 +121,15 @@ def read_blend_file(path: str) -> Tuple[List[str], List[float]]:
         line_no, prefix = items[k + 1] if pairs else items[k]
         if pairs:
             w_line, w = items[k]
-            if not _is_number(w):
+            if not is_number(w):
                 raise ConfigError(f"{path}:{w_line}: expected a weight, got {w!r} (entries are 'weight prefix')")
             weight = float(w)
             if not (math.isfinite(weight) and weight > 0):
                 raise ConfigError(f"{path}:{w_line}: weight {w} must be a positive number")
-            if _is_number(prefix):
+            if is_number(prefix):
                 raise ConfigError(f"{path}:{line_no}: expected a prefix after weight {w}, got {prefix!r}")
             weights.append(weight)
-        elif _is_number(prefix):
+        elif is_number(prefix):
             raise ConfigError(f"{path}:{line_no}: {prefix!r} looks like a weight, but the file starts with a "
                               "prefix: give 'weight prefix' pairs throughout or prefixes only")
         prefix = os.path.expanduser(prefix)
@@ -181,20 +177,8 @@ def check_paths(cfg: Config) -> None:
     first (errors name FILE:LINE) and replaced by the paths and weights it names."""
     resolve_blend_file(cfg)
     for k, prefix in enumerate(cfg.data.paths):
-        where = f"data.paths[{k}]={prefix}"
-        hint = ""
-        if prefix.endswith((".bin", ".idx")):
-            hint = f" (entries are prefixes without .bin/.idx: data.paths=[{prefix[:-4]}])"
-        for path in (bin_path(prefix), idx_path(prefix)):
-            if not path.is_file():
-                raise ConfigError(f"{where}: {path} does not exist{hint}")
-        try:
-            reader = IndexedReader(prefix)
-        except (ValueError, OSError) as e:  # the messages name the file
-            raise ConfigError(f"{where}: unreadable dataset: {e}") from None
-        if reader.num_tokens == 0:
-            raise ConfigError(f"{where}: {bin_path(prefix)} holds no tokens ({len(reader)} documents); "
-                              "tokenize some text into it first")
+        _check_blend_prefix(prefix, f"data.paths[{k}]={prefix}",
+                            f" (entries are prefixes without .bin/.idx: data.paths=[{prefix[:-4]}])")
 
 
 def cache_dir(cfg: Config) -> Path:
