@@ -459,25 +459,19 @@ class IndexCacheError(ValueError):
     """A dataset index cache file holds something other than a plain integer array."""
 
 
-class _NumpyWithoutPickle:
-    """`numpy` as Megatron's dataset modules see it: `load` never unpickles (the modules pass
-    allow_pickle=True) and returns integer arrays only; every other name is numpy's own."""
-
-    def __getattr__(self, name):
-        return getattr(numpy, name)
-
-    @staticmethod
-    def load(file, mmap_mode=None, allow_pickle=False, **kwargs):
-        del allow_pickle  # never honoured: the cache may come from anyone who can write to it
-        hint = "it was not written by Megatron-Core; delete it and the run rebuilds the index"
-        try:
-            array = numpy.load(file, mmap_mode=mmap_mode, allow_pickle=False, **kwargs)
-        except (ValueError, OSError, EOFError) as e:
-            raise IndexCacheError(f"dataset index cache {file}: refused ({e}); {hint}") from None
-        if not isinstance(array, numpy.ndarray) or array.dtype.kind not in "iu":
-            kind = getattr(array, "dtype", type(array).__name__)
-            raise IndexCacheError(f"dataset index cache {file}: holds {kind}, not an integer index; {hint}")
-        return array
+def _load_index(file, mmap_mode=None, allow_pickle=False, **kwargs):
+    """`numpy.load` for Megatron's dataset modules: never unpickles (they pass allow_pickle=True)
+    and returns integer arrays only."""
+    del allow_pickle  # never honoured: the cache may come from anyone who can write to it
+    hint = "it was not written by Megatron-Core; delete it and the run rebuilds the index"
+    try:
+        array = numpy.load(file, mmap_mode=mmap_mode, allow_pickle=False, **kwargs)
+    except (ValueError, OSError, EOFError) as e:
+        raise IndexCacheError(f"dataset index cache {file}: refused ({e}); {hint}") from None
+    if not isinstance(array, numpy.ndarray) or array.dtype.kind not in "iu":
+        kind = getattr(array, "dtype", type(array).__name__)
+        raise IndexCacheError(f"dataset index cache {file}: holds {kind}, not an integer index; {hint}")
+    return array
 
 
 DATASET_MODULES = ("megatron.core.datasets.gpt_dataset", "megatron.core.datasets.blended_dataset",
@@ -485,8 +479,10 @@ DATASET_MODULES = ("megatron.core.datasets.gpt_dataset", "megatron.core.datasets
 
 
 def dataset_indices_without_pickle() -> None:
+    from megatron_ext.safe_pickle import StandIn
+
     for name in DATASET_MODULES:
-        importlib.import_module(name).numpy = _NumpyWithoutPickle()
+        importlib.import_module(name).numpy = StandIn(numpy, load=_load_index)
 
 
 def checkpoint_reads_without_code() -> None:

@@ -148,32 +148,28 @@ def torch_load(f, *args, source: Optional[str] = None, **kwargs):
                                     f"(only tensors and plain data are read; {_HINT})") from None
 
 
-class _PickleForMetadata:
-    """`pickle` as torch's `distributed.checkpoint.filesystem` sees it: `load` (its reader of
-    `.metadata`) is `load_metadata`; `dump` and everything else are pickle's own."""
+class StandIn:
+    """A module as a patched caller sees it: the names given replaced, every other name the
+    module's own (installed as that caller's module global, e.g. `filesystem.pickle`)."""
+
+    def __init__(self, module, **names):
+        self.__dict__.update(names, _module=module)
 
     def __getattr__(self, name):
-        return getattr(pickle, name)
-
-    @staticmethod
-    def load(file, **kwargs):
-        del kwargs  # encoding options, which matter only for Python 2 pickles
-        return load_metadata(file)
+        return getattr(self.__dict__["_module"], name)
 
 
-class _TorchWeightsOnly:
-    """`torch` as torch's default load planner and Megatron-Core's common strategy see it:
-    `load` is `torch_load` (weights_only=True, even where the caller passed False); every other
-    name is torch's own."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def load(f, *args, weights_only=None, **kwargs):
-        del weights_only  # never honoured: the checkpoint may come from anyone
-        return torch_load(f, *args, **kwargs)
+def _load_metadata_file(file, **kwargs):
+    """`pickle.load` for torch's `distributed.checkpoint.filesystem`: its one use reads `.metadata`."""
+    del kwargs  # encoding options, which matter only for Python 2 pickles
+    return load_metadata(file)
 
 
-PICKLE_FOR_METADATA = _PickleForMetadata()
-TORCH_WEIGHTS_ONLY = _TorchWeightsOnly()
+def _torch_load_weights_only(f, *args, weights_only=None, **kwargs):
+    """`torch.load` for torch's default load planner and Megatron-Core's common strategy."""
+    del weights_only  # never honoured (even where the caller passed False): the checkpoint may come from anyone
+    return torch_load(f, *args, **kwargs)
+
+
+PICKLE_FOR_METADATA = StandIn(pickle, load=_load_metadata_file)
+TORCH_WEIGHTS_ONLY = StandIn(torch, load=_torch_load_weights_only)
