@@ -18,9 +18,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
-from megatron_ext import cpu_backend, dist, init, patches
+from megatron_ext import cpu_backend, dist, fp8, init, patches
 from megatron_ext.cross_entropy import GPTModel
 from megatron_ext.config import Config, TrainConfig
+from megatron_ext.precision import fp8_backend
 from megatron_ext.spec import decoder_block_spec, use_transformer_engine
 from megatron_ext.transformer import transformer_config
 from models.rope import apply_rope_scaling
@@ -94,6 +95,9 @@ def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callab
             init.initialize([chunk], cfg, tcfg)  # the same initial model under every layout
         if customize is not None:
             customize(chunk, cfg)
+        fp8_recipe = torchao_fp8_recipe(cfg)
+        if fp8_recipe is not None:
+            fp8.convert([chunk], fp8_recipe)  # the decoder's linear layers run their GEMMs in FP8
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
@@ -101,6 +105,12 @@ def build_model(cfg: Config, tcfg: TransformerConfig, customize: Optional[Callab
     log.info("model: %s (%s spec), %d parameters on this rank", m.name,
              "transformer-engine" if use_transformer_engine() else "local", n_params)
     return chunks
+
+
+def torchao_fp8_recipe(cfg: Config) -> Optional[fp8.Recipe]:
+    """The FP8 recipe megatron_ext.fp8 runs (None: no FP8, or FP8 inside Transformer Engine)."""
+    p = cfg.precision
+    return fp8.make_recipe(p.name, p.fp8_format, p.fp8_emulate) if fp8_backend(p) == "torchao" else None
 
 
 def overlaps_grad_reduce(cfg: Config, dp_cp: int, expert_dp: int) -> bool:
@@ -217,6 +227,8 @@ def build(cfg: Config, customize: Optional[Callable] = None) -> Runtime:
     chunks = build_model(cfg, tcfg, customize)
     model = wrap_ddp(cfg, tcfg, chunks)
     optimizer, scheduler = build_optimizer(cfg, tcfg, model)
+    if torchao_fp8_recipe(cfg) is not None:
+        fp8.new_step_after(optimizer)  # the FP8 weight casts are made once per step
     # Hooks the pipeline schedules call: grad all-reduce + per-token normalisation at the end
     # of the step, and loss scaling (identity in fp32/bf16).
     tcfg.finalize_model_grads_func = importlib.import_module(  # as patched (megatron_ext.patches)

@@ -70,6 +70,11 @@
   gradient, weight gradient accumulated into `main_grad` with the same kernel and the same dummy
   gradient for the DDP hook) in a lean autograd function: less host time per layer, results
   bit-identical. Anything else takes Megatron's function.
+- fp8_linear: FP8 GEMMs without Transformer Engine (megatron_ext.fp8). Both parallel linear
+  layers call `linear_with_grad_accumulation_and_async_allreduce` through the module global;
+  the patch sends a call whose weight carries `fp8_recipe` (the decoder's linear layers under a
+  torchao FP8 precision) to `megatron_ext.fp8.linear`, which keeps Megatron's TP/SP
+  communication and runs the GEMMs in FP8. Every other call is unchanged.
 - token_scaling_without_sync (speed): with a per-token loss, Megatron-Core's
   `finalize_model_grads` divides the gradients by the global token count under
   `if num_tokens > 0`, a device-to-host sync at the end of every backward pass (and an error
@@ -430,6 +435,25 @@ def linear_without_communication() -> None:
     layers.linear_with_grad_accumulation_and_async_allreduce = linear
 
 
+def fp8_linear() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.linear_with_grad_accumulation_and_async_allreduce
+    if getattr(original, "fp8_dispatch", False):
+        return
+
+    def linear(input, weight, *args, **kwargs):
+        if getattr(weight, "fp8_recipe", None) is not None:
+            from megatron_ext import fp8
+
+            return fp8.linear(input, weight, *args, **kwargs)
+        return original(input, weight, *args, **kwargs)
+
+    linear.__wrapped__, linear.fp8_dispatch = original, True
+    linear.warned = getattr(original, "warned", False)
+    layers.linear_with_grad_accumulation_and_async_allreduce = linear
+
+
 def token_scaling_without_sync() -> None:
     module = importlib.import_module("megatron.core.distributed.finalize_model_grads")
     original = module.finalize_model_grads
@@ -555,6 +579,13 @@ def upstream_call_sites() -> dict:
         "linear_without_communication": inspect.getsource(layers).count(
             "return linear_with_grad_accumulation_and_async_allreduce(input, weight, *args, **kwargs)") == 2
         and _linear_sources_unchanged(inspect.getsource(layers.LinearWithGradAccumulationAndAsyncCommunication)),
+        # Both layers reach the function through the module global, with the arguments
+        # megatron_ext.fp8.linear takes.
+        "fp8_linear": inspect.getsource(layers).count(
+            "return linear_with_grad_accumulation_and_async_allreduce(input, weight, *args, **kwargs)") == 2
+        and list(inspect.signature(getattr(layers.linear_with_grad_accumulation_and_async_allreduce, "__wrapped__",
+                                           layers.linear_with_grad_accumulation_and_async_allreduce)).parameters)
+        [:6] == ["input", "weight", "bias", "gradient_accumulation_fusion", "allreduce_dgrad", "sequence_parallel"],
         # The per-token scaling is the function's last block, as the patch redoes it.
         "token_scaling_without_sync": inspect.getsource(getattr(finalize.finalize_model_grads, "__wrapped__",
                                                                 finalize.finalize_model_grads)).rstrip().endswith(
@@ -631,7 +662,7 @@ def _import_fallback(source: str) -> str:
 
 PATCHES = (moe_aux_loss_token_scale, te_general_gemm, wgrad_accumulation_fusion,
            torch_adam_distributed_optimizer, rope_tables, foreach_optimizer_ops,
-           single_rank_tp_mappings, linear_without_communication, token_scaling_without_sync,
+           single_rank_tp_mappings, linear_without_communication, fp8_linear, token_scaling_without_sync,
            dataset_indices_without_pickle, checkpoint_reads_without_code)
 
 

@@ -69,12 +69,16 @@ FP8_RECIPES = {
 def precision_kwargs(cfg: Config) -> dict:
     """TransformerConfig fields for `precision.*`: dtypes, and the FP8 recipe TE runs the GEMMs in.
 
-    fp32/bf16 set no FP8 field; FP8 recipes keep bf16 parameters and set `fp8` (format),
-    `fp8_recipe`, and for delayed scaling the amax history length and reduction."""
+    fp32/bf16 set no FP8 field; FP8 recipes keep bf16 parameters (fp32 under
+    precision.fp8_emulate) and, through Transformer Engine, set `fp8` (format), `fp8_recipe`, and
+    for delayed scaling the amax history length and reduction. Through torchao they set none:
+    megatron_ext.fp8 marks the linear layers instead."""
+    from megatron_ext.precision import fp8_backend
+
     p = cfg.precision
-    dtype = params_dtype(p.name)
+    dtype = torch.float32 if p.fp8_emulate else params_dtype(p.name)
     out = dict(params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16)
-    if p.name in FP8_RECIPES:
+    if p.name in FP8_RECIPES and fp8_backend(p) == "te":
         recipe, default_format = FP8_RECIPES[p.name]
         out.update(fp8=p.fp8_format or default_format, fp8_recipe=recipe)
         if recipe == "delayed":

@@ -21,14 +21,19 @@ def test_dry_run_validates_every_command(capsys):
     assert gpu_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     names = [c.name for c in gpu_check.plan()]
-    assert names == ["gpu_tests", "dense_mb1", "dense_mb1_graph", "dense_mb2", "moe_mb1", "long_context",
-                     "dense_mb2_graph", "long_context_docs", "fp8_current_mb1", "fp8_delayed_mb1"]
+    assert names == ["gpu_tests", "dense_mb1", "dense_mb1_graph", "dense_mb2", "fp8_dense_mb1", "fp8_dense_mb2",
+                     "moe_mb1", "fp8_moe_mb1", "long_context", "dense_mb2_graph", "long_context_docs",
+                     "fp8_te_current_mb1", "fp8_te_delayed_mb1", "bf16_dense_50", "fp8_dense_50"]
     assert "INVALID" not in out and "tests/test_gpu.py" in out
+    for name, baseline in (("fp8_dense_mb1", "dense_mb1"), ("fp8_dense_mb2", "dense_mb2"), ("fp8_moe_mb1", "moe_mb1"),
+                           ("fp8_dense_50", "bf16_dense_50")):
+        assert f"FP8 via torchao, compared with {baseline}\n" in out, name
     assert "qwen3_30b_a3b (2 layers), bf16, seq 4096, micro-batch 1, global batch 8" in out
     assert "seq 32768, micro-batch 1, global batch 1, document_mask=True" in out
     for c in gpu_check.plan():
         assert ("--compare" in c.argv) == (c.name.startswith(("dense", "moe")) and not c.name.endswith("_graph")), c.name
-        assert c.needs_te == c.name.startswith("fp8"), c.name
+        assert c.needs_te == c.name.startswith("fp8_te_"), c.name
+        assert (c.baseline is not None) == (c.name.startswith("fp8_") and not c.needs_te), c.name
         assert ("train.cuda_graph=true" in c.argv) == c.name.endswith("_graph"), c.name
     graph_mb = {c.name: [a for a in c.argv if a.startswith("train.micro_batch_size=")] for c in gpu_check.plan()}
     assert graph_mb["dense_mb1_graph"] == graph_mb["dense_mb1"] and graph_mb["dense_mb2_graph"] == graph_mb["dense_mb2"]
@@ -119,3 +124,45 @@ def test_bench_numbers_from_a_compare_json(tmp_path):
     assert (n["peak_memory_gib"], n["peer_peak_memory_gib"], n["first_loss"], n["last_loss"]) == (40, 30, 12.0, 9.0)
     row = gpu_check.table([gpu_check.Outcome("dense_mb1", "cmd", "ok", 0, 60.0, 150, n)]).splitlines()[1]
     assert row.split()[:8] == ["dense_mb1", "ok", "60", "30,000", "45.0", "20,000", "1.50", "40.0"]
+
+
+def test_fp8_twin_differs_from_its_baseline_only_in_precision():
+    plan = {c.name: c for c in gpu_check.plan()}
+    for name in ("fp8_dense_mb1", "fp8_moe_mb1", "fp8_dense_50"):
+        twin, base = plan[name], plan[plan[name].baseline]
+        assert [a for a in twin.argv if a not in gpu_check.FP8_TORCHAO] == \
+            [a for a in base.argv if a not in ("precision=bf16", "--compare", "transformers")]
+
+
+def test_dry_run_rejects_an_fp8_check_that_cannot_compare(monkeypatch, capsys):
+    """A twin whose steps (and so learning-rate schedule) differ from its baseline's, and one whose
+    baseline comes after it, are invalid."""
+    Check = gpu_check.Check
+    base = Check("base", ["tools.bench_train", "--warmup", "1", "--steps", "2", "model=qwen3_debug", "precision=bf16"], 60)
+    longer = Check("longer", ["tools.bench_train", "--warmup", "1", "--steps", "3", "model=qwen3_debug",
+                              *gpu_check.FP8_TORCHAO], 60, baseline="base")
+    early = gpu_check.fp8_twin(base, "early")
+    monkeypatch.setattr(gpu_check, "plan", lambda: [early, base, longer])
+    assert gpu_check.main(["--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert "longer (limit 60 s): INVALID: train.steps differs from base's" in out
+    assert "early (limit 60 s): INVALID: baseline base is not a check before it" in out
+    monkeypatch.setattr(gpu_check, "plan", lambda: [base, early])
+    assert gpu_check.main(["--dry-run"]) == 0
+
+
+def test_fp8_numbers_against_the_bf16_baseline(capsys):
+    Outcome = gpu_check.Outcome
+    numbers = dict(tokens_per_s=30000.0, mfu=0.3, peak_memory_gib=40.0, last_loss=10.1, steps=8)
+    base = Outcome("dense_mb2", "cmd", "ok", 0, 60.0, 150, dict(numbers, tokens_per_s=20000.0, last_loss=10.0))
+    fp8 = Outcome("fp8_dense_mb2", "cmd", "ok", 0, 60.0, 150, dict(numbers))
+    gpu_check.against_baseline(fp8, base)
+    assert fp8.numbers["over_baseline"] == 1.5 and fp8.numbers["loss_gap"] == pytest.approx(0.01)
+    row = gpu_check.table([base, fp8]).splitlines()[2]
+    assert row.split()[:7] == ["fp8_dense_mb2", "ok", "60", "30,000", "30.0", "20,000", "1.50"]
+    assert "loss +1.00% after 8 steps" in row
+    lost = Outcome("fp8_dense_mb1", "cmd", "ok", 0, 60.0, 150, dict(numbers))
+    gpu_check.against_baseline(lost, Outcome("dense_mb1", "cmd", "oom"))
+    assert "over_baseline" not in lost.numbers and "dense_mb1 oom" in lost.note
+    gpu_check.against_baseline(lost, None)
+    assert "not run" in lost.note
