@@ -1,6 +1,12 @@
 """End-to-end tokenization benchmark against a Megatron-LM-style baseline, in one run.
 
     python -m data_prep.bench [--input CORPUS.jsonl] [--size-mb 20] [--workers 1 2]
+    python -m data_prep.bench --dedup [--docs 10000 20000] [--tasks 1 4] [--no-datatrove]
+
+`--dedup` measures `data_prep.dedup` on a planted-duplicates corpus (`data_prep.planted`) at
+each size: precision, recall on exact / 1%-edited / paragraph-shuffled copies and on all planted
+copies, partial-overlap documents removed (should be 0), CPU seconds and peak RSS, next to
+datatrove's own MinHash stages with the same shingles and bands.
 
 Without `--input` it writes a corpus of Python source files from this interpreter's standard
 library (real code text, available offline) as `{"text": ...}` lines. For each worker count it
@@ -24,6 +30,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -127,6 +134,112 @@ def same_files(a: Path, b: Path) -> bool:
     return all(Path(f"{a}{e}").read_bytes() == Path(f"{b}{e}").read_bytes() for e in (".bin", ".idx"))
 
 
+# --- dedup benchmark: ours vs datatrove's MinHash on a planted-duplicates corpus ------------------
+def _measured(cmd: List[str]) -> dict:
+    """Run `cmd`; its CPU seconds (user + system, children included) and peak RSS in MiB."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err.decode(errors='replace')[-2000:]}")
+    return {"cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss / 1024, "wall": time.perf_counter() - t0}
+
+
+def _ours_removed(out: Path, ids: List[int]) -> List[tuple]:
+    pairs = []
+    for p in sorted((out / "removed").glob("*.jsonl")):
+        for line in p.open(encoding="utf-8"):
+            r = json.loads(line)
+            if "duplicate_of" in r:
+                pairs.append((ids[r["line"] - 1], ids[int(r["duplicate_of"].rsplit(":", 1)[1]) - 1]))
+    return pairs
+
+
+def _datatrove_removed(out: Path, ids: List[int]) -> List[tuple]:
+    """(removed, kept document of its cluster) from datatrove's .remove and .clusters files."""
+    import numpy as np
+
+    removed = set(np.fromfile(out / "clusters" / "000000.remove", "<u4").tolist()) \
+        if (out / "clusters" / "000000.remove").is_file() else set()
+    pairs = np.fromfile(out / "clusters" / "000000.clusters", "<u4").reshape(-1, 2) \
+        if (out / "clusters" / "000000.clusters").is_file() else np.zeros((0, 2), np.uint32)
+    kept = {cid: doc for doc, cid in pairs.tolist() if doc not in removed}
+    return [(ids[doc], ids[kept[cid]]) for doc, cid in pairs.tolist() if doc in removed]
+
+
+def run_datatrove_minhash(corpus: str, out: str, bands: int, rows: int) -> None:
+    """datatrove's MinHash stages 1-3 (signatures, buckets, clusters), one process, with our
+    settings: word 5-grams of the same words (its English word splitter needs spaCy), `bands` x `rows`
+    (datatrove links the documents of a bucket without confirming their similarity)."""
+    import datatrove.pipeline.dedup.minhash as dt_minhash
+    from datatrove.data import Document
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                  MinhashDedupSignature)
+
+    from data_prep.quality import words
+
+    class Words:
+        def word_tokenize(self, text):
+            return words(text)
+
+    dt_minhash.load_word_tokenizer = lambda language: Words()
+
+    def reader(data, rank=0, world_size=1):
+        with open(corpus, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                yield Document(text=json.loads(line)["text"], id=str(i))
+
+    # sha1 shingle hashes: datatrove's xxhash path needs xxhash<4, older than what is installed here.
+    cfg = MinhashConfig(n_grams=5, num_buckets=bands, hashes_per_bucket=rows, hash_config=HashConfig(64, "sha1"))
+    o = Path(out)
+    stages = [([reader, MinhashDedupSignature(str(o / "sigs"), cfg)], 1),
+              ([MinhashDedupBuckets(str(o / "sigs"), str(o / "buckets"), config=cfg)], bands),
+              ([MinhashDedupCluster(str(o / "buckets"), str(o / "clusters"), config=cfg, save_cluster_id=True)], 1)]
+    for i, (pipeline, tasks) in enumerate(stages):
+        LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=str(o / f"logs{i}")).run()
+
+
+def bench_dedup(sizes: Sequence[int], tasks: Sequence[int], work: Path, datatrove: bool, chunk_mb: float = 8.0,
+                buffer_records: int = 200_000) -> None:
+    """Precision/recall, CPU seconds and peak RSS of our pipeline (its tasks run one after another
+    in one process, `--workers 1`, so the peak is the largest task's) and of datatrove's MinHash.
+    Shards of `chunk_mb` and runs of `buffer_records` keys: what bounds a task's memory."""
+    from data_prep.planted import score, write_planted_corpus
+
+    print(f"dedup: shards of {chunk_mb} MB, key runs of {buffer_records:,} records, 20 bands x 6 rows, "
+          "threshold 0.8; CPU = user + system of the whole run")
+
+    print(f"{'docs':>7} {'engine':<11}{'tasks':>5} {'prec':>7} {'exact':>6} {'1%':>6} {'shuf':>6} {'all':>6} "
+          f"{'partial':>7} {'CPU s':>7} {'RSS MiB':>8}")
+    for n in sizes:
+        corpus = work / f"planted{n}.jsonl"
+        truth = write_planted_corpus(corpus, n)
+        ids = [json.loads(line)["id"] for line in corpus.open(encoding="utf-8")]
+        runs = []
+        for t in tasks:
+            out = work / f"ours{n}_{t}"
+            shutil.rmtree(out, ignore_errors=True)
+            m = _measured([sys.executable, "-m", "data_prep.dedup", "--input", str(corpus), "--output", str(out),
+                           "--tasks", str(t), "--workers", "1", "--chunk-mb", str(chunk_mb),
+                           "--buffer-records", str(buffer_records)])
+            runs.append((f"ours", t, score(truth, _ours_removed(out, ids)), m))
+        if datatrove:
+            out = work / f"datatrove{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            m = _measured([sys.executable, "-m", "data_prep.bench", "--datatrove-run", str(corpus), str(out)])
+            runs.append(("datatrove", 1, score(truth, _datatrove_removed(out, ids)), m))
+        for name, t, s, m in runs:
+            print(f"{n:>7} {name:<11}{t:>5} {s['precision']:>7.4f} {s['recall_exact']:>6.3f} {s['recall_edit1']:>6.3f} "
+                  f"{s['recall_shuffled']:>6.3f} {s['recall_all']:>6.3f} {s['partial_removed']:>7.3f} "
+                  f"{m['cpu']:>7.1f} {m['rss']:>8.0f}", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n")[0])
     p.add_argument("--input", help="a .jsonl corpus with a 'text' field (default: generate one)")
@@ -135,7 +248,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--tokenizer", default="qwen2", help="Qwen family for both sides")
     p.add_argument("--chunk-mb", type=float, default=32.0, help="our byte-chunk size for plain .jsonl")
     p.add_argument("--workdir", help="where to write outputs (default: a temp dir, removed)")
+    p.add_argument("--dedup", action="store_true", help="benchmark data_prep.dedup instead (planted duplicates)")
+    p.add_argument("--docs", type=int, nargs="+", default=[10000, 20000], help="--dedup: corpus sizes")
+    p.add_argument("--tasks", type=int, nargs="+", default=[1, 4], help="--dedup: task counts of our runs")
+    p.add_argument("--no-datatrove", action="store_true", help="--dedup: skip datatrove's MinHash")
+    p.add_argument("--dedup-chunk-mb", type=float, default=8.0, help="--dedup: shard size of our runs")
+    p.add_argument("--buffer-records", type=int, default=200_000, help="--dedup: sorted key run size")
+    p.add_argument("--datatrove-run", nargs=2, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.datatrove_run:
+        run_datatrove_minhash(*a.datatrove_run, bands=20, rows=6)
+        return 0
+    if a.dedup:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(a.workdir or tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            bench_dedup(a.docs, a.tasks, work, not a.no_datatrove, a.dedup_chunk_mb, a.buffer_records)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -213,3 +213,47 @@ def merge(prefixes: Sequence[Path], out_prefix: Path, vocab_size: int) -> tuple[
     fsync_rename(bin_tmp, bin_path(out_prefix))
     fsync_rename(idx_tmp, idx_path(out_prefix))
     return len(all_lengths), int(all_lengths.sum(dtype=np.int64))
+
+
+def _merge_inputs(inputs: Sequence[str]) -> List[Path]:
+    """Prefixes from the arguments: a prefix, a `.bin`/`.idx` file, or a directory (its `*.idx`, sorted)."""
+    out: List[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q.with_suffix("") for q in p.glob("*.idx"))
+            if not found:
+                raise FileNotFoundError(f"{p}: directory holds no .idx file")
+            out += found
+        else:
+            out.append(p.with_suffix("") if p.suffix in (".bin", ".idx") else p)
+    return out
+
+
+def main(argv=None) -> int:
+    """`python -m data_prep.indexed merge --output PREFIX IN...`: concatenate indexed datasets, in
+    the order given (a directory: its prefixes in name order), into PREFIX.bin/.idx."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.indexed", description=main.__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="concatenate datasets into one")
+    m.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    m.add_argument("inputs", nargs="+", help="dataset prefixes or directories of them, in order")
+    a = p.parse_args(argv)
+    try:
+        prefixes = _merge_inputs(a.inputs)
+        first = IndexedReader(prefixes[0]).dtype
+        vocab = 1 if first == np.dtype(np.uint16) else 1 << 17  # what optimal_dtype maps to this dtype
+        check_writable_dir(Path(a.output).absolute().parent, "merged dataset")
+        docs, tokens = merge(prefixes, Path(a.output), vocab)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {a.output}.bin / .idx: {docs:,} docs, {tokens:,} tokens from {len(prefixes)} datasets")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -165,25 +165,35 @@ def iter_records(files: Sequence[str], key: str, max_bytes: int = DEFAULT_MAX_RE
     """Yield `(file, line, text or None, original JSON line, reject reason)` for every record
     (the line is "" for a record that was not read: too large, or lost to a damaged file)."""
     for path in files:
-        if file_kind(path) == "parquet":
-            yield from _parquet_records(path, key, max_bytes)
+        kind = file_kind(path)
+        for line, text, raw, bad in iter_shard_records(Shard(path, kind, 0, 0, 1 << 62), key, max_bytes):
+            yield path, line, text, raw, bad
+
+
+def iter_shard_records(shard: Shard, key: str, max_bytes: int = DEFAULT_MAX_RECORD_BYTES
+                       ) -> Iterator[Tuple[int, Optional[str], str, Optional[str]]]:
+    """`(line, text or None, original JSON line, reject reason)` for every record of one shard (a
+    whole file, or a byte range of a plain .jsonl: lines then count from the range's first line)."""
+    if shard.kind == "parquet":
+        for _, row, text, raw, bad in _parquet_records(shard.path, key, max_bytes):
+            yield row, text, raw, bad
+        return
+    line_no = 0
+    lines = _stream_lines(shard, max_bytes)
+    while True:
+        try:
+            raw = next(lines)
+        except StopIteration:
+            break
+        except CorruptFileError:
+            yield line_no + 1, None, "", "corrupt_file"
+            break
+        line_no += 1
+        if raw.__class__ is LongLine:
+            yield line_no, None, "", "too_large"
             continue
-        line_no = 0
-        lines = _stream_lines(Shard(path, file_kind(path), 0, 0, 1 << 62), max_bytes)
-        while True:
-            try:
-                raw = next(lines)
-            except StopIteration:
-                break
-            except CorruptFileError:
-                yield path, line_no + 1, None, "", "corrupt_file"
-                break
-            line_no += 1
-            if raw.__class__ is LongLine:
-                yield path, line_no, None, "", "too_large"
-                continue
-            text, bad = parse_line(raw, key)
-            yield path, line_no, text, raw.decode("utf-8", "replace").rstrip("\r\n"), bad and bad[0]
+        text, bad = parse_line(raw, key)
+        yield line_no, text, raw.decode("utf-8", "replace").rstrip("\r\n"), bad and bad[0]
 
 
 def _parquet_records(path: str, key: str, max_bytes: int):

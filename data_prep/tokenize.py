@@ -3,6 +3,7 @@
     python -m data_prep.tokenize --input 'data/*.jsonl.zst' --output-prefix out/web \\
         --tokenizer qwen2 [--text-key text] [--workers N] [--append-eod] [--strict] \\
         [--max-record-bytes 16MiB]
+    python -m data_prep.tokenize ... --executor local --tasks N   # or: --executor slurm --partition P
 
 Inputs are split into shards (one per compressed/parquet file, byte chunks of plain `.jsonl`),
 each encoded by a worker process into its own `.bin/.idx` under `OUT.shards/`, then merged in
@@ -13,6 +14,11 @@ listed with file:line in `OUT.rejects.jsonl` (or, with --strict, the first one i
 truncated or corrupted compressed file keeps the records before the damage and adds one
 `corrupt_file` reject at the first line lost; the other files go on (--strict: fatal). Empty
 inputs are refused: a 0-byte file or one with no records, and a run that would write no document.
+
+With `--executor`, the shards are encoded by N datatrove tasks (a local process pool, or a Slurm
+array; the datatrove stages below), each resumable from its completion marker, and one merge
+task then writes the same files as a one-process run; `--dry-run` prints the sbatch scripts.
+`python -m data_prep.indexed merge` merges kept shards (`--keep-shards`) or other datasets later.
 
 Inputs are untrusted: a record longer than --max-record-bytes (default 16 MiB, about 4M tokens)
 is skipped without being held in memory and listed as `too_large`; JSON nested deeper than 100
@@ -28,13 +34,16 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from data_prep import indexed
+from datatrove.pipeline.base import PipelineStep
+
+from data_prep import engine, indexed
 from data_prep.indexed import check_writable_dir
 from data_prep.readers import (DEFAULT_MAX_RECORD_BYTES, REASONS, Shard, count_lines_before, expand_inputs,
                                 iter_batches, parse_size, plan_shards)
@@ -104,6 +113,7 @@ def encode_shard(shard: Shard, prefix: Path, opts: Options,
     """Encode one shard into `prefix.{bin,idx}`, its rejects and its stats; return the stats."""
     tok = _tokenizer(opts.tokenizer)
     eod = [tok.eod] if opts.append_eod else []
+    t0 = time.perf_counter()
     writer = indexed.IndexedWriter(prefix, tok.vocab_size)
     rej_path = Path(f"{prefix}.rejects.jsonl")
     stats = {"path": shard.path, "chunk": shard.chunk, "docs": 0, "tokens": 0, "lines": 0,
@@ -132,6 +142,7 @@ def encode_shard(shard: Shard, prefix: Path, opts: Options,
                 stats["bytes"] += n_bytes
                 if progress:
                     progress(len(docs), n_tok, n_bytes, len(rejects))
+        stats["seconds"] = time.perf_counter() - t0
         stats_path = Path(f"{prefix}.stats.json")
         with open(indexed.tmp_path(stats_path), "w", encoding="utf-8") as f:
             json.dump(stats, f)
@@ -279,18 +290,44 @@ def _refuse_empty_results(files: Sequence[str], prefixes: Sequence[Path], output
                               "an empty dataset")
 
 
+def plan(inputs: Sequence[str], output_prefix: str, opts: Options, chunk_mb: float, workers: int,
+         create: bool = True) -> tuple:
+    """`(files, shards, shard prefixes, work dir)` of a run; the work dir is created unless `create` is False."""
+    files = expand_inputs(inputs)
+    _refuse_empty_files(files)
+    shards = plan_shards(files, _chunk_bytes(files, chunk_mb, workers))
+    work_dir = Path(f"{output_prefix}.shards")
+    if create:
+        check_writable_dir(Path(output_prefix).absolute().parent, "dataset")
+        work_dir.mkdir(exist_ok=True)
+    return files, shards, [shard_prefix(work_dir, s, opts) for s in shards], work_dir
+
+
+def finish(files, shards, prefixes, output_prefix: str, opts: Options, summary: "Summary",
+           keep_shards: bool) -> "Summary":
+    """Merge the finished shards (in input order) into `output_prefix`, write its rejects and
+    summary, remove the shards unless `keep_shards`."""
+    _merge_rejects(shards, prefixes, Path(f"{output_prefix}.rejects.jsonl"))
+    _refuse_empty_results(files, prefixes, output_prefix)
+    vocab_size = _tokenizer(opts.tokenizer).vocab_size
+    docs, tokens = indexed.merge(prefixes, Path(output_prefix), vocab_size)
+    if (summary.docs, summary.tokens) != (docs, tokens):
+        raise RuntimeError(f"merged {docs} docs/{tokens} tokens but shard stats say "
+                           f"{summary.docs}/{summary.tokens}; shards in {output_prefix}.shards are inconsistent")
+    tmp = indexed.tmp_path(f"{output_prefix}.summary.json")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(asdict(summary), f, indent=2)
+    os.replace(tmp, f"{output_prefix}.summary.json")
+    if not keep_shards:
+        shutil.rmtree(f"{output_prefix}.shards")
+    return summary
+
+
 def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: int = 1,
              chunk_mb: float = 32.0, keep_shards: bool = False, quiet: bool = False) -> Summary:
     """Tokenize `inputs` (paths, globs, directories) into `output_prefix.{bin,idx}`."""
     t0 = time.perf_counter()
-    files = expand_inputs(inputs)
-    _refuse_empty_files(files)
-    shards = plan_shards(files, _chunk_bytes(files, chunk_mb, workers))
-    out = Path(output_prefix)
-    check_writable_dir(out.absolute().parent, "dataset")
-    work_dir = Path(f"{output_prefix}.shards")
-    work_dir.mkdir(exist_ok=True)
-    prefixes = [shard_prefix(work_dir, s, opts) for s in shards]
+    files, shards, prefixes, work_dir = plan(inputs, output_prefix, opts, chunk_mb, workers)
     jobs = [(s, p, opts) for s, p in zip(shards, prefixes) if not is_done(p)]
     if not quiet and len(jobs) < len(shards):
         print(f"resuming: {len(shards) - len(jobs)} of {len(shards)} shards already done", file=sys.stderr)
@@ -299,24 +336,17 @@ def tokenize(inputs: Sequence[str], output_prefix: str, opts: Options, workers: 
         _run_shards(jobs, workers, progress)
     finally:
         progress.close()
-    _merge_rejects(shards, prefixes, Path(f"{output_prefix}.rejects.jsonl"))
-    _refuse_empty_results(files, prefixes, output_prefix)
-    vocab_size = _tokenizer(opts.tokenizer).vocab_size
-    docs, tokens = indexed.merge(prefixes, out, vocab_size)
-    summary = _summarize(files, shards, prefixes, len(shards) - len(jobs), progress, t0)
-    if (summary.docs, summary.tokens) != (docs, tokens):
-        raise RuntimeError(f"merged {docs} docs/{tokens} tokens but shard stats say "
-                           f"{summary.docs}/{summary.tokens}; shards in {work_dir} are inconsistent")
-    with open(f"{output_prefix}.summary.json", "w", encoding="utf-8") as f:
-        json.dump(asdict(summary), f, indent=2)
-    if not keep_shards:
-        shutil.rmtree(work_dir)
-    return summary
+    summary = _summarize(files, shards, prefixes, len(shards) - len(jobs),
+                         (progress.docs, progress.tokens, progress.bytes), t0)
+    return finish(files, shards, prefixes, output_prefix, opts, summary, keep_shards)
 
 
-def _summarize(files, shards, prefixes, skipped, progress: Progress, t0: float) -> Summary:
+def _summarize(files, shards, prefixes, skipped, run_totals: tuple, t0: Optional[float]) -> Summary:
+    """Totals from the shards' stats; `t0` None: the time is the sum of the shards' encode times
+    (a sharded run: the throughput is then per task)."""
     s = Summary(files=len(files), shards=len(shards), shards_skipped=skipped, rejects=dict.fromkeys(REASONS, 0),
                 corrupt=[])
+    encode_seconds = 0.0
     for prefix in prefixes:
         with open(f"{prefix}.stats.json", encoding="utf-8") as f:
             st = json.load(f)
@@ -325,11 +355,99 @@ def _summarize(files, shards, prefixes, skipped, progress: Progress, t0: float) 
         s.docs += st["docs"]
         s.tokens += st["tokens"]
         s.bytes += st["bytes"]
+        encode_seconds += st.get("seconds", 0.0)
         for k, v in st["rejects"].items():
             s.rejects[k] += v
-    s.seconds = time.perf_counter() - t0
-    s.run_docs, s.run_tokens, s.run_bytes = progress.docs, progress.tokens, progress.bytes
+    s.seconds = time.perf_counter() - t0 if t0 is not None else encode_seconds
+    s.run_docs, s.run_tokens, s.run_bytes = run_totals
     return s
+
+
+# ---------------------------------------------------------------- as datatrove stages
+
+
+def plan_path(output_prefix: str) -> Path:
+    return Path(f"{output_prefix}.logs") / "plan.json"
+
+
+def write_plan(output_prefix: str, files, shards, prefixes, opts, keep_shards: bool) -> None:
+    """Store the plan; refuse an output prefix whose earlier run had other inputs or options."""
+    plan = {"files": list(files), "shards": [asdict(s) for s in shards], "prefixes": [str(p) for p in prefixes],
+            "options": asdict(opts), "keep_shards": keep_shards}
+    path = plan_path(output_prefix)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != plan:
+            diff = [k for k in plan if old.get(k) != plan[k]]
+            raise ValueError(f"{path}: an earlier run of {output_prefix} had other {', '.join(diff)}; rerun it "
+                             f"with the same arguments, or remove {path.parent} to start over")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=1))
+    os.replace(tmp, path)
+
+
+class _TokenizeStage(PipelineStep):
+    type = "tokenize"
+
+    def __init__(self, output_prefix: str):
+        super().__init__()
+        self.output_prefix = output_prefix
+
+    def load(self):
+        plan = json.loads(plan_path(self.output_prefix).read_text())
+        shards = [Shard(**s) for s in plan["shards"]]
+        return plan, shards, [Path(p) for p in plan["prefixes"]], Options(**plan["options"])
+
+
+class EncodeShards(_TokenizeStage):
+    name = "encode"
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        _, shards, prefixes, opts = self.load()
+        for i in range(rank, len(shards), world_size):
+            if is_done(prefixes[i]):
+                continue
+            st = encode_shard(shards[i], prefixes[i], opts)
+            self.stat_update("documents", value=st["docs"], unit="task")
+            self.stat_update("tokens", value=st["tokens"], unit="task")
+        return data
+
+
+class MergeShards(_TokenizeStage):
+    name = "merge"
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        plan, shards, prefixes, opts = self.load()
+        summary = _summarize(plan["files"], shards, prefixes, 0, (0, 0, 0), None)
+        summary.run_docs, summary.run_tokens, summary.run_bytes = summary.docs, summary.tokens, summary.bytes
+        finish(plan["files"], shards, prefixes, self.output_prefix, opts, summary, plan["keep_shards"])
+        return data
+
+
+def tokenize_tasks(inputs: Sequence[str], output_prefix: str, opts: Options, tasks: int, executor: str = "local",
+                   workers: Optional[int] = None, chunk_mb: float = 32.0, keep_shards: bool = False,
+                   slurm=None, dry: bool = False):
+    """Tokenize as datatrove stages (`EncodeShards`, `MergeShards`): `tasks` encode tasks, then a
+    merge task. Local: runs them and returns the Summary; slurm: submits them and returns the job
+    ids; `dry`: returns what would run."""
+
+    engine.check_executor(executor, tasks, slurm)
+    output_prefix = str(Path(output_prefix).absolute())
+    files, shards, prefixes, _ = plan(inputs, output_prefix, opts, chunk_mb, tasks, create=not dry)
+    pipelines = [("encode", [EncodeShards(output_prefix)], tasks), ("merge", [MergeShards(output_prefix)], 1)]
+    logs = Path(f"{output_prefix}.logs")
+    workers = workers or min(tasks, os.cpu_count() or 1)
+    if dry:
+        return (f"{len(files)} input files, {len(shards)} shards\n"
+                + engine.dry_run(pipelines, logs, executor, workers, slurm))
+    write_plan(output_prefix, files, shards, prefixes, opts, keep_shards)
+    jobs = engine.run_pipelines(pipelines, logs, executor, workers, slurm)
+    if executor == "slurm":
+        return jobs
+    with open(f"{output_prefix}.summary.json", encoding="utf-8") as f:
+        return Summary(**json.load(f))
 
 
 def format_summary(s: Summary, output_prefix: str) -> str:
@@ -362,14 +480,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--chunk-mb", type=float, default=32.0, help="split plain .jsonl files into chunks this big")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--executor", choices=("local", "slurm"),
+                   help="run as datatrove tasks (an encode task array, then a merge task), resumable per task; "
+                        "without it: --workers processes in this one")
+    p.add_argument("--tasks", type=int, default=1, help="encode tasks with --executor")
+    p.add_argument("--dry-run", action="store_true", help="with --executor: print the stages (and sbatch scripts)")
+    engine.add_slurm_args(p, "tokenize")
     a = p.parse_args(argv)
     opts = Options(a.tokenizer, a.text_key, a.append_eod, a.strict, max_record_bytes=a.max_record_bytes)
     try:
-        summary = tokenize(a.input, a.output_prefix, opts, a.workers, a.chunk_mb, a.keep_shards, a.quiet)
+        if a.executor is None:
+            if a.dry_run or a.tasks != 1:
+                raise ValueError("--tasks and --dry-run need --executor local or --executor slurm")
+            summary = tokenize(a.input, a.output_prefix, opts, a.workers, a.chunk_mb, a.keep_shards, a.quiet)
+        else:
+            summary = tokenize_tasks(a.input, a.output_prefix, opts, a.tasks, a.executor, None, a.chunk_mb,
+                                     a.keep_shards, engine.slurm_options(a), a.dry_run)
     except (BadRecordError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_summary(summary, a.output_prefix))
+    except subprocess.CalledProcessError as e:
+        print(f"error: {' '.join(map(str, e.cmd))} failed (exit {e.returncode}); see its message above",
+              file=sys.stderr)
+        return 1
+    if isinstance(summary, Summary):
+        print(format_summary(summary, a.output_prefix))
+    elif isinstance(summary, dict):
+        print("submitted: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        print(f"the summary will be in {a.output_prefix}.summary.json")
+    else:
+        print(summary)
     return 0
 
 

@@ -161,7 +161,7 @@ JobRequeue=1
 KillWait=10
 MinJobAge=300
 InactiveLimit=0
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_real_memory_mb()} State=UNKNOWN
 PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
 
@@ -225,6 +225,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
             time.sleep(0.5)
         raise SlurmError(f"job {job_id} not in {states} after {timeout:.0f}s: {info.get('JobState')} "
                          f"(reason {info.get('Reason')}); slurmctld log: {self._tail('log/slurmctld.log')}")
+
+
+def _real_memory_mb() -> int:
+    """Most of this machine's memory, in MB: jobs that ask for memory (--mem-per-cpu) can then be
+    placed; slurmd drains a node that has less than its configured RealMemory."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9) >> 20
 
 
 def _terminate(pid: int, timeout: float = 15.0) -> None:

@@ -122,6 +122,41 @@ def test_output_independent_of_workers_and_chunking(corpus, tmp_path):
         assert Path(str(a) + ext).read_bytes() == Path(str(b) + ext).read_bytes()
 
 
+def test_sharded_tasks_after_merge_equal_one_process(corpus, tmp_path, capsys):
+    """--executor local --tasks 3 (datatrove encode tasks + merge task) writes the same files as
+    one process; a rerun finds every task done; the kept shards merged by the `indexed merge`
+    command give the same dataset again."""
+    d, order = corpus
+    one, many = tmp_path / "one", tmp_path / "many"
+    tokenize([str(d)], str(one), Options(), workers=1, quiet=True)
+    args = ["--input", str(d), "--output-prefix", str(many), "--executor", "local", "--tasks", "3",
+            "--chunk-mb", "0.05", "--keep-shards", "--quiet"]
+    assert main(args) == 0
+    assert f"{len(order):,} docs" in capsys.readouterr().out
+    for ext in (".bin", ".idx", ".rejects.jsonl"):
+        assert Path(str(one) + ext).read_bytes() == Path(str(many) + ext).read_bytes(), ext
+    stats = list(Path(f"{many}.shards").glob("*.stats.json"))
+    assert len(stats) > 3  # more shards than tasks: tasks took several
+    assert main(args) == 0  # resumed: nothing left to do, same summary
+    assert f"{len(order):,} docs" in capsys.readouterr().out
+    plan = json.loads((Path(f"{many}.logs") / "plan.json").read_text())
+    assert indexed.main(["merge", "--output", str(tmp_path / "merged"), *plan["prefixes"]]) == 0
+    for ext in (".bin", ".idx"):
+        assert Path(str(one) + ext).read_bytes() == (tmp_path / f"merged{ext}").read_bytes()
+    assert main(args[:-4] + ["--chunk-mb", "1", "--quiet"]) == 1  # other settings for the same prefix: refused
+    assert "had other shards" in capsys.readouterr().err
+
+
+def test_sharded_dry_run_slurm(corpus, tmp_path, capsys):
+    d, _ = corpus
+    out = tmp_path / "x"
+    assert main(["--input", str(d), "--output-prefix", str(out), "--executor", "slurm", "--partition", "cpu",
+                 "--tasks", "8", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "#SBATCH --array=0-7" in text and "stage merge: 1 task(s), after encode succeeded" in text
+    assert not list(tmp_path.iterdir())
+
+
 BAD_LINES = [
     # (raw line bytes, reason or None for a good record)
     (b'{"text": "good one"}', None),

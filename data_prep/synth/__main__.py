@@ -5,6 +5,7 @@
     python -m data_prep.synth model --tasks math:linear --n 100 --base-url http://localhost:8000 \\
         --model NAME [--chat] --samples 4 --temperature 0.8 --out model_math.jsonl
     python -m tools.synth model --tasks tasks.jsonl --ckpt CKPT [--tokenizer qwen3] ...   # our own model
+    python -m tools.synth model ... --rm RM_CKPT [--rm-keep best|N|all]   # ranked by a reward model
 
 (data_prep depends on no training code: sampling from a Megatron checkpoint is `tools.synth`,
 the same command with the training runtime as one more backend.)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from itertools import chain, islice
+from typing import Optional
 
 from data_prep.readers import read_json_lines
 from data_prep.synth import backends, code_gen, math_gen
@@ -43,7 +45,21 @@ def _load_tasks(spec: str, n: int, seed: int):
     return [task for _, task in islice(read_json_lines(spec), n)]
 
 
-def _model(a, checkpoint_backend) -> int:
+def _rm_keep(value: str) -> Optional[int]:
+    """--rm-keep: best (1), all (None) or a positive number of completions per problem."""
+    if value in ("best", "all"):
+        return 1 if value == "best" else None
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not best, all or a positive integer")
+
+
+def _model(a, checkpoint_backend, rm_scorer=None) -> int:
+    if a.rm:
+        if rm_scorer is None:
+            raise ValueError("--rm ranks by a reward model, which needs the training runtime: "
+                             "run python -m tools.synth with the same arguments")
+        rm_scorer.check(a.rm)  # before any sampling
     tasks = _load_tasks(a.tasks, a.n, a.seed)
     if a.ckpt:
         if checkpoint_backend is None:
@@ -55,13 +71,17 @@ def _model(a, checkpoint_backend) -> int:
         records = backends.rejection_sample(backend, tasks, a.samples, a.temperature, a.max_tokens, a.seed)
     else:
         raise ValueError("model synthesis needs --ckpt (our model) or --base-url and --model (an endpoint)")
+    if a.rm:  # Qwen2.5-Math's RM-ranked rejection sampling: the verified completions the RM scores best
+        records = list(records)
+        records = backends.keep_best_scored(records, rm_scorer.score(a, records), a.rm_keep)
     return write_jsonl(records, a.out)
 
 
-def main(argv=None, checkpoint_backend=None, prog: str = "python -m data_prep.synth") -> int:
+def main(argv=None, checkpoint_backend=None, prog: str = "python -m data_prep.synth", rm_scorer=None) -> int:
     """Command-line entry; returns the exit status (2 with a one-line message on bad input).
 
-    `checkpoint_backend(args, tasks) -> records` serves `model --ckpt` (tools.synth passes one)."""
+    `checkpoint_backend(args, tasks) -> records` serves `model --ckpt`, and `rm_scorer` (with
+    `check(path)` and `score(args, records) -> scores`) serves `model --rm` (tools.synth passes both)."""
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="mode", required=True)
     p = sub.add_parser("programmatic", help="generated problems with computed answers / tests")
@@ -79,13 +99,17 @@ def main(argv=None, checkpoint_backend=None, prog: str = "python -m data_prep.sy
     m.add_argument("--temperature", type=float, default=0.8)
     m.add_argument("--top-p", type=float, default=1.0)
     m.add_argument("--max-tokens", type=int, default=512)
+    m.add_argument("--rm", help="keep, per problem, the verified completions this reward model checkpoint scores "
+                                "best, with their scores (python -m tools.synth)")
+    m.add_argument("--rm-keep", type=_rm_keep, default=1, metavar="best|N|all",
+                   help="with --rm: the best completion (default), the N best, or all of them, per problem")
     for q in (p, m):
         q.add_argument("--n", type=int, default=100, help="records (programmatic) / tasks (model)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     try:
-        n = _programmatic(a) if a.mode == "programmatic" else _model(a, checkpoint_backend)
+        n = _programmatic(a) if a.mode == "programmatic" else _model(a, checkpoint_backend, rm_scorer)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

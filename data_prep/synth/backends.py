@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from typing import Dict, Iterable, Iterator, List, Optional, Protocol
+from typing import Dict, Iterable, Iterator, List, Optional, Protocol, Sequence
 
 from data_prep.synth.records import make_record
 from data_prep.verifiers import run_code_tests, verify_math
@@ -164,6 +164,25 @@ def rejection_sample(backend: Backend, tasks: Iterable[dict], samples_per_task: 
                 if accept(task, text):
                     kept[text] = i
                     yield _record(task, text, backend, i, temperature, seed + start, samples_per_task)
+
+
+def keep_best_scored(records: Sequence[dict], scores: Sequence[float], keep: Optional[int] = 1,
+                     key: str = "rm_score") -> List[dict]:
+    """RM-ranked rejection sampling: per task (`task_id`), the `keep` records with the highest
+    scores (None: all), best first, tasks in their first record's order; each kept record gets
+    its score under `key` and its place among the task's verified completions as `rm_rank`
+    (1 = best; a tie goes to the earlier sample)."""
+    if len(scores) != len(records):
+        raise ValueError(f"{len(scores)} scores for {len(records)} records")
+    by_task: Dict[str, List[int]] = {}
+    for i, rec in enumerate(records):
+        by_task.setdefault(rec["task_id"], []).append(i)
+    out = []
+    for indices in by_task.values():
+        ranked = sorted(indices, key=lambda i: (-scores[i], i))
+        for place, i in enumerate(ranked[:keep] if keep is not None else ranked, 1):
+            out.append({**records[i], key: float(scores[i]), "rm_rank": place})
+    return out
 
 
 def math_tasks(kind: str, n: int, seed: int) -> List[dict]:
