@@ -218,3 +218,144 @@ def test_grpo_pipeline_parallel_equals_one_process():
     assert ref[0]["kl"] < 1e-7 and ref[1]["kl"] > 1e-6, ref  # the policy moved at step 2
     results = [h for h, _ in run_on_ranks(_grpo_train, 2, base + ["parallel.pp=2"], _fixed_advantages_stage)]
     _check_layout_equals_one_process(ref, results, 2, ("kl", "clip_frac", "completion_len", "reward"))
+
+
+# ---------------------------------------------------------------- policy-loss options on the model
+
+
+def _recording_stage(cfg, parity_reward=False, fixed_advantages=False):
+    """GRPO whose engine records how many prompts each generate call sampled; with parity_reward,
+    a reward random-weight completions can earn (the decoded text has an even length), so groups
+    with and without signal occur; with fixed_advantages, +-1 per completion (see
+    _fixed_advantages_stage)."""
+    from posttrain.grpo import GRPOStage, PolicyRollout
+
+    class Recording(PolicyRollout):
+        calls = []
+
+        def generate(self, prompts, params):
+            self.calls.append(len(prompts))
+            return super().generate(prompts, params)
+
+    class Stage(GRPOStage):
+        def completion_reward(self, row, text, unjudged):
+            return float(len(text) % 2 == 0) if parity_reward else super().completion_reward(row, text, unjudged)
+
+        def before_step(self, rt, state):
+            super().before_step(rt, state)
+            if fixed_advantages:
+                for i, sample in self.buffer.samples.items():
+                    sample["advantage"] = torch.tensor(1.0 if i % 2 == 0 else -1.0)
+
+    return Stage(cfg, engine=Recording())
+
+
+def _rollout(rank, world_size, overrides):
+    """The first rollout batch's samples (all of them: one rank) and the engine's calls."""
+    cfg, stage, _, _ = stage_batch("grpo", world_size, GRPO + overrides, samples=8,
+                                   make_stage=lambda c: _recording_stage(c, parity_reward=True))
+    keys = ("tokens", "loss_mask", "reward", "advantage", "length", "truncated")
+    samples = [{k: stage.buffer.samples[i][k] for k in keys} for i in sorted(stage.buffer.samples)]
+    return samples, list(stage.engine.calls)
+
+
+def test_dynamic_sampling_resamples_groups_without_signal():
+    """DAPO's dynamic sampling: groups whose rewards all agree are sampled again with new prompts
+    (only they: the engine gets 2 prompts per such group), groups with signal are kept as they
+    were, and at most grpo.max_sampling_rounds rounds run."""
+    base = ["train.global_batch_size=8", "train.micro_batch_size=8"]
+    plain, calls = run_on_ranks(_rollout, 1, base)[0]
+    dynamic, dyn_calls = run_on_ranks(_rollout, 1, base + ["grpo.dynamic_sampling=true",
+                                                              "grpo.max_sampling_rounds=4"])[0]
+    assert calls == [8]
+    rewards = torch.stack([s["reward"] for s in plain]).view(4, 2)
+    flat = (rewards[:, 0] == rewards[:, 1]).tolist()
+    assert any(flat) and not all(flat), rewards  # the toy has groups with and without signal
+    assert dyn_calls[0] == 8 and dyn_calls[1] == 2 * sum(flat) and 1 < len(dyn_calls) <= 4, dyn_calls
+    final = torch.stack([s["reward"] for s in dynamic]).view(4, 2)
+    for g in range(4):
+        for k in (2 * g, 2 * g + 1):
+            same = torch.equal(dynamic[k]["tokens"], plain[k]["tokens"])
+            assert same == (not flat[g]), (g, flat)  # kept exactly when it had signal
+    assert len(dyn_calls) == 4 or bool((final[:, 0] != final[:, 1]).all()), (dyn_calls, final)
+
+
+def test_mask_truncated_gives_completions_without_the_stop_token_no_loss():
+    """TRL's mask_truncated_completions: a completion that hit max_new_tokens without <|im_end|>
+    has no loss tokens; its reward still counts. From random weights every completion is cut off."""
+    plain, _ = run_on_ranks(_rollout, 1, [])[0]
+    masked, _ = run_on_ranks(_rollout, 1, ["grpo.mask_truncated=true"])[0]
+    for a, b in zip(plain, masked):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["reward"], b["reward"])
+        assert a["length"] == a["loss_mask"].sum() == 3 and a["truncated"] == 1  # max_new_tokens=3, no stop
+        assert b["loss_mask"].sum() == 0 and b["length"] == 3
+
+
+def test_mask_truncated_keeps_finished_completions():
+    from megatron_ext.cli import load_config
+    from posttrain.grpo import GRPOStage
+
+    stage = GRPOStage(load_config(GRPO + ["grpo.mask_truncated=true", "grpo.kl_coef=0"]))
+    one = torch.tensor(1.0)
+    finished = stage._sample([5, 6, 7], [8, stage.eos], one, one, truncated=False)
+    cut = stage._sample([5, 6, 7], [8, 9], one, one, truncated=True)
+    assert finished["loss_mask"].tolist()[:4] == [0, 0, 1, 1] and finished["truncated"] == 0
+    assert cut["loss_mask"].sum() == 0 and cut["truncated"] == 1 and cut["length"] == 2
+
+
+def _multi_pass(rank, world_size, overrides):
+    from megatron_ext.cli import load_config
+    from megatron_ext.config import validate
+    from megatron_ext.loop import train
+
+    cfg = load_config(["stage=grpo", *GRPO, *overrides])
+    validate(cfg, world_size)
+    stage = _recording_stage(cfg, fixed_advantages=True)
+    return train(cfg, stage).history, list(stage.engine.calls)
+
+
+def test_updates_per_batch_reuses_the_rollout_and_clips_from_the_second_pass():
+    """grpo.updates_per_batch=2 (TRL num_iterations): a rollout at steps 1 and 3 only; steps 2 and
+    4 train on the same completions with the sampling policy's log-probs, so the ratio is exactly
+    1 on each rollout's first pass (no clipping) and clipping acts on the second."""
+    history, calls = run_on_ranks(_multi_pass, 1, ["train.steps=4", "train.lr=1e-2", "train.lr_schedule=constant",
+                                                   "train.warmup_steps=0", "grpo.updates_per_batch=2",
+                                                   "grpo.clip_eps=0.05", "checkpoint.keep_last=0"])[0]
+    assert calls == [4, 4], calls  # two rollouts of 4 completions
+    clip = [h["clip_frac"] for h in history]
+    assert clip[0] == 0 and clip[2] == 0 and clip[1] > 0 and clip[3] > 0, clip
+    assert history[0]["completion_len"] == history[1]["completion_len"] and history[0]["kl"] == 0
+    assert history[1]["kl"] > 0  # the second pass is off the reference, on the same samples
+
+
+def test_grpo_options_pipeline_parallel_equals_one_process():
+    """Non-default options (GSPO, sequence-mean aggregation, asymmetric clipping, batch-scaled
+    rewards, the bias-corrected KL, two updates per rollout, dynamic sampling) at PP=2 give one
+    process's per-step losses and metrics."""
+    from tests.test_dpo import _check_layout_equals_one_process
+
+    options = ["grpo.importance=sequence", "grpo.loss_agg=seq_mean_token_mean", "grpo.clip_eps_low=0.05",
+               "grpo.clip_eps_high=0.1", "grpo.scale_rewards=batch", "grpo.kl_estimator=k3_bias_corrected",
+               "grpo.kl_coef=0.1", "grpo.updates_per_batch=2", "grpo.dynamic_sampling=true",
+               "grpo.max_sampling_rounds=2"]
+    base = ["grpo.temperature=0.7", "train.steps=2", "train.lr=1e-2", "checkpoint.keep_last=0"] + options
+    ref, calls = run_on_ranks(_multi_pass, 1, base)[0]
+    assert calls == [4, 4]  # from random weights every reward is 0: a second round, then kept
+    assert ref[0]["clip_frac"] == 0 and ref[1]["clip_frac"] > 0 and ref[1]["kl"] > 0, ref
+    results = [h for h, _ in run_on_ranks(_multi_pass, 2, base + ["parallel.pp=2"])]
+    _check_layout_equals_one_process(ref, results, 2, ("kl", "clip_frac", "clip_frac_low", "clip_frac_high",
+                                                       "completion_len", "reward"))
+
+
+def test_dynamic_sampling_on_two_data_parallel_ranks():
+    """Each group's two completions are on different DP ranks (micro-batch 1): the ranks agree on
+    which groups to sample again (rewards are summed over DP first), each sampling its half."""
+    runs = run_on_ranks(_rollout, 2, ["train.global_batch_size=8", "train.micro_batch_size=1",
+                                      "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=3"])
+    (mine0, calls0), (mine1, calls1) = runs
+    assert calls0 == calls1 and calls0[0] == 4 and len(calls0) > 1, (calls0, calls1)  # 1 prompt per group and rank
+    rewards = torch.stack([s["reward"] for pair in zip(mine0, mine1) for s in pair]).view(4, 2)
+    signal = rewards[:, 0] != rewards[:, 1]
+    assert len(calls0) == 3 or bool(signal.all()), rewards
+    advantages = torch.stack([s["advantage"] for pair in zip(mine0, mine1) for s in pair]).view(4, 2)
+    assert ((advantages != 0).all(dim=1) == signal).all(), (rewards, advantages)
