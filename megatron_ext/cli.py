@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_ext import stages
+from megatron_ext.stages import info as stage_info
 from megatron_ext.config import Config, ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -164,6 +165,7 @@ MOVED_KEYS = {
     "posttrain.dpo_loss": "dpo.loss", "posttrain.beta": "dpo.beta", "posttrain.simpo_gamma": "dpo.simpo_gamma",
     **{f"posttrain.{k}": f"grpo.{k}" for k in ("group_size", "max_new_tokens", "temperature", "clip_eps",
                                                  "kl_coef", "scale_rewards")},
+    **{f"data.{k}": f"cpt.{k}" for k in ("mixture_steps", "mixture_weights", "document_mask")},
 }
 
 
@@ -264,6 +266,26 @@ def split_flags(argv: Sequence[str]) -> tuple[List[str], List[str]]:
     return flags, [a for a in argv if not a.startswith("-")]
 
 
+def override_key(override: str) -> str:
+    """The key a Hydra override sets: `train.lr` for `train.lr=1`, `+train.lr=1` and `~train.lr`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The value the last `key=value` override of `key` gives (as written), or None."""
+    found = None
+    for o in overrides:
+        if "=" in o and override_key(o) == key:
+            found = o.split("=", 1)[1]
+    return found
+
+
+def with_override(base: Sequence[str], overrides: Sequence[str]) -> List[str]:
+    """`base` overrides unless `overrides` set the same key, then `overrides` (the later wins)."""
+    given = {override_key(o) for o in overrides}
+    return [o for o in base if override_key(o) not in given] + list(overrides)
+
+
 def config_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
@@ -322,21 +344,6 @@ COMMON_KEYS = (
     "checkpoint.override_schedule",
     "logger.tensorboard_dir", "logger.wandb",
 )
-# Keys outside a stage's own section that only some stages read, listed in their help (the
-# keys of the stage's own section are listed too).
-STAGE_KEYS: Dict[str, Tuple[str, ...]] = {
-    "cpt_math": ("data.mixture_steps", "data.mixture_weights", "data.document_mask"),
-    "cpt_code": ("data.mixture_steps", "data.mixture_weights", "data.document_mask"),
-    "long_context": ("data.document_mask", "model.rope_scaling_type", "model.rope_scaling_factor",
-                     "model.rope_original_max_position_embeddings"),
-    "sft": ("posttrain.data_path",),
-    "rm": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed"),
-    "prm": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed"),
-    "dpo": ("posttrain.data_path", "posttrain.num_samples", "posttrain.ref_load"),
-    "grpo": ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed", "posttrain.ref_load"),
-}
-
-
 def _value_text(value) -> str:
     if value is None:
         return "null"
@@ -412,7 +419,7 @@ def config_help(cfg: Config, stages: Optional[Sequence[str]] = None,
     Entries with their own argparse flags can put it in their epilog."""
     lines = groups_help(cfg, stages) + ["", keys_title]
     lines += keys_help(cfg, COMMON_KEYS)
-    extra = list(dict.fromkeys(k for s in (stages or ()) for k in STAGE_KEYS.get(s, ()) if k not in COMMON_KEYS))
+    extra = list(dict.fromkeys(k for s in (stages or ()) for k in stage_info(s).help_keys if k not in COMMON_KEYS))
     own = [f.name for f in dataclasses.fields(type(cfg)) if f.name not in field_names(Config)]
     extra += [f"{section}.{name}" for section in own for name in field_names(_hints(type(cfg))[section])]
     if extra:

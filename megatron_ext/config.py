@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from megatron_ext.eval_config import EvalConfig
+from megatron_ext.layout import Layout
 from models.config import VALUE_HEADS, ModelConfig
 
 
@@ -21,7 +22,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. Data parallel size is derived: world / (tp * pp * cp)."""
+    """Parallel layout. The sizes it implies at a world size (data parallel, micro-batches per
+    step, the smallest world) are `megatron_ext.layout.Layout`'s."""
 
     tp: int = 1
     """Tensor parallel size."""
@@ -95,14 +97,24 @@ class PrecisionConfig:
     """Numeric precision."""
 
     name: str = "fp32"
-    """`fp32` (CPU default), `bf16`, `fp8_delayed`, `fp8_current`, `fp8_blockwise`. The FP8
-    recipes keep bf16 weights and run the linear layers' GEMMs in FP8 through Transformer
-    Engine (CUDA only): `fp8_delayed` scales by an amax history (TE DelayedScaling),
-    `fp8_current` by each tensor's current amax (Float8CurrentScaling), `fp8_blockwise` by
-    1x128 / 128x128 blocks (Float8BlockScaling; Hopper GPUs)."""
+    """`fp32` (CPU default), `bf16`, `fp8_delayed`, `fp8_current`, `fp8_rowwise`, `fp8_blockwise`.
+    The FP8 recipes keep bf16 weights and run the linear layers' GEMMs in FP8 (see
+    precision.fp8_backend): `fp8_delayed` scales by an amax history (TE DelayedScaling; TE only),
+    `fp8_current` by each tensor's current amax (TE Float8CurrentScaling, or torchao tensorwise),
+    `fp8_rowwise` by each row's amax (torchao rowwise; torchao only), `fp8_blockwise` by
+    1x128 / 128x128 blocks (TE Float8BlockScaling; Hopper GPUs, TE only)."""
+    fp8_backend: str = "auto"
+    """`te` (Transformer Engine's layers), `torchao` (torchao's float8 GEMMs in Megatron's own
+    linear layers: megatron_ext.fp8; fp8_current and fp8_rowwise) or `auto` (TE where it
+    imports with CUDA, torchao otherwise)."""
+    fp8_emulate: bool = False
+    """Run the torchao FP8 recipes in an fp32 emulation of the FP8 GEMMs (same casts and scales,
+    any device, slow), with fp32 weights so the differences to an fp32 run are FP8's alone: how
+    FP8 numerics are tested on CPU."""
     fp8_format: Optional[str] = None
     """`hybrid` (E4M3 forward, E5M2 gradients) or `e4m3` (everywhere); None: the recipe's
-    default (hybrid for fp8_delayed/fp8_current, e4m3 for fp8_blockwise, which needs it)."""
+    default (hybrid for fp8_delayed/fp8_current, e4m3 for fp8_rowwise and for fp8_blockwise,
+    which needs it)."""
     fp8_amax_history_len: int = 1024
     """fp8_delayed: amax history window the scaling factors are computed from."""
     fp8_amax_compute_algo: str = "max"
@@ -164,7 +176,7 @@ class TrainConfig:
     and replay it in every later step (Megatron-Core's full-iteration graph): the host no longer
     issues each layer's kernels, which limits small micro-batches. GPU only; the step must have
     fixed shapes and no host syncs: parallel.tp/pp/cp/ep=1, a dense model, the pretraining or CPT
-    stage without data.document_mask (stages declare it: megatron_ext.stages), bf16 or fp32. The
+    stage without cpt.document_mask (stages declare it: megatron_ext.stages), bf16 or fp32. The
     optimizer step stays eager."""
     cuda_graph_warmup_steps: int = 2
     """Eager steps before the capture (compilation of the fused kernels happens in the first)."""
@@ -198,16 +210,6 @@ class DataConfig:
     Cached indices are read without pickle whatever directory this names."""
     num_workers: int = 0
     """DataLoader worker processes."""
-    document_mask: bool = False
-    """Attention never crosses documents: each sample's EOD-separated documents become one
-    packed (thd) sequence with positions restarting per document (padded to 2*CP multiples).
-    Needs parallel.pp=1 (packed lengths vary per micro-batch). Used by the CPT/long-context stage."""
-    mixture_steps: List[int] = field(default_factory=list)
-    """Data-mixture schedule: the optimizer steps (0-based, first must be 0) at which the blend
-    weights change. Empty: no schedule (`data.weights` throughout)."""
-    mixture_weights: List[List[float]] = field(default_factory=list)
-    """One weight list per `mixture_steps` entry, one weight per `data.paths` entry: step s
-    draws its samples with the weights of the last entry whose step is <= s."""
 
 
 @dataclass
@@ -299,19 +301,25 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-PRECISIONS = ("fp32", "bf16", "fp8_delayed", "fp8_current", "fp8_blockwise")
+PRECISIONS = ("fp32", "bf16", "fp8_delayed", "fp8_current", "fp8_rowwise", "fp8_blockwise")
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("cosine", "wsd", "linear", "constant")
-
-
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    p = cfg.parallel
-    return world_size // (p.tp * p.pp * p.cp)
 
 
 def _check(ok: bool, message: str, errors: List[str]) -> None:
     if not ok:
         errors.append(message)
+
+
+def _check_load(c: CheckpointConfig, errors: List[str]) -> None:
+    """checkpoint.load as its plan reads it from the config alone: no directory is looked at
+    here (it may exist only where the job runs; training's resume resolves it)."""
+    from megatron_ext.checkpoint.plan import parse_load  # imports no Megatron-Core
+
+    try:
+        parse_load(c)
+    except ValueError as e:  # CheckpointError
+        errors.append(str(e))
 
 
 def _validate_model(m: ModelConfig, errors: List[str]) -> None:
@@ -345,12 +353,10 @@ def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
     p, m = cfg.parallel, cfg.model
     for name in ("tp", "pp", "ep", "cp"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1", errors)
+    _check(p.etp is None or p.etp >= 1, f"parallel.etp={p.etp} must be >= 1 (or null: the same as tp)", errors)
     if errors:
         return
-    model_parallel = p.tp * p.pp * p.cp
-    _check(world_size % model_parallel == 0,
-           f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
-           f"{p.tp}*{p.pp}*{p.cp} = {model_parallel}", errors)
+    errors.extend(Layout.of(cfg, world_size).world_errors())
     _check(m.num_attention_heads % p.tp == 0,
            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}", errors)
     _check(m.vocab_size % p.tp == 0,
@@ -389,9 +395,6 @@ def _validate_parallel(cfg: Config, world_size: int, errors: List[str]) -> None:
         _check(m.is_moe, f"parallel.ep={p.ep} needs a MoE model (model.num_experts is unset)", errors)
         _check(not m.is_moe or m.num_experts % p.ep == 0,
                f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}", errors)
-        etp = p.etp or p.tp
-        _check(world_size % (p.ep * etp * p.pp) == 0,
-               f"world size {world_size} is not divisible by parallel.ep*etp*pp = {p.ep}*{etp}*{p.pp}", errors)
     if m.is_moe:
         e = cfg.moe
         _check(e.dispatcher in ("alltoall", "allgather"),
@@ -424,11 +427,11 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
                f"{t.optimizer_offload_fraction})", errors)
     if t.cuda_graph:
         p = cfg.parallel
-        _check(p.tp == p.pp == p.cp == p.ep == 1 and not cfg.model.is_moe and not cfg.data.document_mask
+        _check(p.tp == p.pp == p.cp == p.ep == 1 and not cfg.model.is_moe
                and not cfg.precision.name.startswith("fp8"),
                "train.cuda_graph=true needs fixed shapes and no host syncs in the step: parallel.tp/pp/cp/ep=1 "
-               f"(got {p.tp}/{p.pp}/{p.cp}/{p.ep}), a dense model (model.num_experts={cfg.model.num_experts}), "
-               f"data.document_mask=false (got {cfg.data.document_mask}) and bf16 or fp32 "
+               f"(got {p.tp}/{p.pp}/{p.cp}/{p.ep}), a dense model (model.num_experts={cfg.model.num_experts}) "
+               "and bf16 or fp32 "
                f"(precision.name={cfg.precision.name}); the stage must allow it too", errors)
         _check(t.cuda_graph_warmup_steps >= 1,
                f"train.cuda_graph_warmup_steps={t.cuda_graph_warmup_steps} must be >= 1", errors)
@@ -437,17 +440,7 @@ def _validate_train(cfg: Config, world_size: int, errors: List[str]) -> None:
                f"train.lr_schedule=wsd needs 0 < train.wsd_decay_steps <= steps - warmup_steps "
                f"(got wsd_decay_steps={t.wsd_decay_steps}, steps={t.steps}, warmup_steps={t.warmup_steps})",
                errors)
-    dp = data_parallel_size(cfg, world_size)
-    if dp >= 1 and t.micro_batch_size >= 1:
-        _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
-               f"train.global_batch_size={t.global_batch_size} is not divisible by "
-               f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp}", errors)
-    p = cfg.parallel
-    if p.vpp is not None and dp >= 1 and t.micro_batch_size * dp > 0:
-        n_micro = t.global_batch_size // (t.micro_batch_size * dp)
-        _check(n_micro % p.pp == 0,
-               f"interleaved pipeline (parallel.vpp={p.vpp}) needs the number of microbatches "
-               f"({n_micro}) to be a multiple of parallel.pp={p.pp}", errors)
+    errors.extend(Layout.of(cfg, world_size).batch_errors())
 
 
 def _validate_data(d: DataConfig, errors: List[str]) -> None:
@@ -459,26 +452,10 @@ def _validate_data(d: DataConfig, errors: List[str]) -> None:
     if d.blend_file:
         _check(not d.paths and d.weights is None,
                f"data.blend_file={d.blend_file} and data.paths/data.weights both name the data; give one", errors)
-        _check(not d.mixture_steps, "data.mixture_steps needs data.paths (one weight per path), "
-               f"not data.blend_file={d.blend_file}", errors)
 
 
-def _validate_mixture_and_rope(cfg: Config, errors: List[str]) -> None:
-    d, m = cfg.data, cfg.model
-    if d.mixture_steps or d.mixture_weights:
-        steps = list(d.mixture_steps)
-        _check(len(steps) == len(d.mixture_weights),
-               f"data.mixture_steps has {len(steps)} entries but data.mixture_weights has {len(d.mixture_weights)}",
-               errors)
-        _check(bool(steps) and steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:])),
-               f"data.mixture_steps={steps} must start at 0 and increase", errors)
-        _check(len(d.paths) >= 1, "data.mixture_steps needs explicit data.paths", errors)
-        for i, w in enumerate(d.mixture_weights):
-            _check(len(w) == len(d.paths) and all(x >= 0 for x in w) and sum(w) > 0,
-                   f"data.mixture_weights[{i}]={list(w)} needs {len(d.paths)} non-negative weights "
-                   "(one per data.paths entry) with a positive sum", errors)
-    _check(not d.document_mask or cfg.parallel.pp == 1,
-           f"data.document_mask=true needs parallel.pp=1 (got {cfg.parallel.pp}): packed lengths vary", errors)
+def _validate_rope(cfg: Config, errors: List[str]) -> None:
+    m = cfg.model
     _check(m.rope_scaling_type in (None, "yarn"),
            f"model.rope_scaling_type={m.rope_scaling_type!r} is not null or 'yarn'", errors)
     if m.rope_scaling_type == "yarn":
@@ -498,12 +475,14 @@ def _validate_precision(cfg: Config, check_device: bool, errors: List[str]) -> N
     _check(p.fp8_amax_compute_algo in ("max", "most_recent") and p.fp8_amax_history_len >= 1,
            f"precision.fp8_amax_compute_algo={p.fp8_amax_compute_algo!r} must be 'max' or 'most_recent' and "
            f"precision.fp8_amax_history_len={p.fp8_amax_history_len} >= 1", errors)
+    _validate_fp8_backend(p, errors)
     if not check_device:
         return
-    if p.name.startswith("fp8_"):
-        from megatron_ext.precision import fp8_support
+    if p.name.startswith("fp8_") and not errors:
+        from megatron_ext.precision import fp8_backend, fp8_support
 
-        ok, why = fp8_support(p.name)
+        backend = fp8_backend(p)
+        ok, why = fp8_support(p.name, backend, p.fp8_emulate)
         _check(ok, f"precision.name={p.name} {why}", errors)
     import torch
 
@@ -518,6 +497,22 @@ def _validate_precision(cfg: Config, check_device: bool, errors: List[str]) -> N
                "set moe.grouped_gemm=null (grouped where supported) or false", errors)
 
 
+def _validate_fp8_backend(p: PrecisionConfig, errors: List[str]) -> None:
+    from megatron_ext.precision import TE_ONLY, TORCHAO_ONLY
+
+    _check(p.fp8_backend in ("te", "torchao", "auto"),
+           f"precision.fp8_backend={p.fp8_backend!r} is not 'te', 'torchao' or 'auto'", errors)
+    _check(not p.fp8_emulate or (p.name in ("fp8_current", *TORCHAO_ONLY) and p.fp8_backend != "te"),
+           f"precision.fp8_emulate=true emulates torchao's FP8 recipes (fp8_current, fp8_rowwise), not "
+           f"precision.name={p.name} with precision.fp8_backend={p.fp8_backend}", errors)
+    _check(p.name not in TE_ONLY or p.fp8_backend != "torchao",
+           f"precision.name={p.name} needs Transformer Engine (precision.fp8_backend=te or auto); torchao runs "
+           "fp8_current and fp8_rowwise", errors)
+    _check(p.name not in TORCHAO_ONLY or p.fp8_backend != "te",
+           f"precision.name={p.name} runs through torchao only (precision.fp8_backend=torchao or auto); "
+           "Transformer Engine runs fp8_delayed, fp8_current and fp8_blockwise", errors)
+
+
 def grouped_gemm_unsupported(cfg: Config) -> Optional[str]:
     """Why the experts cannot run as grouped GEMMs on this machine (None: they can)."""
     import torch
@@ -530,7 +525,7 @@ def grouped_gemm_unsupported(cfg: Config) -> Optional[str]:
 
     m, p = cfg.model, cfg.parallel
     ffn_per_rank = (m.moe_ffn_hidden_size or m.ffn_hidden_size) // (p.etp or p.tp)
-    dtype = torch.float32 if cfg.precision.name == "fp32" else torch.bfloat16
+    dtype = torch.float32 if cfg.precision.name == "fp32" or cfg.precision.fp8_emulate else torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return unsupported_reason(dtype, device, (m.hidden_size, ffn_per_rank))
 
@@ -554,10 +549,10 @@ def validate(cfg: Config, world_size: int, check_device: bool = True) -> None:
     c = cfg.checkpoint
     _check(c.save_interval >= 0, f"checkpoint.save_interval={c.save_interval} must be >= 0", errors)
     _check(not (c.save_interval and not c.dir), "checkpoint.save_interval needs checkpoint.dir", errors)
-    _check(c.load != "auto" or bool(c.dir), "checkpoint.load=auto needs checkpoint.dir", errors)
+    _check_load(c, errors)
     _check(not (c.async_save and not c.dir), "checkpoint.async_save needs checkpoint.dir", errors)
     _validate_model(cfg.model, errors)
-    _validate_mixture_and_rope(cfg, errors)
+    _validate_rope(cfg, errors)
     if not errors:
         _validate_parallel(cfg, world_size, errors)
     if not errors:

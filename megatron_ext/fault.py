@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import torch
 
+from megatron_ext.stages import LOSS
+
 log = logging.getLogger(__name__)
 
 # Exit code of a run stopped by SIGTERM/SIGUSR1 after saving: "temporary failure, retry"
@@ -70,7 +72,7 @@ def _local_status(model, reports: List[dict]) -> torch.Tensor:
     grads_ok = torch.isfinite(torch.stack([torch.linalg.vector_norm(b, float("inf")) for b in buffers])).all()
     status = torch.where(grads_ok, 0, 1)
     if reports:  # (only the last pipeline stage has them)
-        losses = torch.cat([r["lm loss"].reshape(-1).to(status.device) for r in reports])
+        losses = torch.cat([r[LOSS].reshape(-1).to(status.device) for r in reports])
         status = torch.where(torch.isfinite(losses).all(), status, 2)
     return status.to(torch.int32)
 

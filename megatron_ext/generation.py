@@ -1,7 +1,8 @@
 """Sampling continuations from a built Megatron model: KV-cached, batched, under TP / SP / PP.
 
-    out = generate(rt, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=1.0, top_p=1.0,
-                   greedy=False, seed=0, eos_token_id=None, stop=None, decode=None, use_cache=True)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0, greedy=False, seed=0,
+                            eos_token_id=None, stop=None)
+    out = generate(rt, [[1, 2, 3], [4, 5]], params, decode=None, use_cache=True)
     out.tokens[i]    # generated ids of prompt i (without the prompt), stopped after EOS / a stop string
     out.logprobs[i]  # log-prob of each generated id under the model (temperature 1, no top-p)
     out.finished[i]  # True where the row stopped at an end id or a stop string
@@ -15,10 +16,10 @@ KV cache (the default): Megatron-Core's own `StaticInferenceContext` is passed t
 `sequence_len_offset`, slices the RoPE table to those positions and hands the cached keys/values
 to the core attention (the local spec's `CoreAttention` attends the new queries lower-right
 causal to them). This loop advances `sequence_len_offset` after every forward; pipeline stages
-run through Megatron's forward-only schedule, each stage with its own context. With virtual
-pipeline stages the interleaved schedule needs at least PP micro-batches: the batch is split
+run through the one forward-only pass (`megatron_ext.forward`), each stage with its own context.
+With virtual pipeline stages the interleaved schedule needs PP micro-batches: the batch is split
 into PP of them and the context's `batch_size_offset` points each at its rows of the cache.
-Sampling (seeded CPU generator) runs on the last stage, which broadcasts the ids to the others.
+Sampling (seeded CPU generator) runs on the last stage, which shares the ids with the others.
 
 Prompts of different lengths (Megatron's static-batching scheme, no padding mask needed): the
 batch is prefilled with the shortest prompt's length, then advances one position per step for
@@ -34,10 +35,10 @@ real tokens before anything reads them.
 row's logits at its own last position): the exact path the model trains with, kept as the
 reference the cached path is tested against.
 
-Stopping: `eos_token_id` is one id or several (e.g. ChatML's `<|im_end|>` and `<|endoftext|>`,
-`chatml_stop_ids(tokenizer)`); `stop` strings need `decode` (ids -> text) and stop a row once its
-generated text contains one of them (the ids keep the token that completed it; cut the text with
-`cut_at_stop`).
+Stopping (`SamplingParams`): `eos_token_id` is one id or several (e.g. ChatML's `<|im_end|>`
+and `<|endoftext|>`, `chatml_stop_ids(tokenizer)`); `stop` strings need `decode` (ids -> text)
+and stop a row once its generated text contains one of them (the ids keep the token that
+completed it; cut the text with `cut_at_stop`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,42 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext.forward import eval_mode, forward_only, micro_batch_multiple, share_from_last_stage
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How `generate` continues each prompt (one value for the whole batch)."""
+
+    max_new_tokens: int
+    """Most ids generated per prompt (>= 1)."""
+    temperature: float = 1.0
+    """Softmax temperature (>= 0; 0 samples greedily)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of ids whose probability reaches top_p (0 < top_p <= 1)."""
+    greedy: bool = False
+    """Argmax instead of sampling."""
+    seed: int = 0
+    """Seed of the sampling generator (the same ids for the same seed at any layout)."""
+    eos_token_id: Union[int, Sequence[int], None] = None
+    """An id, or several, that end a row (the id is kept); None: none."""
+    stop: Optional[Sequence[str]] = None
+    """Strings that end a row once its generated text contains one (needs generate's `decode`)."""
+
+    def __post_init__(self):
+        # Stored as tuples: the value stays immutable and hashable whatever sequence was given.
+        if self.eos_token_id is not None and not isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", tuple(int(i) for i in self.eos_token_id))
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                raise ValueError(f"SamplingParams.stop must be a list of strings, got the string {self.stop!r}")
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams: need temperature >= 0 and 0 < top_p <= 1, "
+                             f"got temperature={self.temperature}, top_p={self.top_p}")
 
 
 @dataclass
@@ -101,13 +137,10 @@ def cut_at_stop(text: str, stop: Optional[Sequence[str]]) -> Tuple[str, Optional
     return (text, None) if best is None else (text[:best[0]], best[1])
 
 
-def check_args(prompts, max_new_tokens, temperature, top_p, vocab: Optional[int] = None) -> None:
+def check_prompts(prompts, vocab: Optional[int] = None) -> None:
+    """ValueError unless there are prompts, each with ids (in [0, vocab) where given), and no CP."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: need at least one prompt, and every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if vocab is not None and any(t < 0 or t >= vocab for p in prompts for t in p):
         raise ValueError(f"generate: prompt token ids must be in [0, {vocab})")
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
@@ -125,26 +158,10 @@ def _device(chunks) -> torch.device:
     return torch.device("cpu")
 
 
-def _share_from_last_stage(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Pipeline stages other than the last get the sampled ids / log-probs from it (the
-    broadcast runs on the model's device, as NCCL needs)."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return t
-    src = parallel_state.get_pipeline_model_parallel_last_rank()
-    buf = t.to(device)
-    torch.distributed.broadcast(buf, src=src, group=parallel_state.get_pipeline_model_parallel_group())
-    return buf.cpu()
-
-
-def _micro_batches(chunks) -> int:
-    """Micro-batches per forward: one, except under virtual pipeline stages (several chunks per
-    rank), whose interleaved schedule needs at least as many micro-batches as pipeline stages."""
-    return parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
-
-
 def padded_batch(chunks, batch: int) -> int:
-    """The batch a forward runs: `batch` rounded up to a whole number of micro-batches."""
-    micro = _micro_batches(chunks)
+    """The batch a forward runs: `batch` rounded up to a whole number of micro-batches (one,
+    except under virtual pipeline stages: as many as pipeline stages, see megatron_ext.forward)."""
+    micro = micro_batch_multiple(chunks)
     return -(-batch // micro) * micro
 
 
@@ -157,7 +174,7 @@ def forward(chunks: List[torch.nn.Module], tokens: torch.Tensor, context: Option
     (rows past `batch` are padding, the context's batch offset is set per micro-batch)."""
     batch, seq = tokens.shape
     device = _device(chunks)
-    micro = _micro_batches(chunks)
+    micro = micro_batch_multiple(chunks)
     size = padded_batch(chunks, batch) // micro
     if size * micro != batch:
         tokens = torch.cat([tokens, tokens.new_zeros(size * micro - batch, seq)])
@@ -173,14 +190,10 @@ def forward(chunks: List[torch.nn.Module], tokens: torch.Tensor, context: Option
         return model(tokens[i * size:(i + 1) * size], positions, attention_mask=None, runtime_gather_output=True,
                      **extra), None
 
-    iterators = [iter(range(micro)) for _ in chunks]
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iterators if len(chunks) > 1 else iterators[0], model=chunks,
-            num_microbatches=micro, seq_length=seq, micro_batch_size=size, forward_only=True)
+    outputs = forward_only(chunks, step, range(micro), seq_length=seq, micro_batch_size=size)
     if context is not None:
         context.reset_batch_size_offset()
-    if not parallel_state.is_pipeline_last_stage():
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     # Sampling runs on the CPU (its seeded generator is a CPU one), whatever the model's device.
     return torch.cat([o.float() for o in outputs])[:batch].cpu()
@@ -216,53 +229,48 @@ class _Stopper:
         return hit
 
 
-def generate(rt_or_model, prompts_token_ids: Sequence[Sequence[int]], max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, seed: int = 0,
-             eos_token_id: Union[int, Sequence[int], None] = None, stop: Optional[Sequence[str]] = None,
+def generate(rt_or_model, prompts_token_ids: Sequence[Sequence[int]], params: SamplingParams,
              decode: Optional[Callable[[List[int]], str]] = None, use_cache: bool = True) -> Generation:
-    """Continue each prompt by up to `max_new_tokens` ids (see the module doc). Collective."""
+    """Continue each prompt as `params` say (see the module doc); `decode` (ids -> text) is needed
+    for stop strings. Collective over the model-parallel group."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"generate: params must be a SamplingParams, got {type(params).__name__}")
     chunks = chunks_of(rt_or_model)
-    check_args(prompts_token_ids, max_new_tokens, temperature, top_p)
-    stopper = _Stopper(eos_token_id, stop, decode)
+    check_prompts(prompts_token_ids)
+    stopper = _Stopper(params.eos_token_id, params.stop, decode)
     batch = len(prompts_token_ids)
     lengths = torch.tensor([len(p) for p in prompts_token_ids])
-    total = int(lengths.max()) + max_new_tokens
+    total = int(lengths.max()) + params.max_new_tokens
     tokens = torch.zeros(batch, total, dtype=torch.long)
     for i, p in enumerate(prompts_token_ids):
         tokens[i, :len(p)] = torch.tensor(list(p), dtype=torch.long)
-    state = _State(batch, max_new_tokens, seed, _device(chunks))
-    modes = [c.training for c in chunks]
-    for c in chunks:
-        c.eval()
-    try:
-        loop = _cached if use_cache else _recompute
-        loop(chunks, tokens, lengths, state, stopper, temperature, top_p, greedy)
-    finally:
-        for c, mode in zip(chunks, modes):
-            c.train(mode)
+    state = _State(batch, params, _device(chunks))
+    with eval_mode(chunks):
+        (_cached if use_cache else _recompute)(chunks, tokens, lengths, state, stopper)
     counts = state.n_new.tolist()
     return Generation([state.out_ids[i, :counts[i]].tolist() for i in range(batch)],
                       [state.out_lp[i, :counts[i]].tolist() for i in range(batch)], state.done.tolist())
 
 
 class _State:
-    def __init__(self, batch: int, max_new_tokens: int, seed: int, device: torch.device):
-        self.device = device
-        self.gen = torch.Generator().manual_seed(seed)
-        self.max_new = max_new_tokens
-        self.out_ids = torch.zeros(batch, max_new_tokens, dtype=torch.long)
-        self.out_lp = torch.zeros(batch, max_new_tokens)
+    def __init__(self, batch: int, params: SamplingParams, device: torch.device):
+        self.device, self.params = device, params
+        self.gen = torch.Generator().manual_seed(params.seed)
+        self.max_new = params.max_new_tokens
+        self.out_ids = torch.zeros(batch, self.max_new, dtype=torch.long)
+        self.out_lp = torch.zeros(batch, self.max_new)
         self.done = torch.zeros(batch, dtype=torch.bool)  # stopped at an end id / stop string
         self.n_new = torch.zeros(batch, dtype=torch.long)
 
-    def sample(self, last: Optional[torch.Tensor], temperature, top_p, greedy):
-        """Ids and log-probs [batch] from the last stage's logits [batch, vocab], shared over PP."""
-        batch = self.done.shape[0]
+    def sample(self, last: Optional[torch.Tensor]):
+        """Ids and log-probs [batch] from the last stage's logits [batch, vocab], shared over PP
+        (sent on the model's device, as NCCL needs)."""
+        batch, p = self.done.shape[0], self.params
         nxt, lp = torch.zeros(batch, dtype=torch.long), torch.zeros(batch)
         if last is not None:  # last pipeline stage
-            nxt = sample_next(last, temperature, top_p, greedy, self.gen)
+            nxt = sample_next(last, p.temperature, p.top_p, p.greedy, self.gen)
             lp = torch.log_softmax(last, -1).gather(-1, nxt[:, None]).squeeze(-1)
-        return _share_from_last_stage(nxt, self.device), _share_from_last_stage(lp, self.device)
+        return share_from_last_stage(nxt, self.device), share_from_last_stage(lp, self.device)
 
     def record(self, rows: torch.Tensor, nxt, lp, stopper: _Stopper) -> None:
         """Append the sampled ids of `rows` (indices) and mark the rows that stop."""
@@ -275,7 +283,7 @@ class _State:
         return ~self.done & (self.n_new < self.max_new)
 
 
-def _recompute(chunks, tokens, lengths, state: _State, stopper, temperature, top_p, greedy) -> None:
+def _recompute(chunks, tokens, lengths, state: _State, stopper) -> None:
     """Full recompute: every step runs the whole (right-padded) batch from position 0."""
     batch = tokens.shape[0]
     mult = _seq_multiple(chunks)
@@ -284,7 +292,7 @@ def _recompute(chunks, tokens, lengths, state: _State, stopper, temperature, top
         width = -(-width // mult) * mult
         logits = forward(chunks, tokens[:, :width].contiguous())
         last = None if logits is None else logits[torch.arange(batch), lengths + state.n_new - 1]
-        nxt, lp = state.sample(last, temperature, top_p, greedy)
+        nxt, lp = state.sample(last)
         rows = state.live().nonzero().squeeze(-1)
         tokens[rows, (lengths + state.n_new)[rows]] = nxt[rows]
         state.record(rows, nxt, lp, stopper)
@@ -292,7 +300,7 @@ def _recompute(chunks, tokens, lengths, state: _State, stopper, temperature, top
             break
 
 
-def _cached(chunks, tokens, lengths, state: _State, stopper, temperature, top_p, greedy) -> None:
+def _cached(chunks, tokens, lengths, state: _State, stopper) -> None:
     """KV cache: prefill the shortest prompt's length, then one position per step for every row."""
     batch, total = tokens.shape
     mult = _seq_multiple(chunks)
@@ -303,7 +311,7 @@ def _cached(chunks, tokens, lengths, state: _State, stopper, temperature, top_p,
     logits = _cached_forward(chunks, tokens[:, :pos], context, mult) if pos else None
     while True:
         if pos:  # `logits`: the distribution of position `pos`, for every row
-            nxt, lp = state.sample(logits, temperature, top_p, greedy)
+            nxt, lp = state.sample(logits)
             rows = (state.live() & (lengths <= pos)).nonzero().squeeze(-1)
             tokens[rows, pos] = nxt[rows]
             state.record(rows, nxt, lp, stopper)
@@ -334,13 +342,15 @@ class MegatronBackend:
     """A `data_prep.synth.backends.Backend` over our own model (collective over its model-parallel
     group): synthetic data sampled with the same generation as GRPO's rollouts."""
 
-    def __init__(self, model, tokenizer, eos_token_id: Optional[int] = None, top_p: float = 1.0, name: str = "megatron"):
+    def __init__(self, model, tokenizer, eos_token_id: Optional[int] = None, top_p: float = 1.0,
+                 name: str = "megatron"):
         self.model, self.tokenizer, self.eos_token_id, self.top_p = model, tokenizer, eos_token_id, top_p
         self.name = name
 
     def complete(self, prompts, n, temperature, max_tokens, seed):
         ids = [self.tokenizer.encode(p) for p in prompts for _ in range(n)]
-        out = generate(self.model, ids, max_tokens, temperature=temperature, top_p=self.top_p,
-                       greedy=temperature == 0, seed=seed, eos_token_id=self.eos_token_id)
+        params = SamplingParams(max_tokens, temperature=temperature, top_p=self.top_p, greedy=temperature == 0,
+                                seed=seed, eos_token_id=self.eos_token_id)
+        out = generate(self.model, ids, params)
         texts = [self.tokenizer.decode([t for t in row if t != self.eos_token_id]) for row in out.tokens]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

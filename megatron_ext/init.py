@@ -31,7 +31,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_ext.config import Config
 from megatron_ext.grouped_experts import sequential_named_parameters
-from megatron_ext.layout import full_shape, global_name, shard_index, split
+from megatron_ext.placement import full_shape, global_name, shard_index, split
 
 BLOCK_ELEMENTS = 1 << 22
 """Elements drawn per block (rounded to whole rows); part of the definition of the initial model."""

@@ -1,5 +1,5 @@
-"""Step metrics: a console line per step on rank 0, plus TensorBoard, wandb and a jsonl file
-when configured. Every stage's metrics take this one path (the loop reduces them)."""
+"""Where step metrics go: one sink per destination (console, jsonl file, TensorBoard, wandb),
+written on rank 0. Every stage's metrics take this one path (the loop reduces them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from megatron_ext import dist
 from megatron_ext.config import Config
@@ -17,71 +17,112 @@ from megatron_ext.config import Config
 log = logging.getLogger("megatron_ext.train")
 
 
-class Metrics:
-    """Writes scalars to the console and, on rank 0, to TensorBoard / wandb."""
+class Sink:
+    """One destination of the step metrics; `Loggers` sends every record to each sink on rank 0."""
 
-    def __init__(self, cfg: Config, resumed_step: int = 0):
-        self.cfg = cfg
-        self.start = time.time()
-        self.tb = None
-        self.wandb_run = None
-        self.jsonl = None
-        if not dist.is_rank0():
+    def write(self, step: int, scalars: Dict[str, float], kind: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Console(Sink):
+    """A line per step every `logger.log_interval` steps (and at the last), a line per evaluation."""
+
+    def __init__(self, cfg: Config):
+        self.interval, self.steps, self.start = cfg.logger.log_interval, cfg.train.steps, time.time()
+
+    def write(self, step: int, scalars: Dict[str, float], kind: str) -> None:
+        if kind == "eval":
+            log.info("eval at step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
             return
-        lc = cfg.logger
-        if lc.metrics_file:
-            self.jsonl = open_metrics_file(Path(lc.metrics_file), resumed_step)
-        if lc.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=lc.tensorboard_dir)
-        if lc.wandb:
-            import wandb
-
-            from omegaconf import OmegaConf
-
-            self.wandb_run = wandb.init(
-                project=lc.wandb_project, mode=lc.wandb_mode, dir=lc.wandb_dir,
-                config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
-            )
-
-    def log_step(self, step: int, scalars: Dict[str, float]) -> None:
-        if not dist.is_rank0():
-            return
-        if step % self.cfg.logger.log_interval == 0 or step == self.cfg.train.steps:
-            parts = [f"step {step:>6d}/{self.cfg.train.steps}"]
+        if step % self.interval == 0 or step == self.steps:
+            parts = [f"step {step:>6d}/{self.steps}"]
             for key, value in scalars.items():
                 parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
             parts.append(f"elapsed {time.time() - self.start:.1f}s")
             log.info(" | ".join(parts))
-        self._write(step, scalars)
+
+
+class JsonLines(Sink):
+    """`logger.metrics_file`: one record per step and per evaluation, full precision, appended on resume."""
+
+    def __init__(self, path: Path, resumed_step: int):
+        self.file = open_metrics_file(path, resumed_step)
+
+    def write(self, step: int, scalars: Dict[str, float], kind: str) -> None:
+        record = {"step": step, "kind": kind,
+                  **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in scalars.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoard(Sink):
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir)
+
+    def write(self, step: int, scalars: Dict[str, float], kind: str) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Wandb(Sink):
+    def __init__(self, cfg: Config):
+        import wandb
+        from omegaconf import OmegaConf
+
+        lc = cfg.logger
+        self.run = wandb.init(project=lc.wandb_project, mode=lc.wandb_mode, dir=lc.wandb_dir,
+                              config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+
+    def write(self, step: int, scalars: Dict[str, float], kind: str) -> None:
+        self.run.log(dict(scalars), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def sinks(cfg: Config, resumed_step: int = 0) -> List[Sink]:
+    """The sinks `cfg.logger` asks for: the console always, then jsonl, TensorBoard, wandb."""
+    lc = cfg.logger
+    out: List[Sink] = [Console(cfg)]
+    if lc.metrics_file:
+        out.append(JsonLines(Path(lc.metrics_file), resumed_step))
+    if lc.tensorboard_dir:
+        out.append(TensorBoard(lc.tensorboard_dir))
+    if lc.wandb:
+        out.append(Wandb(cfg))
+    return out
+
+
+class Loggers:
+    """Every metric of a run takes this one path: rank 0 writes each record to every sink."""
+
+    def __init__(self, cfg: Config, resumed_step: int = 0):
+        self.sinks: List[Sink] = sinks(cfg, resumed_step) if dist.is_rank0() else []
+
+    def log_step(self, step: int, scalars: Dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.write(step, scalars, "train")
 
     def log_eval(self, step: int, scalars: Dict[str, float]) -> None:
         scalars = {k: v for k, v in scalars.items() if v is not None}  # e.g. no loss tokens
-        if not dist.is_rank0() or not scalars:
-            return
-        log.info("eval at step %d | %s", step, " | ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
-        self._write(step, scalars, kind="eval")
-
-    def _write(self, step: int, scalars: Dict[str, float], kind: str = "train") -> None:
-        if self.jsonl is not None:
-            record = {"step": step, "kind": kind,
-                      **{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in scalars.items()}}
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-        if self.tb is not None:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, step)
-        if self.wandb_run is not None:
-            self.wandb_run.log(dict(scalars), step=step)
+        if scalars:
+            for sink in self.sinks:
+                sink.write(step, scalars, "eval")
 
     def close(self) -> None:
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        for sink in self.sinks:
+            sink.close()
 
 
 def open_metrics_file(path: Path, resumed_step: int):

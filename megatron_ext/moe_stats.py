@@ -68,6 +68,9 @@ def for_model(cfg, chunks) -> "RouterStats | None":
     return RouterStats(chunks, m.num_layers, m.num_experts, m.moe_router_topk) if m.is_moe else None
 
 
+KEYS = ("tokens_per_expert_min", "tokens_per_expert_max", "tokens_per_expert_mean", "max_violation",
+        "dropped_tokens", "expert_share")
+"""The step record's keys that `RouterStats.collect` adds."""
 LOGGED = ("tokens_per_expert_min", "tokens_per_expert_max", "max_violation", "dropped_tokens")
 
 

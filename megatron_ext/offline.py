@@ -8,7 +8,6 @@ weights reader `load_weights`, CRC manifest checks, `CheckpointError`) is `megat
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from megatron.core import parallel_state
 
 from megatron_ext.build import build_model, init_parallel
 from megatron_ext.config import Config, ModelConfig, ParallelConfig, PrecisionConfig, validate
+from megatron_ext.layout import min_world_size
 from megatron_ext.transformer import transformer_config
 
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -30,27 +30,26 @@ def precision_for(dtype: torch.dtype) -> str:
     return _PRECISION[dtype]
 
 
-def layout_config(m: ModelConfig, dtype: torch.dtype, tp=1, pp=1, ep=1, etp=None, sp=None, world=None) -> Config:
+def layout_config(m: ModelConfig, dtype: torch.dtype, tp=1, pp=1, ep=1, etp=None, sp=None, world=None,
+                  vpp=None) -> Config:
     """A validated Config for running model `m` at a parallel layout on `world` ranks
     (default: the fewest the layout needs; more ranks become data-parallel replicas).
 
     sp=None turns sequence parallelism on exactly where Megatron requires it (MoE with TP>1);
-    it changes activations only, never how weights are laid out.
+    it changes activations only, never how weights are laid out. vpp: virtual pipeline stages
+    per pipeline rank (None: one).
     """
     if sp is None:
         sp = m.is_moe and tp > 1
-    cfg = Config(model=m, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, sp=sp),
+    cfg = Config(model=m, parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sp=sp),
                  precision=PrecisionConfig(name=precision_for(dtype)))
     validate(cfg, world or world_size(cfg))
     return cfg
 
 
 def world_size(cfg: Config) -> int:
-    """Ranks a layout needs: tp*pp model-parallel, widened to a multiple of ep*etp for experts."""
-    p = cfg.parallel
-    dense, expert = p.tp, p.ep * (p.etp or p.tp)
-    lcm = dense * expert // math.gcd(dense, expert)
-    return p.pp * lcm
+    """Ranks a layout needs: the fewest Megatron-Core accepts (`Layout.min_world`)."""
+    return min_world_size(cfg.parallel)
 
 
 def build(cfg: Config) -> List[torch.nn.Module]:

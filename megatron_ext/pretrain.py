@@ -1,27 +1,17 @@
 """The pretraining stage: GPT datasets, next-token loss summed over tokens, and forward_step.
 
-A stage is the only thing that varies between pretraining, CPT and post-training: it supplies
-`datasets(cfg, train_samples, valid_samples)` and `forward_step(data_iterator, model)` for the
-one training loop in `megatron_ext.loop`.
+A stage (`megatron_ext.stages.Stage`) is the only thing that varies between pretraining, CPT and
+post-training; this one is the base the CPT stages extend.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Protocol
 
 import torch
 
 from megatron_ext import data
-
-
-class Stage(Protocol):
-    """What a training stage supplies; constructed as `Stage(cfg)` by megatron_ext.stages, which
-    also lists the optional hooks (customize_model, before_step, derive_metrics, loss_name)."""
-
-    def datasets(self, cfg, train_samples: int, valid_samples: int): ...
-
-    def forward_step(self, data_iterator, model): ...
+from megatron_ext.stages import LOSS, Stage
 
 
 def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -34,17 +24,13 @@ def masked_token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     loss_sum = torch.sum(output_tensor.float().reshape(-1) * mask)
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    return loss_sum, num_tokens, {LOSS: report}
 
 
-class PretrainStage:
-    """Next-token prediction on Megatron GPT datasets."""
+class PretrainStage(Stage):
+    """Next-token prediction on Megatron GPT datasets (no rules beyond megatron_ext.config.validate)."""
 
-    cuda_graph_safe = True
-    """Fixed-shape micro-batches and no host syncs in the step (train.cuda_graph may capture it)."""
-
-    def __init__(self, cfg=None):
-        pass  # no rules beyond megatron_ext.config.validate
+    cuda_graph_safe = True  # fixed-shape micro-batches, no host syncs in the step
 
     def datasets(self, cfg, train_samples: int, valid_samples: int):
         return data.build_datasets(cfg, train_samples, valid_samples)

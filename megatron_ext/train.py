@@ -12,22 +12,23 @@ import textwrap
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from megatron_ext import dist, fault, stages
-from megatron_ext.cli import HELP_FLAGS, PRINT_CONFIG, config_yaml, fail, help_text, load_config, split_flags
+from megatron_ext.cli import (HELP_FLAGS, PRINT_CONFIG, config_yaml, fail, help_text, load_config, split_flags,
+                              with_override)
 from megatron_ext.config import ConfigError, validate
-from megatron_ext.metrics import setup_console_logging
+from megatron_ext.loggers import setup_console_logging
 
 log = logging.getLogger("megatron_ext.train")
 
 
-# Entry name -> (the module users run, the stages it serves). `megatron_ext.train` runs every
-# stage of the registry (megatron_ext.stages); `posttrain.cpt` its three; other names `X` are
-# `posttrain.X`, serving stage X (see posttrain.common.run_cli).
 def entry(name: str) -> Tuple[str, Tuple[str, ...]]:
+    """(the module users run, the stages it serves) of entry `name`: `pretrain` is
+    `megatron_ext.train`, which runs every stage; another name is a stage whose `entry` module
+    serves every stage that names the same entry (posttrain.cpt: cpt_math, cpt_code, long_context)."""
+    rows = [row for row in stages.table() if row.trains]
     if name == "pretrain":
-        return "megatron_ext.train", tuple(stages.names())
-    if name == "cpt":
-        return "posttrain.cpt", ("cpt_math", "cpt_code", "long_context")
-    return f"posttrain.{name}", (name,)
+        return "megatron_ext.train", tuple(row.name for row in rows)
+    module = stages.info(name).entry
+    return module, tuple(row.name for row in rows if row.entry == module)
 
 
 def _description(stages: Sequence[str], default: str) -> str:
@@ -47,20 +48,13 @@ def _print_help(name: str, base_overrides: Sequence[str], overrides: Sequence[st
     module, stages = entry(name)
     note = None
     try:
-        cfg = load_config(_merge(base_overrides, overrides))
+        cfg = load_config(with_override(base_overrides, overrides))
     except ConfigError as e:
         cfg = load_config(list(base_overrides))
         note = f"(defaults shown without your overrides, which were rejected: {e})"
     default = load_config(list(base_overrides)).stage  # the entry's own (posttrain.cpt: cpt_math), else config.yaml's
     print(help_text(f"python -m {module}", _description(stages, default), cfg, stages, note), end="")
     return 0
-
-
-def _merge(base_overrides: Sequence[str], overrides: Sequence[str]) -> List[str]:
-    """Base overrides (an entry's stage) unless the user sets the same key, then the user's."""
-    key = lambda o: o.split("=", 1)[0].lstrip("+~")  # noqa: E731
-    given = {key(o) for o in overrides}
-    return [o for o in base_overrides if key(o) not in given] + list(overrides)
 
 
 def run(argv, make_stage: Optional[Callable] = None, name: str = "pretrain", base_overrides: Sequence[str] = ()) -> int:
@@ -84,7 +78,7 @@ def run(argv, make_stage: Optional[Callable] = None, name: str = "pretrain", bas
     fault.preemption_watcher()  # before anything slow: a pre-kill signal must not be lost
     setup_console_logging()
     try:
-        cfg = load_config(_merge(base_overrides, overrides))
+        cfg = load_config(with_override(base_overrides, overrides))
         _check_stage(cfg, name)
         validate(cfg, dist.launch_env().world_size)
         from megatron_ext.data import check_paths
@@ -121,6 +115,11 @@ def _check_stage(cfg, name: str) -> None:
     if cfg.stage not in served:
         raise ConfigError(f"stage={cfg.stage} is not run by python -m {module} (it runs "
                           f"{', '.join(served)}); use python -m megatron_ext.train stage={cfg.stage}")
+
+
+def run_stage(name: str, argv=None) -> int:
+    """`python -m <entry of stage name>`: `run` with the stage's config as the base."""
+    return run(argv, name=name, base_overrides=[f"stage={name}"])
 
 
 def main(argv=None) -> int:

@@ -7,14 +7,14 @@ What differs from pretraining is data and starting point, not the loop:
 - `checkpoint.load` names an HF-converted model (`tools.convert hf-to-mcore`) or a training
   checkpoint, loaded as weights only: the optimizer and LR schedule start fresh, so
   `train.warmup_steps` re-warms the LR from 0 before it decays to `train.min_lr`.
-- `data.mixture_steps` / `data.mixture_weights` change the blend at given steps (e.g. more
+- `cpt.mixture_steps` / `cpt.mixture_weights` change the blend at given steps (e.g. more
   math later in the run). Sample s of the global stream belongs to step s // global_batch_size
   and is drawn from the dataset whose share in that step's phase is furthest behind its weight,
   so every step's batch follows its phase's weights exactly, for any DP/PP layout, and a resumed
   run sees the same sequence. Validation mixes the paths' validation splits with the last
   phase's weights.
 - RoPE scaling (YaRN, `model.rope_scaling_type`) is applied to each model chunk as it is built.
-- `data.document_mask=true` (long context): each micro-batch's EOD-separated documents are
+- `cpt.document_mask=true` (long context): each micro-batch's EOD-separated documents are
   packed into one thd sequence (`pack_documents`), so attention never crosses a document and
   RoPE positions restart per document; works with context parallelism.
 """
@@ -25,13 +25,15 @@ import dataclasses
 import logging
 import sys
 from functools import partial
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from megatron_ext import data
-from megatron_ext.config import Config
+from megatron_ext.cli import override_key, override_value
+from megatron_ext.config import Config, ConfigError
 from megatron_ext.pretrain import PretrainStage, masked_token_loss
 
 log = logging.getLogger(__name__)
@@ -81,14 +83,14 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 def _single_path_cfg(cfg: Config, path: str) -> Config:
-    d = dataclasses.replace(cfg.data, paths=[path], weights=None, blend_file=None, mixture_steps=[], mixture_weights=[])
-    return dataclasses.replace(cfg, data=d)
+    d = dataclasses.replace(cfg.data, paths=[path], weights=None, blend_file=None)
+    return dataclasses.replace(cfg, data=d, cpt=CPTOptions())
 
 
 def scheduled_datasets(cfg: Config, train_samples: int, valid_samples: int):
     """Train: the scheduled mixture; valid: the paths' validation splits at the last phase's weights."""
     d, gbs = cfg.data, cfg.train.global_batch_size
-    phases = list(zip(d.mixture_steps, d.mixture_weights))
+    phases = list(zip(cfg.cpt.mixture_steps, cfg.cpt.mixture_weights))
     which, index = mixture_plan(phases, gbs, train_samples)
     v_which, v_index = mixture_plan([(0, phases[-1][1])], gbs, max(valid_samples, 0))
     train_sets, valid_sets = [], []
@@ -142,10 +144,62 @@ def pack_documents(batch: dict, eod: int, multiple: int) -> Tuple[dict, torch.Te
     return packed, torch.tensor(bounds, dtype=torch.int32)
 
 
+@dataclass
+class CPTOptions:
+    """The `cpt` section: what continued pretraining adds to the pretraining keys."""
+
+    mixture_steps: List[int] = field(default_factory=list)
+    """Data-mixture schedule: the optimizer steps (0-based, first must be 0) at which the blend
+    weights change. Empty: no schedule (`data.weights` throughout)."""
+    mixture_weights: List[List[float]] = field(default_factory=list)
+    """One weight list per `mixture_steps` entry, one weight per `data.paths` entry: step s
+    draws its samples with the weights of the last entry whose step is <= s."""
+    document_mask: bool = False
+    """Attention never crosses documents: each sample's EOD-separated documents become one
+    packed (thd) sequence with positions restarting per document (padded to 2*CP multiples).
+    Needs parallel.pp=1 (packed lengths vary per micro-batch)."""
+
+
+def option_errors(cfg: Config) -> List[str]:
+    """What is wrong with the `cpt` section of a job (empty when it is fine)."""
+    c, d, errors = cfg.cpt, cfg.data, []
+    if c.mixture_steps or c.mixture_weights:
+        steps = list(c.mixture_steps)
+        if len(steps) != len(c.mixture_weights):
+            errors.append(f"cpt.mixture_steps has {len(steps)} entries but cpt.mixture_weights has "
+                          f"{len(c.mixture_weights)}")
+        if not (steps and steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))):
+            errors.append(f"cpt.mixture_steps={steps} must start at 0 and increase")
+        if d.blend_file or not d.paths:
+            errors.append("cpt.mixture_steps needs explicit data.paths (one weight per path)"
+                          + (f", not data.blend_file={d.blend_file}" if d.blend_file else ""))
+        for i, w in enumerate(c.mixture_weights):
+            if not (len(w) == len(d.paths) and all(x >= 0 for x in w) and sum(w) > 0):
+                errors.append(f"cpt.mixture_weights[{i}]={list(w)} needs {len(d.paths)} non-negative weights "
+                              "(one per data.paths entry) with a positive sum")
+    if c.document_mask and cfg.parallel.pp != 1:
+        errors.append(f"cpt.document_mask=true needs parallel.pp=1 (got {cfg.parallel.pp}): packed lengths vary")
+    if c.document_mask and cfg.train.cuda_graph:
+        errors.append("train.cuda_graph=true needs fixed shapes: cpt.document_mask=false (got True)")
+    return errors
+
+
+def document_masked(cfg: Config) -> bool:
+    """The job packs documents (`cpt.document_mask`, only in a CPT stage's config)."""
+    return bool(getattr(getattr(cfg, "cpt", None), "document_mask", False))
+
+
 class CPTStage(PretrainStage):
     """Next-token prediction with a scheduled data mixture, RoPE scaling and document masking."""
 
-    def __init__(self, cfg=None):
+    entry, config_section, config_options = "posttrain.cpt", "cpt", CPTOptions
+    help_keys = ("model.rope_scaling_type", "model.rope_scaling_factor", "model.rope_original_max_position_embeddings")
+
+    def __init__(self, cfg: Optional[Config] = None):
+        super().__init__(cfg)
+        errors = option_errors(cfg) if cfg is not None else []
+        if errors:
+            raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
         self._packing: Optional[Tuple[int, int]] = None  # (eod id, length multiple) when masking
 
     def forward_step(self, data_iterator, model):
@@ -159,11 +213,11 @@ class CPTStage(PretrainStage):
         return output, partial(masked_token_loss, batch["loss_mask"])
 
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
-        if cfg.data.document_mask:
+        if cfg.cpt.document_mask:
             from data_prep.tokenizer import get_tokenizer
 
             self._packing = (get_tokenizer(cfg.data.tokenizer).eod, 2 * cfg.parallel.cp)
-        if cfg.data.mixture_steps:
+        if cfg.cpt.mixture_steps:
             return scheduled_datasets(cfg, train_samples, valid_samples)
         return data.build_datasets(cfg, train_samples, valid_samples)
 
@@ -173,10 +227,8 @@ DEFAULT_STAGE = "cpt_math"
 
 def stage_overrides(overrides: Sequence[str], default: str = DEFAULT_STAGE) -> List[str]:
     """Select a stage config group (`stage=X` or `+stage=X`; default cpt_math) plus the rest."""
-    chosen = [o for o in overrides if o.split("=", 1)[0] in ("stage", "+stage")]
-    rest = [o for o in overrides if o not in chosen]
-    name = chosen[-1].split("=", 1)[1] if chosen else default
-    return [f"stage={name}", *rest]
+    rest = [o for o in overrides if override_key(o) != "stage"]
+    return [f"stage={override_value(overrides, 'stage') or default}", *rest]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -184,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_ext.train import run
 
     args = list(sys.argv[1:] if argv is None else argv)
-    return run(stage_overrides(args), lambda cfg: CPTStage(), name="cpt", base_overrides=[f"stage={DEFAULT_STAGE}"])
+    return run(stage_overrides(args), name=DEFAULT_STAGE, base_overrides=[f"stage={DEFAULT_STAGE}"])
 
 
 if __name__ == "__main__":

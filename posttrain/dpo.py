@@ -30,15 +30,16 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 import torch
-import torch.nn.functional as F
 
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
-from posttrain.common import report, require, run_cli, token_logps
-from posttrain.reference import Reference, forward_only
+from megatron_ext.schedule import report
+from megatron_ext.stages import LOSS, Stage, require
+from posttrain.logprobs import token_logps
+from posttrain.losses import PREFERENCE_LOSSES, lookup
+from megatron_ext.forward import forward_only
+from posttrain.reference import Reference
 from posttrain.rm import preference_datasets
-
-LOSSES = ("sigmoid", "ipo", "ipo_sum", "simpo")
 
 
 def sequence_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -48,23 +49,13 @@ def sequence_logps(output: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tenso
 
 def preference_loss(kind: str, beta: float, gamma: float, pi: torch.Tensor, ref: torch.Tensor,
                     lengths: torch.Tensor):
-    """Per-pair losses and implicit rewards (chosen, rejected) from [2n] interleaved log-probs.
+    """Per-pair losses and implicit rewards (chosen, rejected) from [2n] interleaved log-probs:
+    the `dpo.loss` entry of `posttrain.losses.PREFERENCE_LOSSES`.
 
     The rewards are beta * (pi - ref) summed over the reply for sigmoid, ipo and ipo_sum (TRL's
     rewards/chosen and rewards/rejected, also for its length-normalised ipo loss); for simpo
     beta * pi / length."""
-    if kind == "simpo":
-        avg = pi / lengths
-        rc, rr = beta * avg[0::2], beta * avg[1::2]
-        return -F.logsigmoid(rc - rr - gamma), rc, rr
-    ratio = pi - ref
-    rc, rr = beta * ratio[0::2], beta * ratio[1::2]
-    if kind == "ipo":
-        ratio = ratio / lengths
-    h = ratio[0::2] - ratio[1::2]
-    if kind in ("ipo", "ipo_sum"):
-        return (h - 1.0 / (2.0 * beta)) ** 2, rc, rr
-    return -F.logsigmoid(beta * h), rc, rr
+    return lookup(PREFERENCE_LOSSES, kind, "dpo.loss")(beta, gamma, pi, ref, lengths)
 
 
 def preference_metrics(kind: str, rc: torch.Tensor, rr: torch.Tensor, lengths: torch.Tensor) -> dict:
@@ -87,7 +78,7 @@ def dpo_loss_func(batch: dict, p, output: torch.Tensor):
     lengths = batch["loss_mask"].sum(-1)
     losses, rc, rr = preference_loss(p.loss, p.beta, p.simpo_gamma, pi, batch["ref_logp"], lengths)
     n = losses.numel()
-    rep = report({"lm loss": (losses.sum(), n), **preference_metrics(p.loss, rc, rr, lengths)})
+    rep = report({LOSS: (losses.sum(), n), **preference_metrics(p.loss, rc, rr, lengths)})
     return losses.sum(), torch.tensor(n, dtype=torch.int), rep
 
 
@@ -104,20 +95,20 @@ class DPOOptions:
     """SimPO target reward margin."""
 
 
-class DPOStage:
+class DPOStage(Stage):
     """DPO / IPO / SimPO on the one training loop."""
 
     config_section, config_options = "dpo", DPOOptions
 
-    loss_name = "dpo_loss"  # the console and metrics-file name of the loss (DPO / IPO / SimPO)
+    entry, loss_name = "posttrain.dpo", "dpo_loss"  # the loss: DPO / IPO / SimPO
+    help_keys = ("posttrain.data_path", "posttrain.num_samples", "posttrain.ref_load")
 
     uses_reference_model = True
     """The frozen reference is the model the run starts from (megatron_ext.stages)."""
 
     def __init__(self, cfg: Config):
         require(cfg, "dpo", pairs=True)
-        if cfg.dpo.loss not in LOSSES:
-            raise ConfigError(f"dpo.loss={cfg.dpo.loss!r} is not one of {LOSSES}")
+        lookup(PREFERENCE_LOSSES, cfg.dpo.loss, "dpo.loss")
         if cfg.dpo.beta <= 0:
             raise ConfigError(f"dpo.beta={cfg.dpo.beta} must be positive")
         self.cfg = cfg
@@ -135,8 +126,8 @@ class DPOStage:
         bs = 2 * math.gcd(n // 2, 8)  # equal-size batches: the pipeline's p2p shape is fixed
         batches = [{k: torch.stack([it[k] for it in items[i:i + bs]]) for k in items[0]} for i in range(0, n, bs)]
 
-        def forward(batch, model):
-            batch = data.on_this_rank(batch)
+        def forward(data_iterator, model):
+            batch = data.on_this_rank(next(data_iterator))
             out = token_logps(model, batch["tokens"], batch["labels"])
 
             def loss_func(output):
@@ -144,7 +135,8 @@ class DPOStage:
                 return logps.sum() * 0, torch.tensor(1, dtype=torch.int), {"logps": logps.detach().cpu()}
             return out, loss_func
 
-        reports = forward_only(self.reference.build(), batches, forward, self.cfg.data.seq_length)
+        reports = forward_only(self.reference.build(), forward, batches, seq_length=self.cfg.data.seq_length,
+                               micro_batch_size=bs)
         return torch.cat([r["logps"] for r in reports]) if reports else torch.zeros(n)
 
     def datasets(self, cfg: Config, train_samples: int, valid_samples: int):
@@ -168,4 +160,6 @@ class DPOStage:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("dpo", DPOStage))
+    from megatron_ext.train import run_stage
+
+    sys.exit(run_stage("dpo"))

@@ -33,8 +33,10 @@ from data_prep.chat import encode_chat
 from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config
+from megatron_ext.schedule import report
+from megatron_ext.stages import LOSS, Stage, require
 from posttrain import synthetic
-from posttrain.common import DATA_DIR, Cycled, pad_to, read_jsonl_lines, report, require, run_cli
+from posttrain.datasets import DATA_DIR, Cycled, pad_to, read_jsonl_lines
 from posttrain.rm import add_value_head
 
 SAMPLE = DATA_DIR / "processbench_sample.jsonl"
@@ -106,7 +108,7 @@ def prm_loss(batch: dict, output: torch.Tensor):
     mask = batch["step_mask"]
     bce = F.binary_cross_entropy_with_logits(logits, batch["step_label"], reduction="none") * mask
     n = mask.sum()
-    pairs = {"lm loss": (bce.sum(), n),
+    pairs = {LOSS: (bce.sum(), n),
              "step_accuracy": ((((logits > 0).float() == batch["step_label"]).float() * mask).sum(), n)}
     err_hits = ok_hits = n_err = n_ok = 0
     for b in range(logits.shape[0]):
@@ -133,12 +135,14 @@ def _with_f1(means: dict) -> dict:
     return means
 
 
-class PRMStage:
+class PRMStage(Stage):
     """Process reward model on the one training loop."""
 
-    loss_name = "prm_loss"  # the console and metrics-file name of the loss (per-step BCE)
+    entry, loss_name = "posttrain.prm", "prm_loss"  # the loss: per-step BCE
+    help_keys = ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed")
 
     def __init__(self, cfg: Config):
+        super().__init__(cfg)
         require(cfg, "prm")
 
     customize_model = staticmethod(add_value_head)
@@ -169,4 +173,6 @@ class PRMStage:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("prm", PRMStage))
+    from megatron_ext.train import run_stage
+
+    sys.exit(run_stage("prm"))

@@ -1,4 +1,4 @@
-"""The frozen reference model of DPO and GRPO, and forward-only passes over it.
+"""The frozen reference model of DPO and GRPO (run it with `megatron_ext.forward.forward_only`).
 
 Which weights: `posttrain.ref_load` if set; else `checkpoint.load` when it names a path (the
 model this run starts from, e.g. an SFT checkpoint). Either may be a training checkpoint, its
@@ -11,12 +11,11 @@ reference).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ext.checkpoint.plan import parse_load
 from megatron_ext.config import Config
 
 log = logging.getLogger(__name__)
@@ -32,8 +31,7 @@ class Reference:
 
     def source(self) -> Optional[str]:
         """The checkpoint to load, or None for the initial-weights snapshot."""
-        load = self.cfg.checkpoint.load
-        return self.cfg.posttrain.ref_load or (load if load and load != "auto" else None)
+        return self.cfg.posttrain.ref_load or parse_load(self.cfg.checkpoint).start_model
 
     def snapshot(self, chunk, cfg: Config) -> None:
         """Stage hook: remember a chunk's initial weights (only when no checkpoint is named)."""
@@ -66,27 +64,3 @@ class Reference:
                 p.requires_grad_(False)
         self.chunks = chunks
         return chunks
-
-
-def forward_only(chunks, batches: List[dict], forward: Callable, seq_length: int) -> List[dict]:
-    """Run `forward(batch, model) -> (output, loss_func)` over `batches` through the pipeline.
-
-    Returns the loss_func reports (on the last pipeline stage; empty elsewhere), one per batch.
-    The interleaved (virtual-pipeline) schedule needs a multiple of the pipeline size of
-    micro-batches: the last batch is repeated to fill up and its extra reports are dropped.
-    """
-    count = len(batches)
-    if len(chunks) > 1:
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
-        batches = list(batches) + [batches[-1]] * (-count % pp)
-    it = iter(batches)
-
-    def step(data_iterator, model):
-        return forward(next(data_iterator), model)
-
-    with torch.no_grad():
-        reports = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=it if len(chunks) == 1 else [iter(batches) for _ in chunks],
-            model=chunks, num_microbatches=len(batches), seq_length=seq_length,
-            micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True)
-    return reports[:count]

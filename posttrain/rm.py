@@ -24,8 +24,10 @@ from data_prep.chat import format_preference
 from data_prep.tokenizer import get_tokenizer
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
+from megatron_ext.schedule import report
+from megatron_ext.stages import LOSS, Stage, require
 from posttrain import synthetic
-from posttrain.common import Cycled, chat_tokenizer, pad_to, read_jsonl, report, require, run_cli
+from posttrain.datasets import Cycled, chat_tokenizer, pad_to, read_jsonl
 
 HF_ARCH = {"qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
            "qwen2_moe": "Qwen2MoeForSequenceClassification", "qwen3_moe": "Qwen3MoeForSequenceClassification"}
@@ -127,17 +129,19 @@ def bradley_terry_loss(last: torch.Tensor, output: torch.Tensor):
     chosen, rejected = r[0::2], r[1::2]
     losses = -F.logsigmoid(chosen - rejected)
     n = chosen.numel()
-    rep = report({"lm loss": (losses.sum(), n), "accuracy": ((chosen > rejected).float().sum(), n),
+    rep = report({LOSS: (losses.sum(), n), "accuracy": ((chosen > rejected).float().sum(), n),
                   "margin": ((chosen - rejected).sum(), n)})
     return losses.sum(), torch.tensor(n, dtype=torch.int), rep
 
 
-class RewardModelStage:
+class RewardModelStage(Stage):
     """Bradley-Terry reward model on the one training loop."""
 
-    loss_name = "rm_loss"  # the console and metrics-file name of the loss (Bradley-Terry)
+    entry, loss_name = "posttrain.rm", "rm_loss"  # the loss: Bradley-Terry
+    help_keys = ("posttrain.data_path", "posttrain.num_samples", "posttrain.task_seed")
 
     def __init__(self, cfg: Config):
+        super().__init__(cfg)
         require(cfg, "rm", pairs=True)
 
     customize_model = staticmethod(add_value_head)
@@ -190,4 +194,6 @@ def export_hf(chunk, cfg: Config, out_dir) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("rm", RewardModelStage))
+    from megatron_ext.train import run_stage
+
+    sys.exit(run_stage("rm"))

@@ -16,7 +16,7 @@ per-token loss).
   end). forward_step joins a micro-batch's samples into one thd sequence (batch 1) and passes
   `packed_seq_params`, so attention is document-causal and RoPE positions restart per
   conversation: the loss equals the sum of the conversations' unpacked losses. Works with
-  TP and CP; needs parallel.pp=1 (as `data.document_mask`). The packs are fixed once per run
+  TP and CP; needs parallel.pp=1 (as `cpt.document_mask`). The packs are fixed once per run
   and walked in a fresh order each epoch.
 """
 
@@ -33,7 +33,8 @@ from data_prep.chat import encode_chat, pack_sequences
 from megatron_ext import data
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.pretrain import masked_token_loss
-from posttrain.common import DATA_DIR, Cycled, chat_tokenizer, pad_to, read_jsonl, run_cli
+from megatron_ext.stages import Stage
+from posttrain.datasets import DATA_DIR, Cycled, chat_tokenizer, pad_to, read_jsonl
 
 SAMPLE = DATA_DIR / "sft_sample.jsonl"
 PACKED_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -125,10 +126,11 @@ class SFTOptions:
     to a multiple of 2*CP; needs parallel.pp=1. False: one padded conversation each."""
 
 
-class SFTStage:
+class SFTStage(Stage):
     """Chat SFT on the one training loop."""
 
-    config_section, config_options = "sft", SFTOptions
+    entry, config_section, config_options = "posttrain.sft", "sft", SFTOptions
+    help_keys = ("posttrain.data_path",)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -161,4 +163,6 @@ class SFTStage:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli("sft", SFTStage))
+    from megatron_ext.train import run_stage
+
+    sys.exit(run_stage("sft"))

@@ -18,7 +18,7 @@ import json
 import random
 from typing import Dict, List
 
-from posttrain.common import DATA_DIR
+from posttrain.datasets import DATA_DIR
 
 GOOD = ["great", "clear", "helpful", "kind", "correct", "precise", "thanks", "good", "useful", "calm"]
 BAD = ["wrong", "rude", "vague", "bad", "lazy", "messy", "useless", "false", "late", "boring"]

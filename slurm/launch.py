@@ -33,18 +33,20 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere: import the project next to it
     sys.path.insert(0, str(REPO))
 
-from megatron_ext.cli import config_yaml, load_config  # noqa: E402
+from megatron_ext.cli import config_yaml, load_config, override_key, override_value  # noqa: E402
 from megatron_ext import stages  # noqa: E402
-from megatron_ext.config import Config, ConfigError, data_parallel_size, validate  # noqa: E402
+from megatron_ext.checkpoint.paths import complete_checkpoints  # noqa: E402
+from megatron_ext.checkpoint.plan import LoadKind, LoadPlan, parse_load  # noqa: E402
+from megatron_ext.config import CheckpointConfig, Config, ConfigError, ParallelConfig, validate  # noqa: E402
+from megatron_ext.layout import Layout  # noqa: E402
 
 ENTRY = "megatron_ext.train"
-"""The module srun runs for every stage (`python -m megatron_ext.train stage=X ...`): stages come
-from the registry (megatron_ext.stages), so a stage added there needs nothing here."""
+"""The module srun runs for every training stage (`python -m megatron_ext.train stage=X ...`):
+stages come from the table (megatron_ext.stages), so a stage added there needs nothing here."""
 
-EVAL_STAGE = "eval"
-EVAL_ENTRY = "tools.eval"
-"""`stage=eval` runs `python -m tools.eval` on the ranks instead of a training stage (there is no
-conf/stage/eval.yaml: evaluation composes the default config plus the `eval.*` keys)."""
+EVAL_STAGE, EVAL_ENTRY = stages.EVAL.name, stages.EVAL.entry
+"""`stage=eval` (the table's one job that does not train) runs `python -m tools.eval` on the
+ranks (there is no conf/stage/eval.yaml: evaluation composes the default config plus `eval.*`)."""
 
 DEFAULT_JOB_NAME = "qwen-train"
 CHECKPOINT_ROOT = "runs"  # default checkpoint.dir = runs/<job name>/checkpoints (git-ignored)
@@ -92,22 +94,7 @@ def allocation_from_slurm(env: Dict[str, str]) -> Allocation:
                       cpus_per_task=int(cpus) if cpus else None)
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def _value(overrides: Sequence[str], key: str) -> Optional[str]:
-    """The value the last `key=value` override gives, or None."""
-    found = None
-    for o in overrides:
-        if "=" in o and _override_key(o) == key:
-            found = o.split("=", 1)[1]
-    return found
-
-
 def _has_checkpoint(directory: str) -> bool:
-    from megatron_ext.checkpoint import complete_checkpoints
-
     return bool(complete_checkpoints(Path(directory)))
 
 
@@ -121,41 +108,48 @@ def with_checkpoint_overrides(overrides: List[str], job_name: str) -> tuple:
     progress wins, with the full training state.
     """
     out, notes = list(overrides), []
-    ckpt_dir = _value(out, "checkpoint.dir")
+    ckpt_dir = override_value(out, "checkpoint.dir")
     if ckpt_dir in (None, "", "null"):
         ckpt_dir = f"{CHECKPOINT_ROOT}/{job_name}/checkpoints"
         out.append(f"checkpoint.dir={ckpt_dir}")
         notes.append(f"checkpoint.dir={ckpt_dir} (from the job name)")
-    load = _value(out, "checkpoint.load")
-    if load in (None, "", "null"):
+    plan = _load_plan(override_value(out, "checkpoint.load"), ckpt_dir)
+    if plan.kind is LoadKind.FRESH:
         out.append("checkpoint.load=auto")
         return out, notes
-    if load != "auto" and stages.uses_reference_model(_value(out, "stage") or "pretrain") \
-            and _value(out, "posttrain.ref_load") in (None, "", "null"):
+    start = plan.start_model  # None: `auto` already
+    if start and stages.info(override_value(out, "stage") or "pretrain").uses_reference_model \
+            and override_value(out, "posttrain.ref_load") in (None, "", "null"):
         # After a requeue checkpoint.load becomes `auto`; the reference must stay the start model.
-        out.append(f"posttrain.ref_load={load}")
-        notes.append(f"posttrain.ref_load={load} (the reference model is the model the job starts from)")
-    if load != "auto" and _has_checkpoint(ckpt_dir):
+        out.append(f"posttrain.ref_load={start}")
+        notes.append(f"posttrain.ref_load={start} (the reference model is the model the job starts from)")
+    if start and _has_checkpoint(ckpt_dir):
         out += ["checkpoint.load=auto", "checkpoint.weights_only=false"]
         notes.append(f"{ckpt_dir} already holds this job's checkpoints: resuming from them "
-                     f"(checkpoint.load=auto) instead of checkpoint.load={load}")
+                     f"(checkpoint.load=auto) instead of checkpoint.load={start}")
     return out, notes
 
 
+def _load_plan(load: Optional[str], ckpt_dir: str) -> LoadPlan:
+    """The `LoadPlan` of the user's checkpoint.load override (megatron_ext.checkpoint.plan): from
+    the value alone, as the path may exist only on the compute nodes."""
+    return parse_load(CheckpointConfig(load=None if load == "null" else load, dir=ckpt_dir))
+
+
 def is_eval(overrides: Sequence[str]) -> bool:
-    return _value(overrides, "stage") == EVAL_STAGE
+    return override_value(overrides, "stage") == EVAL_STAGE
 
 
 def resolve(overrides: List[str], alloc: Allocation) -> tuple:
     """(module, overrides, config, notes) for this allocation; ConfigError/LaunchError if it doesn't fit."""
-    stage = _value(overrides, "stage") or "pretrain"
-    if stage != EVAL_STAGE and stage not in stages.names():
+    stage = override_value(overrides, "stage") or "pretrain"
+    if stage not in (row.name for row in stages.table()):
         raise LaunchError(f"stage={stage} has no conf/stage/{stage}.yaml; the stages are {', '.join(stages.names())}"
                           f" (and stage={EVAL_STAGE} evaluates a checkpoint with python -m {EVAL_ENTRY})")
     if alloc.gpus_per_node and alloc.tasks_per_node > alloc.gpus_per_node:
         raise LaunchError(f"{alloc.tasks_per_node} tasks per node but {alloc.gpus_per_node} GPUs per node: "
                           "one rank per GPU needs --ntasks-per-node <= --gpus-per-node")
-    if stage == EVAL_STAGE:
+    if not stages.info(stage).trains:
         return resolve_eval(overrides, alloc)
     overrides, notes = with_checkpoint_overrides(overrides, alloc.job_name)
     cfg = load_config(overrides)
@@ -170,7 +164,7 @@ def resolve_eval(overrides: List[str], alloc: Allocation) -> tuple:
     replica sampling a share of the problems)."""
     from tools.eval import check_config
 
-    overrides = [o for o in overrides if "=" not in o or _override_key(o) != "stage"]
+    overrides = [o for o in overrides if "=" not in o or override_key(o) != "stage"]
     cfg = load_config(overrides)
     try:
         check_config(cfg, alloc.world_size)
@@ -182,11 +176,13 @@ def resolve_eval(overrides: List[str], alloc: Allocation) -> tuple:
 def eval_lines(cfg: Config, alloc: Allocation) -> List[str]:
     """What the evaluation runs where: world, model layout and replicas, tasks and sampling."""
     p, e, world, tpn = cfg.parallel, cfg.eval, alloc.world_size, alloc.tasks_per_node
-    model = p.tp * p.pp
+    # tools.eval builds the model at parallel.tp and parallel.pp only; a replica is a DP rank
+    lay = Layout.of(Config(parallel=ParallelConfig(tp=p.tp, pp=p.pp)), world)
+    replica = {r: group.index(r) for group in lay.rank_groups()["dp"] for r in group}
     lines = [
         f"world: {alloc.nodes} node(s) x {tpn} ranks = {world} ranks"
         + (f" (one GPU each, {alloc.gpus_per_node} GPUs per node)" if alloc.gpus_per_node else " (CPU, gloo)"),
-        f"eval: checkpoint {cfg.checkpoint.load} | TP={p.tp} PP={p.pp} | {world // model} data-parallel "
+        f"eval: checkpoint {cfg.checkpoint.load} | TP={p.tp} PP={p.pp} | {lay.dp} data-parallel "
         "replica(s), each sampling a share of the problems",
         f"tasks: {', '.join(e.tasks)} | k={e.k} samples/problem={e.num_samples or e.k} temperature={e.temperature} "
         f"limit={e.limit} max_new_tokens={e.max_new_tokens}"
@@ -196,7 +192,7 @@ def eval_lines(cfg: Config, alloc: Allocation) -> List[str]:
     for node in range(alloc.nodes):
         ranks = range(node * tpn, (node + 1) * tpn)
         host = f" {alloc.hosts[node]}" if alloc.hosts else ""
-        lines.append(f"node {node}{host}: ranks {_span(ranks)} | replica {_span(r // model for r in ranks)}")
+        lines.append(f"node {node}{host}: ranks {_span(ranks)} | replica {_span(replica[r] for r in ranks)}")
     return lines
 
 
@@ -211,14 +207,9 @@ def layout_lines(cfg: Config, alloc: Allocation) -> List[str]:
     """The world layout: sizes, then per node its ranks, pipeline stages and DP replicas, and
     which communication groups stay inside a node (Megatron-Core's own rank generator, with
     the default order tp-cp-ep-dp-pp, decides the groups)."""
-    from megatron.core.parallel_state import RankGenerator
-
     p, world, tpn = cfg.parallel, alloc.world_size, alloc.tasks_per_node
-    dp = data_parallel_size(cfg, world)
-    etp = p.etp or p.tp
-    edp = world // (etp * p.ep * p.pp)
-    dense = RankGenerator(tp=p.tp, ep=1, dp=dp, pp=p.pp, cp=p.cp, order="tp-cp-ep-dp-pp")
-    expert = RankGenerator(tp=etp, ep=p.ep, dp=edp, pp=p.pp, cp=1, order="tp-cp-ep-dp-pp")
+    lay = Layout.of(cfg, world)
+    dp, etp, edp, ranks_of = lay.dp, lay.etp, lay.edp, lay.rank_groups()
     t = cfg.train
     lines = [
         f"world: {alloc.nodes} node(s) x {tpn} ranks = {world} ranks"
@@ -226,16 +217,15 @@ def layout_lines(cfg: Config, alloc: Allocation) -> List[str]:
         f"parallel: TP={p.tp} PP={p.pp}" + (f" (VPP={p.vpp})" if p.vpp else "") + f" CP={p.cp} DP={dp}"
         + f" SP={'on' if p.sp else 'off'}" + (f" | experts: EP={p.ep} ETP={etp} expert-DP={edp}" if cfg.model.is_moe else ""),
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x DP {dp} x "
-        f"{t.global_batch_size // (t.micro_batch_size * dp)} micro-batches per step, seq {cfg.data.seq_length}",
+        f"{lay.microbatches} micro-batches per step, seq {cfg.data.seq_length}",
     ]
     node_of = lambda r: r // tpn  # noqa: E731  srun --distribution=block
-    groups = {"TP": dense.get_ranks("tp"), "CP": dense.get_ranks("cp"), "DP": dense.get_ranks("dp"),
-              "PP": dense.get_ranks("pp")}
+    groups = {kind.upper(): ranks_of[kind] for kind in ("tp", "cp", "dp", "pp")}
     if cfg.model.is_moe:
-        groups["EP"] = expert.get_ranks("ep")
+        groups["EP"] = ranks_of["ep"]
     coords = {}
     for kind in ("tp", "cp", "dp", "pp"):
-        for group in dense.get_ranks(kind):
+        for group in ranks_of[kind]:
             for index, rank in enumerate(group):
                 coords.setdefault(rank, {})[kind] = index
     for node in range(alloc.nodes):
@@ -292,7 +282,7 @@ def help_epilog() -> str:
     lines = ["Everything else is a Hydra override (key=value), e.g. stage=pretrain model=qwen3_8b parallel.tp=4.",
              "", f"srun runs `python -m {ENTRY} stage=X ...` (`... stage=X --help` shows that stage's defaults); "
              "the stages (conf/stage/):"]
-    lines += [f"  stage={stage:<13} {stages.stage_class_of(stage)}" for stage in stages.names()]
+    lines += [f"  stage={row.name:<13} {row.stage_class}" for row in stages.table() if row.trains]
     pad = " " * 22
     lines += [f"  stage={EVAL_STAGE:<13} not a training stage: srun runs `python -m {EVAL_ENTRY} ...` with the other",
               f"{pad}overrides (checkpoint.load=DIR, eval.tasks=[...], eval.k, eval.limit, eval.temperature,",

@@ -29,11 +29,9 @@ def stage_batch(stage: str, world_size: int, overrides: Sequence[str], samples: 
 
     cfg = _config(stage, world_size, overrides)
     obj = (make_stage or stages.make)(cfg)
-    rt = build(cfg, customize=getattr(obj, "customize_model", None))
+    rt = build(cfg, customize=obj.customize_model)
     train_ds, _ = obj.datasets(cfg, samples, 0)
-    before_step = getattr(obj, "before_step", None)
-    if before_step is not None:
-        before_step(rt, TrainState())
+    obj.before_step(rt, TrainState())
     return cfg, obj, rt.model[0], next(data.loader(train_ds, cfg))
 
 

@@ -201,7 +201,7 @@ def test_chatml_stays_the_default_and_can_be_forced(tokenizers):
 def test_sft_and_preference_stages_use_the_template(tokenizers, tmp_path):
     """posttrain.chat_template reaches the stages' data: `auto` picks the directory's template."""
     from megatron_ext.config import Config, ConfigError
-    from posttrain.common import chat_tokenizer
+    from posttrain.datasets import chat_tokenizer
     from posttrain.rm import pair_items
     from posttrain.sft import encode_rows
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.pretrain import PretrainStage
+from megatron_ext.stages import LOSS
 from tests.forked_ranks import RankFailure, run_on_ranks
 from tests.test_train import full_params
 
@@ -78,11 +80,11 @@ def test_resume_is_bit_identical(tmp_path, layout, request):
         _assert_same_run((ref_hist[2:], ref_step, ref_params), resumed[rank])
 
 
-class _KillDuringSecondSave:
+class _KillDuringSecondSave(PretrainStage):
     """Rank 1 SIGKILLs itself while writing the step-4 checkpoint (after the state files)."""
 
     def __init__(self):
-        import megatron_ext.checkpoint as ck
+        import megatron_ext.checkpoint.store as ck  # where the RNG files are written
 
         original = ck.torch.save
 
@@ -92,15 +94,7 @@ class _KillDuringSecondSave:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         ck.torch.save = save
-        from megatron_ext.pretrain import PretrainStage
-
-        self.stage = PretrainStage()
-
-    def datasets(self, *args):
-        return self.stage.datasets(*args)
-
-    def forward_step(self, *args):
-        return self.stage.forward_step(*args)
+        super().__init__()
 
 
 def test_kill_during_save_resumes_from_previous(tmp_path, straight):
@@ -117,20 +111,16 @@ def test_kill_during_save_resumes_from_previous(tmp_path, straight):
     assert (tmp_path / "iter_0000004" / "meta.json").exists() and not (tmp_path / "iter_0000004.tmp").exists()
 
 
-class _SigtermRank1AtStep2:
+class _SigtermRank1AtStep2(PretrainStage):
     def __init__(self):
-        from megatron_ext.pretrain import PretrainStage
-
-        self.stage, self.calls = PretrainStage(), 0
-
-    def datasets(self, *args):
-        return self.stage.datasets(*args)
+        super().__init__()
+        self.calls = 0
 
     def forward_step(self, data_iterator, model):
         self.calls += 1
         if self.calls == 3 and torch.distributed.get_rank() == 1:  # during step 2 (2 micro-batches/step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return self.stage.forward_step(data_iterator, model)
+        return super().forward_step(data_iterator, model)
 
 
 def _run_until_preempted(rank, world_size, overrides):
@@ -294,18 +284,14 @@ def test_reshard_tp2_to_tp1_and_pp2(tmp_path):
     assert tp1_loss == pytest.approx(ref_loss, rel=1e-5) and pp2_loss == pytest.approx(ref_loss, rel=1e-5)
 
 
-class _NanOnRank1AtStep2:
+class _NanOnRank1AtStep2(PretrainStage):
     def __init__(self):
-        from megatron_ext.pretrain import PretrainStage
-
-        self.stage, self.calls, self.before = PretrainStage(), 0, None
-
-    def datasets(self, *args):
-        return self.stage.datasets(*args)
+        super().__init__()
+        self.calls, self.before = 0, None
 
     def forward_step(self, data_iterator, model):
         self.calls += 1
-        output, loss_func = self.stage.forward_step(data_iterator, model)
+        output, loss_func = super().forward_step(data_iterator, model)
         if self.calls == 3:  # first micro-batch of step 2: remember the parameters
             self.model, self.before = model, {k: v.detach().clone() for k, v in model.named_parameters()}
         if self.calls == 3 and torch.distributed.get_rank() == 1:
@@ -347,7 +333,7 @@ def test_local_status_names_the_first_non_finite_kind():
         return SimpleNamespace(buffers=wrap(grads), expert_parallel_buffers=wrap(expert))
 
     finite = [torch.randn(1000), torch.randn(7)]
-    report = {"lm loss": torch.tensor([3.0, 16.0])}
+    report = {LOSS: torch.tensor([3.0, 16.0])}
     poisoned = lambda value, at: torch.cat([finite[0][:at], torch.tensor([value]), finite[0][at:]])  # noqa: E731
     cases = [
         ([chunk(*finite)], [report, report], 0),
@@ -355,8 +341,8 @@ def test_local_status_names_the_first_non_finite_kind():
         ([chunk(finite[0], poisoned(float("inf"), 999))], [report], 1),
         ([chunk(*finite), chunk(finite[1], expert=[poisoned(float("nan"), 0)])], [report], 1),
         ([chunk(finite[0], torch.empty(0), poisoned(-float("inf"), 3))], [], 1),
-        ([chunk(*finite)], [report, {"lm loss": torch.tensor([float("nan"), 16.0])}], 2),
-        ([chunk(poisoned(float("nan"), 5))], [{"lm loss": torch.tensor([float("inf"), 1.0])}], 2),
+        ([chunk(*finite)], [report, {LOSS: torch.tensor([float("nan"), 16.0])}], 2),
+        ([chunk(poisoned(float("nan"), 5))], [{LOSS: torch.tensor([float("inf"), 1.0])}], 2),
     ]
     for i, (model, reports, expected) in enumerate(cases):
         status = _local_status(model, reports)
@@ -479,7 +465,7 @@ def test_async_save_resume_is_bit_identical(tmp_path, sync_reference):
     _assert_same_checkpoint(tmp_path / "iter_0000004", ref_root / "iter_0000004", tmp_path)
 
 
-class _SlowStep2Writer:
+class _SlowStep2Writer(PretrainStage):
     """The background writer of the step-2 save waits until this rank has run the optimizer
     update of step 3 (marked by the first micro-batch of step 4), so the save can only hold the
     step-2 tensors if they were snapshotted when it started."""
@@ -489,9 +475,8 @@ class _SlowStep2Writer:
 
         from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-        from megatron_ext.pretrain import PretrainStage
-
-        self.stage, self.calls, self.gate = PretrainStage(), 0, Path(gate)
+        super().__init__()
+        self.calls, self.gate = 0, Path(gate)
         original = FileSystemWriterAsync.write_preloaded_data_multiproc
 
         def write(transform_list, use_msc, rank, write_buckets, results_queue):  # runs in the forked writer
@@ -504,15 +489,12 @@ class _SlowStep2Writer:
 
         FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write)
 
-    def datasets(self, *args):
-        return self.stage.datasets(*args)
-
     def forward_step(self, data_iterator, model):
         self.calls += 1
         if self.calls == 7:  # first micro-batch of step 4 (2 per step): step 3's update is done
             self.gate.mkdir(exist_ok=True)
             (self.gate / f"rank{torch.distributed.get_rank()}").touch()
-        return self.stage.forward_step(data_iterator, model)
+        return super().forward_step(data_iterator, model)
 
 
 def test_async_save_holds_the_tensors_of_its_step(tmp_path, sync_reference):
@@ -588,21 +570,21 @@ def _graph_safe_rng_round_trip(rank, world_size):
 
     from megatron.core import tensor_parallel
 
-    from megatron_ext import checkpoint
     from megatron_ext.build import init_parallel
+    from megatron_ext.checkpoint import store
     from megatron_ext.cli import load_config
 
     init_parallel(load_config([]))
     tracker = tensor_parallel.get_cuda_rng_tracker()
     generator = torch.Generator().manual_seed(3)
     tracker.set_states({"model-parallel-rng": generator})
-    state = checkpoint._rng_state()
+    state = store._rng_state()
     buffer = io.BytesIO()
     torch.save(state, buffer)
     expected = torch.rand(4, generator=generator)
     torch.rand(7, generator=generator)  # moves on
     buffer.seek(0)
-    checkpoint._set_rng_state(torch.load(buffer, weights_only=False))
+    store._set_rng_state(torch.load(buffer, weights_only=False))
     restored = tracker.get_states()["model-parallel-rng"]
     return isinstance(state["tracker"]["model-parallel-rng"], torch.Tensor), restored is generator, \
         torch.equal(torch.rand(4, generator=restored), expected)

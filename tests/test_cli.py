@@ -8,14 +8,11 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from megatron_ext.cli import CONF_DIR, COMMON_KEYS, STAGE_KEYS, check_overrides, load_config, suggest
+from megatron_ext import stages
+from megatron_ext.cli import CONF_DIR, COMMON_KEYS, check_overrides, load_config, suggest
 from megatron_ext.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-STAGE_CLASSES = {"sft": "posttrain.sft:SFTStage", "rm": "posttrain.rm:RewardModelStage",
-                 "prm": "posttrain.prm:PRMStage", "dpo": "posttrain.dpo:DPOStage", "grpo": "posttrain.grpo:GRPOStage"}
-
-
 @pytest.fixture(autouse=True)
 def _no_signal_handlers(monkeypatch):
     """In-process entries must not install the preemption handlers in the test process."""
@@ -33,12 +30,9 @@ def _entry_help(name, argv, capsys):
 
         code = main(argv)
     else:
-        import importlib
+        from megatron_ext.train import run_stage
 
-        from posttrain.common import run_cli
-
-        module, cls = STAGE_CLASSES[name].split(":")
-        code = run_cli(name, getattr(importlib.import_module(module), cls), argv)
+        code = run_stage(name, argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -68,7 +62,7 @@ def test_help_of_every_entry(name, module, stage, capsys):
     cfg = load_config([f"stage={stage}"])
     rows = dict(re.findall(r"^  ([a-z_]+\.[a-z_0-9]+)=(\S+)", out, flags=re.M))
     parser = OverridesParser.create()
-    for key in COMMON_KEYS + STAGE_KEYS.get(stage, ()):
+    for key in COMMON_KEYS + stages.info(stage).help_keys:
         assert key in rows, f"{key} missing from the help"
         (parsed,) = parser.parse_overrides([f"{key}={rows[key]}"])
         assert parsed.value() == _value(cfg, key), (key, rows[key], _value(cfg, key))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext import stages
 from megatron_ext.cli import CONF_DIR, load_config
 from megatron_ext.config import ConfigError, validate
 
@@ -93,7 +94,8 @@ def test_cuda_graph_rules():
     graph = ["train.cuda_graph=true"]
     _rejects_planned(graph + ["parallel.tp=2"], 2, "train.cuda_graph=true needs", "(got 2/1/1/1)")
     _rejects_planned(graph + ["model=qwen3_moe_debug"], 1, "a dense model (model.num_experts=4)")
-    _rejects_planned(graph + ["data.document_mask=true"], 1, "data.document_mask=false (got True)")
+    with pytest.raises(ConfigError, match=r"cpt.document_mask=false \(got True\)"):
+        stages.make(load_config(graph + ["stage=long_context", "data.paths=[x]", "parallel.cp=1"]))
     _rejects_planned(graph + ["train.cuda_graph_warmup_steps=0"], 1, "train.cuda_graph_warmup_steps=0")
     if not torch.cuda.is_available():
         _rejects(graph, 1, "train.cuda_graph=true captures CUDA graphs, but no CUDA GPU is visible")

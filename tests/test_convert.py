@@ -45,11 +45,12 @@ FAMILIES = {
 }
 
 
-def make_hf_model(family: str, tied: bool, seed: int = 0):
-    """A tiny transformers model of `family` with every weight random (norms and biases too)."""
+def make_hf_model(family: str, tied: bool, seed: int = 0, **config):
+    """A tiny transformers model of `family` with every weight random (norms and biases too);
+    `config` changes its config (e.g. num_hidden_layers)."""
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**_COMMON, **extra, tie_word_embeddings=tied)).eval()
+    model = model_cls(config_cls(**{**_COMMON, **extra, **config}, tie_word_embeddings=tied)).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

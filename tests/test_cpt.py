@@ -68,8 +68,8 @@ def _pipeline(rank, world, root):
     general = str(data.build_sample_corpus(Path(root) / "general", "qwen3"))
     cfg = load_config(base + [
         "stage=cpt_math", f"checkpoint.load={root}/mcore_base", f"checkpoint.dir={root}/cpt", "checkpoint.save_interval=0",
-        f"data.paths=[{general},{_prepare_math(root)}]", "data.mixture_steps=[0,4]",
-        "data.mixture_weights=[[0.5,0.5],[0.2,0.8]]", f"train.steps={STEPS}", "train.micro_batch_size=2",
+        f"data.paths=[{general},{_prepare_math(root)}]", "cpt.mixture_steps=[0,4]",
+        "cpt.mixture_weights=[[0.5,0.5],[0.2,0.8]]", f"train.steps={STEPS}", "train.micro_batch_size=2",
         f"train.global_batch_size={GBS}", "train.lr=5e-3", "train.min_lr=5e-4", "train.warmup_steps=3",
         f"train.eval_interval={STEPS}", "train.eval_iters=2", f"data.cache_dir={root}/cache"])
     rt = build.build(cfg)  # the weights training starts from

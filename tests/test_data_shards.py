@@ -165,12 +165,15 @@ def test_bad_blend_sources_and_config(shards, tmp_path):
     for overrides, fragment in [
         ([f"data.blend_file={d}", f"data.paths=[{a}]"], "both name the data"),
         ([f"data.blend_file={d}", "data.weights=[1.0]"], "both name the data"),
-        ([f"data.blend_file={d}", "data.mixture_steps=[0]", "data.mixture_weights=[[1.0]]"],
-         "mixture_steps needs data.paths"),
         ([f"data.paths=[{a},{a}]", "data.weights=[1.0,0.0]"], "every weight must be a positive number"),
     ]:
         with pytest.raises(ConfigError, match=fragment):
             validate(load_config(overrides), 1)
+    from megatron_ext import stages
+
+    with pytest.raises(ConfigError, match="cpt.mixture_steps needs explicit data.paths"):
+        stages.make(load_config(["stage=cpt_math", f"data.blend_file={d}", "cpt.mixture_steps=[0]",
+                                 "cpt.mixture_weights=[[1.0]]"]))
 
 
 def test_empty_split_is_named_not_a_hang(tmp_path):

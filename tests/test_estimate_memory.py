@@ -17,6 +17,7 @@ import torch
 
 from megatron_ext.cli import load_config
 from megatron_ext.config import ConfigError
+from megatron_ext.layout import Layout
 from tests.gloo import run_on_ranks
 from tools import estimate_memory as em
 
@@ -104,7 +105,7 @@ def _estimate(overrides, world, pp_rank, dp_rank, edp_rank):
     from megatron_ext.transformer import transformer_config
 
     cfg = load_config(overrides)
-    return em.rank_static(cfg, em.layout(cfg, world), transformer_config(cfg), pp_rank, dp_rank, edp_rank)
+    return em.rank_static(cfg, Layout.of(cfg, world), transformer_config(cfg), pp_rank, dp_rank, edp_rank)
 
 
 @pytest.mark.parametrize("world,index", [(w, i) for w, cases in CASES.items() for i in range(len(cases))],
@@ -137,7 +138,7 @@ def test_published_parameter_totals(name):
     total = _estimate([f"model={name}"], 1, 0, 0, 0)["params"]
     assert total == _hf_count(name)
     cfg = load_config([f"model={name}", "parallel.pp=2"])
-    lay = em.layout(cfg, 2)
+    lay = Layout.of(cfg, 2)
     stages = [em.rank_static(cfg, lay, transformer_config(cfg), r)["params"] for r in range(2)]
     tied = cfg.model.vocab_size * cfg.model.hidden_size if cfg.model.tie_word_embeddings else 0
     assert sum(stages) == total + tied
@@ -169,7 +170,7 @@ def test_activation_estimate_by_hand():
 
 def test_interleaved_in_flight():
     """Megatron's interleaved warmup: 2*(PP-r-1) + (VPP-1)*PP, plus one, capped at M*VPP."""
-    lay = em.layout(load_config(["model=qwen3_debug", "parallel.pp=2", "parallel.vpp=2"]), 2)
+    lay = Layout.of(load_config(["model=qwen3_debug", "parallel.pp=2", "parallel.vpp=2"]), 2)
     assert [em.in_flight(lay, r, 8) for r in range(2)] == [5, 3]
     assert em.in_flight(lay, 0, 2) == 4
 

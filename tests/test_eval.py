@@ -314,21 +314,16 @@ STEP1 = ["model=qwen3_debug", "train.steps=1", "train.warmup_steps=0", "train.mi
 def _train_and_evaluate(rank, world, root, runs):
     """Tiny SFT policy, RM and PRM checkpoints (one step each), then each `runs` argv through
     tools.eval's command line; (exit code, report or None) per run."""
-    from posttrain.common import run_cli
-    from posttrain.prm import PRMStage
-    from posttrain.rm import RewardModelStage
-    from posttrain.sft import SFTStage
+    from megatron_ext.train import run_stage
     from tools.eval import main
 
     # The policy's run also evaluates benchmarks during training (eval.train_tasks).
-    assert run_cli("sft", SFTStage, STEP1 + [f"checkpoint.dir={root}/policy", "train.eval_interval=1",
-                                             "train.eval_iters=1", "eval.train_tasks=[math_synth,code_synth]",
-                                             "eval.limit=1", "eval.max_new_tokens=2",
-                                             f"logger.metrics_file={root}/metrics.jsonl"]) == 0
-    assert run_cli("rm", RewardModelStage, STEP1 + ["data.seq_length=48", "posttrain.num_samples=4",
-                                                    f"checkpoint.dir={root}/rm"]) == 0
-    assert run_cli("prm", PRMStage, STEP1 + ["data.seq_length=80", "posttrain.num_samples=4",
-                                             f"checkpoint.dir={root}/prm"]) == 0
+    assert run_stage("sft", STEP1 + [f"checkpoint.dir={root}/policy", "train.eval_interval=1",
+                                     "train.eval_iters=1", "eval.train_tasks=[math_synth,code_synth]",
+                                     "eval.limit=1", "eval.max_new_tokens=2",
+                                     f"logger.metrics_file={root}/metrics.jsonl"]) == 0
+    assert run_stage("rm", STEP1 + ["data.seq_length=48", "posttrain.num_samples=4", f"checkpoint.dir={root}/rm"]) == 0
+    assert run_stage("prm", STEP1 + ["data.seq_length=80", "posttrain.num_samples=4", f"checkpoint.dir={root}/prm"]) == 0
     out = []
     for i, argv in enumerate(runs):
         path = f"{root}/report{i}.json"

@@ -12,12 +12,14 @@ greedy as top_p -> 0; end ids and stop strings must stop a row right after the t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from megatron_ext.generation import SamplingParams
 from tests.forked_ranks import run_on_ranks
 from tests.test_convert import save_hf
 from tools.convert import hf_to_mcore
@@ -25,6 +27,8 @@ from tools.convert import hf_to_mcore
 PROMPTS = [[5, 17, 200, 3, 99], [255, 0, 13], [42, 7, 8, 1, 2, 3, 4]]
 EQUAL = [[5, 17, 200, 3], [255, 0, 13, 9], [42, 7, 8, 1]]
 NEW = 6
+GREEDY = SamplingParams(NEW, greedy=True)
+SAMPLED = SamplingParams(NEW, temperature=1.2, top_p=0.9, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -83,38 +87,38 @@ class _ByteTokenizer:
 def _api_variants(rank, world, ckpt):
     """Load once, then generate with each sampling setting through the Python API."""
     from megatron_ext import checkpoint, offline
-    from tools.generate import generate
+    from tools.generate import SamplingParams, generate
 
     src = checkpoint.open_checkpoint(ckpt)
     chunks = offline.build(offline.layout_config(src.model, src.dtype))
     checkpoint.load_weights(chunks, src)
     runs = {"greedy": dict(greedy=True), "a": dict(temperature=1.5, seed=3), "b": dict(temperature=1.5, seed=3),
             "c": dict(temperature=1.5, seed=4), "nucleus": dict(temperature=1.5, top_p=1e-6, seed=5)}
-    out = {k: generate(chunks, PROMPTS, NEW, **kw).tokens for k, kw in runs.items()}
-    out["one_by_one"] = [generate(chunks, [p], NEW, greedy=True).tokens[0] for p in PROMPTS]
-    nocache = generate(chunks, PROMPTS, NEW, greedy=True, use_cache=False)
+    out = {k: generate(chunks, PROMPTS, SamplingParams(NEW, **kw)).tokens for k, kw in runs.items()}
+    out["one_by_one"] = [generate(chunks, [p], GREEDY).tokens[0] for p in PROMPTS]
+    nocache = generate(chunks, PROMPTS, GREEDY, use_cache=False)
     out["nocache"] = nocache.tokens
-    out["lp"] = (generate(chunks, PROMPTS, NEW, greedy=True).logprobs, nocache.logprobs)
-    out["nocache_one_by_one"] = [generate(chunks, [p], NEW, greedy=True, use_cache=False).tokens[0] for p in PROMPTS]
+    out["lp"] = (generate(chunks, PROMPTS, GREEDY).logprobs, nocache.logprobs)
+    out["nocache_one_by_one"] = [generate(chunks, [p], GREEDY, use_cache=False).tokens[0] for p in PROMPTS]
     # Equal-length prompts: both paths sample every row at every step from the same generator.
-    out["sampled"] = [generate(chunks, EQUAL, NEW, temperature=1.2, top_p=0.9, seed=7, use_cache=c).tokens
-                      for c in (True, False)]
+    out["sampled"] = [generate(chunks, EQUAL, SAMPLED, use_cache=c).tokens for c in (True, False)]
     # The synthesis backend over the same model: text in, text out through a byte tokenizer.
     from megatron_ext.generation import MegatronBackend
 
     backend = MegatronBackend(chunks, _ByteTokenizer())
     texts = backend.complete(["ab", "xyz"], 2, temperature=0, max_tokens=NEW, seed=0)
-    out["backend"] = (texts, [generate(chunks, [list(p.encode())], NEW, greedy=True).tokens[0] for p in ("ab", "xyz")])
+    out["backend"] = (texts, [generate(chunks, [list(p.encode())], GREEDY).tokens[0] for p in ("ab", "xyz")])
     eos = out["greedy"][0][2]
-    stopped = generate(chunks, PROMPTS[:1], NEW, greedy=True, eos_token_id=eos)
+    stopped = generate(chunks, PROMPTS[:1], SamplingParams(NEW, greedy=True, eos_token_id=eos))
     out["eos"] = (stopped.tokens[0], stopped.finished[0], eos)
     # Several end ids (ChatML's <|im_end|> and <|endoftext|>), and stop strings, per row, both paths.
     ends = [out["greedy"][1][3], out["greedy"][2][1]]
-    out["ends"] = [generate(chunks, PROMPTS, NEW, greedy=True, eos_token_id=ends, use_cache=c) for c in (True, False)]
+    out["ends"] = [generate(chunks, PROMPTS, SamplingParams(NEW, greedy=True, eos_token_id=ends), use_cache=c)
+                   for c in (True, False)]
     tok = _ByteTokenizer()
     stop = [tok.decode(out["greedy"][0][1:3]), tok.decode(out["greedy"][2][4:5])]
-    out["stop"] = (stop, [generate(chunks, PROMPTS, NEW, greedy=True, stop=stop, decode=tok.decode, use_cache=c)
-                          for c in (True, False)])
+    out["stop"] = (stop, [generate(chunks, PROMPTS, SamplingParams(NEW, greedy=True, stop=stop), decode=tok.decode,
+                                   use_cache=c) for c in (True, False)])
     offline.release_layout()
     return out
 
@@ -250,12 +254,11 @@ def _layouts(rank, world, ckpt):
     for name, layout in LAYOUTS.items():
         chunks = offline.build(offline.layout_config(src.model, src.dtype, **layout))
         checkpoint.load_weights(chunks, src)
-        cached = generate(chunks, PROMPTS, NEW, greedy=True)
-        nocache = generate(chunks, PROMPTS, NEW, greedy=True, use_cache=False)
+        cached = generate(chunks, PROMPTS, GREEDY)
+        nocache = generate(chunks, PROMPTS, GREEDY, use_cache=False)
         out[name] = dict(sp=chunks[0].config.sequence_parallel, cached=cached.tokens, nocache=nocache.tokens, lp=(cached.logprobs, nocache.logprobs),
-                         one_by_one=[generate(chunks, [p], NEW, greedy=True).tokens[0] for p in PROMPTS],
-                         sampled=[generate(chunks, EQUAL, NEW, temperature=1.2, top_p=0.9, seed=7,
-                                           use_cache=c).tokens for c in (True, False)])
+                         one_by_one=[generate(chunks, [p], GREEDY).tokens[0] for p in PROMPTS],
+                         sampled=[generate(chunks, EQUAL, SAMPLED, use_cache=c).tokens for c in (True, False)])
         offline.release_layout()
     return out
 
@@ -286,3 +289,23 @@ def test_bench_generate_runs_both_paths(tmp_path):
     r = json.loads(out.read_text())
     assert r["same_tokens"] is True and r["prompt_lengths"] == [3, 6] and r["new_tokens"] == 8
     assert r["cached"]["tokens_per_s"] > 0 and r["recompute"]["tokens_per_s"] > 0
+
+
+def test_sampling_params_refuse_bad_values_and_stay_immutable():
+    params = SamplingParams(4, eos_token_id=[3, 5], stop=["\n"])
+    assert params.eos_token_id == (3, 5) and params.stop == ("\n",) and hash(params) == hash(SamplingParams(
+        4, eos_token_id=(3, 5), stop=("\n",)))
+    bad_values = ((dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=2, temperature=-1), "temperature"),
+                  (dict(max_new_tokens=2, top_p=0), "top_p"), (dict(max_new_tokens=2, stop="\n"), "stop"))
+    for bad, word in bad_values:
+        with pytest.raises(ValueError, match=word):
+            SamplingParams(**bad)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 1
+
+
+def test_cli_refuses_bad_sampling_values_before_loading(tmp_path, capsys):
+    from tools.generate import main
+
+    assert main(["--ckpt", str(tmp_path / "none"), "--tokens", "1,2", "--top-p", "0"]) == 2
+    assert "top_p=0.0" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def _losses(rank, world_size, overrides):
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
     from megatron_ext.loop import train
-    from tools.bench import SyntheticStage
+    from tools.bench_train import SyntheticStage
 
     cfg = load_config(MEDIUM + overrides)
     validate(cfg, world_size)
@@ -131,7 +131,7 @@ def test_fp8_loss_tracks_bf16(precision):
 @pytest.mark.parametrize("precision", ["bf16", "fp8_current"])
 def test_bench_runs_on_gpu(tmp_path, precision):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "tools.bench", *MEDIUM, f"precision={precision}",
+    proc = subprocess.run([sys.executable, "-m", "tools.bench_train", *MEDIUM, f"precision={precision}",
                            "--steps", "3", "--warmup", "2", "--json", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

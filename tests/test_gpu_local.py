@@ -147,7 +147,7 @@ def _train_losses(rank, world_size):
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
     from megatron_ext.loop import train
-    from tools.bench import make_stage
+    from tools.bench_train import make_stage
 
     runs = []
     for cuda_graph in ("false", "true"):

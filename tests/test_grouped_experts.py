@@ -202,7 +202,7 @@ def _save(rank, world_size, overrides, path):
     from megatron_ext import checkpoint
 
     from megatron_ext.grouped_experts import sequential_named_parameters
-    from megatron_ext.layout import global_name
+    from megatron_ext.placement import global_name
 
     chunk = _build(overrides)
     checkpoint.save_converted_weights([chunk], path)
@@ -214,7 +214,7 @@ def _load(rank, world_size, overrides, path):
     from megatron_ext import checkpoint
 
     from megatron_ext.grouped_experts import sequential_named_parameters
-    from megatron_ext.layout import global_name
+    from megatron_ext.placement import global_name
 
     chunk = _build(overrides + ["train.seed=99"])  # other random weights than the saved ones
     cfg = load_config(MOE + overrides)

@@ -38,7 +38,7 @@ def _pieces(rank, world_size, runs, megatron_init=False):
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
     from megatron_ext.grouped_experts import sequential_named_parameters
-    from megatron_ext.layout import global_name, split
+    from megatron_ext.placement import global_name, split
     from megatron_ext.transformer import transformer_config
 
     if megatron_init:
@@ -63,7 +63,7 @@ def single_process():
 
 
 def test_every_layout_starts_from_the_single_process_weights(single_process):
-    from megatron_ext.layout import shard_index
+    from megatron_ext.placement import shard_index
 
     runs = [(name, layout) for name, layouts in LAYOUTS.items() for layout in layouts]
     per_rank = run_on_ranks(_pieces, 4, [SMALL + MODELS[name] + layout for name, layout in runs])

@@ -7,25 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_ext.pretrain import PretrainStage
 from tests.forked_ranks import run_on_ranks
 
 SHORT = ["train.steps=4", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_length=32",
          "train.eval_interval=2", "train.eval_iters=1"]
 
 
-class _ReportsThree:
+class _ReportsThree(PretrainStage):
     """Pretraining with one extra metric in the report, and a derived one."""
 
-    def __init__(self):
-        from megatron_ext.pretrain import PretrainStage
-
-        self.inner = PretrainStage()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
     def forward_step(self, data_iterator, model):
-        output, loss_func = self.inner.forward_step(data_iterator, model)
+        output, loss_func = super().forward_step(data_iterator, model)
 
         def with_share(output_tensor):
             loss_sum, tokens, reports = loss_func(output_tensor)
@@ -93,7 +86,7 @@ def test_stage_metrics_take_the_loop_path_under_pipeline_parallelism(tmp_path):
 
 
 def test_metrics_file_that_is_not_one_is_refused(tmp_path):
-    from megatron_ext.metrics import open_metrics_file
+    from megatron_ext.loggers import open_metrics_file
 
     bad = tmp_path / "notes.txt"
     bad.write_text("my notes\n")

@@ -184,7 +184,7 @@ def _train_losses(rank, world, cp, root, masked):
     from posttrain.cpt import CPTStage
 
     cfg = load_config(["stage=long_context", "model=qwen3_debug", "data.paths=[]", f"parallel.cp={cp}",
-                       "data.seq_length=128", f"data.document_mask={str(masked).lower()}", "train.steps=2",
+                       "data.seq_length=128", f"cpt.document_mask={str(masked).lower()}", "train.steps=2",
                        "train.micro_batch_size=2", "train.global_batch_size=2", "train.warmup_steps=1",
                        "train.lr=1e-3", "train.min_lr=1e-4", "train.eval_interval=0", "checkpoint.weights_only=false",
                        f"data.cache_dir={root}/cache"])

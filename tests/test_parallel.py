@@ -30,6 +30,7 @@ import math
 import pytest
 import torch
 
+from megatron_ext.callbacks import Callback
 from tests.forked_ranks import run_on_ranks
 
 COMMON = ["train.steps=3", "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=1",
@@ -57,25 +58,20 @@ def _skip_grad_all_reduce():
     DistributedDataParallel.finish_grad_sync = lambda self, *args, **kwargs: None
 
 
-class _RecordDeterminedElements:
-    """Stage wrapper: before each optimizer step, marks the elements whose gradient is above the
-    noise floor at this step and every step before (single process: names are global)."""
+class _RecordDeterminedElements(Callback):
+    """Training callback: before each optimizer step, marks the elements whose gradient is above
+    the noise floor at this step and every step before (single process: names are global)."""
 
-    def __init__(self, stage):
-        self.stage, self.determined = stage, None
+    determined = None
 
-    def __getattr__(self, name):
-        return getattr(self.stage, name)
+    def on_start(self, run):
+        rt, step = run.rt, run.rt.optimizer.step
 
-    def before_step(self, rt, state):
-        if state.step == 0:
-            step = rt.optimizer.step
+        def recording_step():
+            self.record(rt.model[0].module)
+            return step()
 
-            def recording_step():
-                self.record(rt.model[0].module)
-                return step()
-
-            rt.optimizer.step = recording_step
+        rt.optimizer.step = recording_step
 
     def record(self, module):
         marks = {}
@@ -95,9 +91,9 @@ def _train(rank, world_size, overrides, out, record=False, sabotage=None):
         sabotage()
     cfg = load_config(overrides + [f"checkpoint.dir={out}"])
     validate(cfg, world_size)
-    stage = _RecordDeterminedElements(PretrainStage()) if record else PretrainStage()
-    history = train(cfg, stage).history
-    return (history, stage.determined) if record else history
+    recorder = _RecordDeterminedElements()
+    history = train(cfg, PretrainStage(), [recorder] if record else []).history
+    return (history, recorder.determined) if record else history
 
 
 def _final_weights(rank, world_size, overrides, ckpts):

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from megatron_ext.stages import LOSS
 from tests.forked_ranks import run_on_ranks
 from tests.stage_fixture import stage_batch
 
@@ -53,7 +54,7 @@ def _sft_batch_loss(rank, world_size, overrides):
             logits = model(batch["tokens"], batch["position_ids"], attention_mask=None)
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
         hand = (ce * batch["loss_mask"].flatten()).sum().item(), batch["loss_mask"].sum().item()
-    return loss_sum.item(), int(n), rep["lm loss"].tolist(), hand
+    return loss_sum.item(), int(n), rep[LOSS].tolist(), hand
 
 
 def test_sft_loss_matches_torch_at_tp1_and_tp2():
@@ -125,7 +126,7 @@ def _packed_and_unpacked(rank, world_size, overrides):
     from megatron_ext.build import build
     from megatron_ext.cli import load_config
     from megatron_ext.config import validate
-    from posttrain.common import read_jsonl
+    from posttrain.datasets import read_jsonl
     from posttrain.sft import SAMPLE, SFTStage, encode_rows
 
     cfg = load_config(["stage=sft", *PACKED, *overrides])

@@ -322,3 +322,23 @@ def test_sbatch_evaluates_a_checkpoint(cluster, tiny_checkpoint):
     for name, task in data["tasks"].items():
         assert task["problems"] == len(task["items"]) == 2, name
         assert all(len(it["completions"]) == 1 for it in task["items"]), name
+
+
+def test_recipe_chains_its_steps_with_afterok(cluster):
+    """tools.recipe --executor slurm: one job per step, each after the previous one succeeded;
+    the training step runs through slurm/launch.py inside its job."""
+    out = cluster.work / "recipe"
+    env = dict(cluster.env)
+    res = cluster.run([sys.executable, "-m", "tools.recipe", "--out", str(out), "--executor", "slurm",
+                       "--until", "cpt", "--sbatch-arg=--cpus-per-task=1", "cpt:train.steps=1",
+                       "cpt:data.seq_length=32", "cpt:train.global_batch_size=2", "cpt:train.micro_batch_size=1"],
+                      cwd=REPO, env=env, timeout=120)
+    jobs = re.findall(r"\[recipe\] (\w+): job (\d+)", res.stdout)
+    assert [step for step, _ in jobs] == ["data", "cpt"], res.stdout + res.stderr
+    assert cluster.job(jobs[1][1]).get("Dependency", "").startswith(f"afterok:{jobs[0][1]}")
+    for step, job in jobs:
+        info = cluster.wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=600)
+        logs = "".join(p.read_text(errors="replace") for p in (out / "logs").glob("*"))
+        assert info["JobState"] == "COMPLETED", logs[-4000:]
+    assert json.loads((out / "cpt" / "summary.json").read_text())["steps"] == 1
+    assert (out / "data" / "summary.json").is_file()

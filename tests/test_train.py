@@ -106,7 +106,7 @@ def _schedules(rank, world_size):
     from megatron.core.full_cuda_graph import FullCudaGraphWrapper
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_ext import loop
+    from megatron_ext import schedule
     from megatron_ext.build import init_parallel
     from megatron_ext.cli import load_config
 
@@ -116,11 +116,12 @@ def _schedules(rank, world_size):
     init_parallel(eager.config)
     plain = get_forward_backward_func()
     FullCudaGraphWrapper.curr_iteration["training"] = 5  # left over from an earlier runtime
-    wrapper = loop._forward_backward(graphed, forward_only=False)
-    return (loop._forward_backward(eager, False) is plain, loop._forward_backward(graphed, True) is plain,
+    wrapper = schedule.forward_backward_func(graphed, forward_only=False)
+    fb = schedule.forward_backward_func
+    return (fb(eager, False) is plain, fb(graphed, True) is plain,
             isinstance(wrapper, FullCudaGraphWrapper) and wrapper.forward_backward_func is plain,
             wrapper.cuda_graph_warmup_steps, FullCudaGraphWrapper.curr_iteration["training"],
-            loop._forward_backward(graphed, False) is wrapper)
+            fb(graphed, False) is wrapper)
 
 
 def test_cuda_graph_wraps_the_training_schedule_only():

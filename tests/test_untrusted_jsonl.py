@@ -133,7 +133,7 @@ def test_an_oversize_line_is_never_held(tmp_path, monkeypatch):
         for _ in range(32):
             f.write(b"x" * CAP)
         f.write(b'"}\n' + GOOD)
-    from posttrain.common import read_jsonl_lines
+    from posttrain.datasets import read_jsonl_lines
 
     tracemalloc.start()
     try:
@@ -151,7 +151,7 @@ def test_an_oversize_line_is_never_held(tmp_path, monkeypatch):
 
 
 def test_rows_keep_their_line_numbers_and_compressed_files_are_read(tmp_path):
-    from posttrain.common import read_jsonl_lines
+    from posttrain.datasets import read_jsonl_lines
 
     rows = [{"i": i} for i in range(3)]
     text = (json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\r\n  \n" + json.dumps(rows[2])).encode()

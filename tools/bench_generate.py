@@ -26,7 +26,8 @@ import torch
 
 from megatron_ext.cli import load_config
 from megatron_ext.config import ConfigError, validate
-from tools import launch
+from megatron_ext.layout import min_world_size
+from tools import ranks
 
 
 def parse_args(argv: Sequence[str]):
@@ -66,7 +67,7 @@ def _time(fn, repeats: int):
 
 def _bench_rank(overrides: List[str], args) -> Dict:
     from megatron_ext.build import build_model, init_parallel
-    from megatron_ext.generation import generate
+    from megatron_ext.generation import SamplingParams, generate
     from megatron_ext.transformer import transformer_config
 
     if args.threads:
@@ -81,8 +82,9 @@ def _bench_rank(overrides: List[str], args) -> Dict:
               "threads": torch.get_num_threads()}
     runs = {}
     for name, use_cache in (("cached", True), ("recompute", False)):
-        generate(chunks, prompts, min(4, n), greedy=True, use_cache=use_cache)  # warm-up
-        seconds, out = _time(lambda: generate(chunks, prompts, n, greedy=True, use_cache=use_cache), args.repeats)
+        generate(chunks, prompts, SamplingParams(min(4, n), greedy=True), use_cache=use_cache)  # warm-up
+        params = SamplingParams(n, greedy=True)
+        seconds, out = _time(lambda: generate(chunks, prompts, params, use_cache=use_cache), args.repeats)
         runs[name] = out.tokens
         result[name] = {"seconds": round(seconds, 4), "tokens_per_s": round(args.batch * n / seconds, 2)}
     result["speedup"] = round(result["cached"]["tokens_per_s"] / result["recompute"]["tokens_per_s"], 2)
@@ -107,10 +109,10 @@ def main(argv=None) -> int:
         p = cfg.parallel
         if p.cp > 1:
             raise ConfigError("generation does not support context parallelism (parallel.cp=1)")
-        world = p.tp * p.pp
+        world = min_world_size(p)
         validate(cfg, world, check_device=False)
-        result = launch.run(_bench_rank, world, overrides, args)
-    except (ConfigError, ValueError, launch.RankError) as e:
+        result = ranks.run(_bench_rank, world, overrides, args)
+    except (ConfigError, ValueError, ranks.RankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_result(result))

@@ -1,6 +1,6 @@
 """Training throughput of a named model: tokens/s/GPU, model TFLOP/s/GPU, MFU, peak memory.
 
-    python -m tools.bench model=qwen2_5_1_5b precision=bf16 data.seq_length=4096 \
+    python -m tools.bench_train model=qwen2_5_1_5b precision=bf16 data.seq_length=4096 \
         train.micro_batch_size=1 train.global_batch_size=8 [--layers N] [--steps 20] \
         [--warmup 5] [--data synthetic|corpus] [--compare transformers] [--profile N] [--json OUT]
 
@@ -10,7 +10,7 @@ overrides apply; launch under torchrun for several GPUs) and reports over the ti
 so that a large model fits one GPU. `--data synthetic` (default) feeds seeded Zipf-distributed
 token ids whose second half repeats the first, so no tokenizer or corpus is needed and the loss
 still falls; `--data corpus` uses the configured data (the bundled sample by default). With
-`data.document_mask=true` (e.g. `stage=long_context`) the synthetic samples are documents
+`cpt.document_mask=true` (e.g. `stage=long_context`) the synthetic samples are documents
 separated by EOD tokens, trained document-masked as the CPT stage does: 1/8 to 1/2 of the
 sequence long, or 1/2 to 3/2 of `--doc-length N` tokens (web or code corpora pack dozens of
 documents into a long sequence).
@@ -67,11 +67,14 @@ import numpy as np
 import torch
 
 from megatron_ext import dist, stages
-from megatron_ext.cli import fail, load_config
+from megatron_ext.callbacks import Callback
+from megatron_ext.cli import fail, load_config, override_value
 from megatron_ext.config import Config, ConfigError, validate
+from megatron_ext.layout import Layout
 from megatron_ext.pretrain import PretrainStage
+from posttrain.cpt import document_masked
 
-log = logging.getLogger("tools.bench")
+log = logging.getLogger("tools.bench_train")
 
 FLOP_FORMULA = ("model FLOPs/token = 6*N_active + 12*L*h_attn*s  (N_active: matmul weights a token uses: "
                 "QKV + out proj, dense MLP or router + top-k experts + shared expert, output layer; "
@@ -194,7 +197,7 @@ def make_stage(cfg: Config, data: str, doc_length: Optional[int] = None):
     of about `doc_length` tokens where given."""
     if data == "corpus":
         return stages.make(cfg)
-    if not cfg.data.document_mask:
+    if not document_masked(cfg):
         return SyntheticStage()
     from posttrain.cpt import CPTStage
 
@@ -210,22 +213,19 @@ def make_stage(cfg: Config, data: str, doc_length: Optional[int] = None):
 
 # ---------------------------------------------------------------- profile
 
-class ProfiledStage:
-    """The bench's stage with torch.profiler over its last `steps` optimizer steps (run after the
+class Profiler(Callback):
+    """torch.profiler (and cProfile) over the run's last `steps` optimizer steps (run after the
     timed ones, so profiling overhead never enters the numbers). `table()` ranks the operators
     by their own time on the device (host time on CPU): the list to work down when optimising."""
 
-    def __init__(self, stage, total_steps: int, steps: int):
-        self.stage, self.start_at, self.profiler, self.python = stage, total_steps - steps, None, None
+    def __init__(self, total_steps: int, steps: int):
+        self.start_at, self.profiler, self.python = total_steps - steps, None, None
         self.total_ms = self.host_total_ms = self.kernel_launches = self.python_total_ms = None
         self.host_rows: List[Dict] = []
         self.python_rows: List[Dict] = []
 
-    def __getattr__(self, name):
-        return getattr(self.stage, name)
-
-    def before_step(self, rt, state) -> None:
-        if state.step == self.start_at and self.profiler is None:
+    def before_step(self, run) -> None:
+        if run.state.step == self.start_at and self.profiler is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -233,9 +233,6 @@ class ProfiledStage:
             self.profiler.start()
             self.python = cProfile.Profile()
             self.python.enable()
-        inner = getattr(self.stage, "before_step", None)
-        if inner is not None:
-            inner(rt, state)
 
     def table(self, top: int = 30) -> List[Dict]:
         """The `top` entries by self time: name, calls, milliseconds, share of all self time. On
@@ -357,7 +354,7 @@ def summarize(cfg: Config, history: List[dict], warmup: int, world: int, spec: s
         model=cfg.model.name, num_layers=cfg.model.num_layers, precision=cfg.precision.name, spec=spec,
         device=device, world_size=world,
         layout=dict(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp or p.tp, sp=p.sp,
-                    dp=world // (p.tp * p.pp * p.cp), distributed_optimizer=p.distributed_optimizer),
+                    dp=Layout.of(cfg, world).dp, distributed_optimizer=p.distributed_optimizer),
         recompute=cfg.train.recompute, cuda_graph=cfg.train.cuda_graph, seq_length=cfg.data.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, global_batch_size=cfg.train.global_batch_size,
         warmup_steps=warmup, timed_steps=len(timed), step_time_s=sum(seconds) / len(seconds), step_times_s=seconds,
@@ -515,13 +512,13 @@ def free_device_memory() -> None:
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tools.bench_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=None, help="keep the first N layers")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic",
-                        help="synthetic: random tokens, pretraining loss (document-masked when data.document_mask); "
+                        help="synthetic: random tokens, pretraining loss (document-masked when cpt.document_mask); "
                              "corpus: the configured stage= itself on its own data (the stage registry's class)")
     parser.add_argument("--compare", choices=("transformers",), default=None,
                         help="also train the same model with Hugging Face transformers in this process and "
@@ -530,7 +527,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
                         help="after the timed steps, run N more under torch.profiler and report the operators "
                              "that take the most device time (ours only; default 0: no profile)")
     parser.add_argument("--doc-length", type=int, default=None, metavar="N",
-                        help="synthetic documents of N/2 to 3N/2 tokens under data.document_mask=true "
+                        help="synthetic documents of N/2 to 3N/2 tokens under cpt.document_mask=true "
                              "(default: 1/8 to 1/2 of the sequence)")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON ('-': stdout)")
     args, rest = parser.parse_known_args(list(argv))
@@ -550,7 +547,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
 def bench_config(args: argparse.Namespace, overrides: List[str], world: int, check_device: bool = True) -> Config:
     """The validated config of a bench run: the overrides, cut layers, warmup + timed steps.
     Synthetic data needs no `data.paths` (a stage like long_context leaves them to be given)."""
-    if args.data == "synthetic" and not any(o.split("=", 1)[0].lstrip("+") == "data.paths" for o in overrides):
+    if args.data == "synthetic" and override_value(overrides, "data.paths") is None:
         overrides = ["data.paths=[]", *overrides]
     cfg = load_config(overrides)
     if args.layers is not None:
@@ -562,17 +559,17 @@ def bench_config(args: argparse.Namespace, overrides: List[str], world: int, che
     if args.compare and world > 1:
         raise ConfigError(f"--compare runs the transformers peer in one process; got world size {world}: "
                           "run the comparison without torchrun")
-    if args.compare and cfg.data.document_mask:
-        raise ConfigError("--compare does not support data.document_mask=true (the peer has no packed documents)")
-    if args.doc_length is not None and not (args.data == "synthetic" and cfg.data.document_mask):
+    if args.compare and document_masked(cfg):
+        raise ConfigError("--compare does not support cpt.document_mask=true (the peer has no packed documents)")
+    if args.doc_length is not None and not (args.data == "synthetic" and document_masked(cfg)):
         raise ConfigError(f"--doc-length {args.doc_length} shapes synthetic packed documents: it needs --data synthetic "
                           f"and data.document_mask=true (got --data {args.data}, "
-                          f"data.document_mask={cfg.data.document_mask})")
+                          f"cpt.document_mask={document_masked(cfg)})")
     return cfg
 
 
 def main(argv=None) -> int:
-    from megatron_ext.metrics import setup_console_logging
+    from megatron_ext.loggers import setup_console_logging
 
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     setup_console_logging()
@@ -584,15 +581,17 @@ def main(argv=None) -> int:
     from megatron_ext.loop import train
     from megatron_ext.spec import use_transformer_engine
 
-    stage = ProfiledStage(make_stage(cfg, args.data, args.doc_length), cfg.train.steps, args.profile)
+    stage = make_stage(cfg, args.data, args.doc_length)
+    profiler = Profiler(cfg.train.steps, args.profile)
     try:
-        result = train(cfg, stage)
+        result = train(cfg, stage, [profiler])
         spec = "transformer-engine" if use_transformer_engine() else "local"
         summary = summarize(cfg, result.history[:len(result.history) - args.profile], args.warmup, world, spec)
-        summary["profile"] = stage.table()
-        summary.update(profile_steps=args.profile, profile_total_ms=stage.total_ms, profile_host=stage.host_rows,
-                       profile_host_total_ms=stage.host_total_ms, profile_kernel_launches=stage.kernel_launches,
-                       profile_python=stage.python_rows, profile_python_total_ms=stage.python_total_ms)
+        summary["profile"] = profiler.table()
+        p = profiler
+        summary.update(profile_steps=args.profile, profile_total_ms=p.total_ms, profile_host=p.host_rows,
+                       profile_host_total_ms=p.host_total_ms, profile_kernel_launches=p.kernel_launches,
+                       profile_python=p.python_rows, profile_python_total_ms=p.python_total_ms)
     finally:
         result = None
         dist.destroy()

@@ -42,12 +42,12 @@ import torch
 from tqdm import tqdm
 
 from data_prep.indexed import check_writable_dir
-from megatron_ext import checkpoint, layout, offline
+from megatron_ext import checkpoint, offline, placement
 from megatron_ext.grouped_experts import sequential_named_parameters
 from models import registry
 from models.mapping import (HF_DIMS, Entry, by_mcore_name, expand, expected_hf_shapes, fuse, head_rules, hf_dim_sizes,
                             hf_indices, hf_pattern, split)
-from tools import launch
+from tools import ranks
 from tools.hf_io import HFCheckpoint, HFCheckpointError, ShardWriter, dtype_of, parse_size, tokenizer_files
 
 
@@ -248,15 +248,15 @@ def fill_rank(hf: HFCheckpoint, chunks, m, entries: List[Entry]) -> set:
     by_name, filled = by_mcore_name(entries), set()
     params = [(chunk, name, p) for chunk in chunks for name, p in sequential_named_parameters(chunk)]
     for chunk, name, param in tqdm(params, desc="hf-to-mcore", unit="param", disable=not _rank0(), file=sys.stderr):
-        gname = layout.global_name(chunk, name, m)
+        gname = placement.global_name(chunk, name, m)
         entry = _source_entry(gname, by_name, m.tie_word_embeddings)
-        for h, want in zip(entry.hf, expected_hf_shapes(entry, layout.full_shape(param, name), m)):
+        for h, want in zip(entry.hf, expected_hf_shapes(entry, placement.full_shape(param, name), m)):
             if hf.shape(h) != want:
                 raise HFCheckpointError(f"HF tensor {h} in {hf.file_of(h)} has shape {list(hf.shape(h))}, "
                                         f"expected {list(want)} (for Megatron parameter {gname})")
         full = fuse(entry.kind, [hf.get(h) for h in entry.hf], m)
         with torch.no_grad():
-            param.copy_(layout.tp_shard(full, name))
+            param.copy_(placement.tp_shard(full, name))
         filled.add(entry.mcore)
         del full
     return filled
@@ -313,7 +313,7 @@ def hf_to_mcore(hf_dir: str, out: str, tp=1, pp=1, ep=1, etp=None, overwrite=Fal
     check_writable_dir(Path(out).absolute().parent)
     layout = dict(tp=tp, pp=pp, ep=ep, etp=etp)
     world = offline.world_size(offline.layout_config(m, dtype, **layout))
-    return launch.run(_hf_to_mcore_rank, world, hf_dir, out, layout, overwrite)
+    return ranks.run(_hf_to_mcore_rank, world, hf_dir, out, layout, overwrite)
 
 
 def _named_tokenizer(name: str, m, out: Path) -> Optional[dict]:
@@ -438,7 +438,7 @@ def mcore_to_hf(ckpt: str, out: str, max_shard_size: str = "5GB", overwrite=Fals
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     check_writable_dir(Path(out).absolute().parent)
-    return launch.run(_mcore_to_hf_rank, None, src, out, parse_size(max_shard_size), overwrite)
+    return ranks.run(_mcore_to_hf_rank, None, src, out, parse_size(max_shard_size), overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
             summary = hf_to_mcore(args.hf_dir, args.out, args.tp, args.pp, args.ep, args.etp, args.overwrite)
         else:
             summary = mcore_to_hf(args.ckpt, args.out, args.max_shard_size, args.overwrite, not args.no_verify)
-    except (ValueError, KeyError, OSError, launch.RankError) as e:
+    except (ValueError, KeyError, OSError, ranks.RankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if _rank0():

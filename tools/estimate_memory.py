@@ -51,6 +51,7 @@ import torch
 
 from megatron_ext.cli import fail, load_config
 from megatron_ext.config import Config, ConfigError, validate
+from megatron_ext.layout import Layout
 
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_WEIGHT_BYTES = 4  # fp32 copy of non-fp32 parameters
@@ -68,40 +69,6 @@ class Param:
     """Routed-expert weight kept out of the dense buffer (EP > 1): reduced over expert-DP."""
     shared_embedding: bool = False
     """Embedding shared with the last stage: Megatron gives it its own bucket."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Parallel sizes of a config at a world size."""
-
-    world: int
-    tp: int
-    pp: int
-    vpp: int
-    cp: int
-    ep: int
-    etp: int
-    sp: bool
-    dp: int
-    """Data-parallel size (without CP); micro-batches per step use it."""
-    dp_cp: int
-    """Dense gradients are reduced, and the distributed optimizer shards, over DP x CP."""
-    edp: int
-    """Expert-data-parallel size: world / (PP * EP * ETP)."""
-
-
-def layout(cfg: Config, world: int) -> Layout:
-    p = cfg.parallel
-    etp = p.etp or p.tp
-    return Layout(world=world, tp=p.tp, pp=p.pp, vpp=p.vpp or 1, cp=p.cp, ep=p.ep, etp=etp, sp=p.sp,
-                  dp=world // (p.tp * p.pp * p.cp), dp_cp=world // (p.tp * p.pp),
-                  edp=world // (p.pp * p.ep * etp))
-
-
-def default_world_size(cfg: Config) -> int:
-    """The smallest world the layout fits: TP*PP*CP, widened for the expert grid."""
-    p = cfg.parallel
-    return math.lcm(p.tp * p.pp * p.cp, p.pp * p.ep * (p.etp or p.tp))
 
 
 # ---------------------------------------------------------------- parameters (exact)
@@ -391,8 +358,7 @@ def stage_activation_bytes(cfg: Config, lay: Layout, tcfg, pp_rank: int) -> Tupl
     """(bytes per micro-batch through all of the rank's chunks, chunk micro-batches held at peak,
     bytes held at peak) of a pipeline rank; see the module docstring for the formula."""
     chunks = _chunks(cfg, lay, tcfg, pp_rank)
-    microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * lay.dp)
-    held = in_flight(lay, pp_rank, microbatches)
+    held = in_flight(lay, pp_rank, lay.microbatches)
     layer_bytes = sum(layer_activation_bytes(cfg, lay, i) for layers, _ in chunks for i in layers)
     last = pp_rank == lay.pp - 1
     head = _edge_activation_bytes(cfg, lay, True) if last else 0.0
@@ -419,7 +385,7 @@ def estimate(cfg: Config, world_size: int) -> Dict:
     from megatron_ext.transformer import transformer_config
 
     validate(cfg, world_size, check_device=False)  # a plan for other machines
-    lay = layout(cfg, world_size)
+    lay = Layout.of(cfg, world_size)
     try:
         tcfg = transformer_config(cfg)
     except (AssertionError, ValueError) as e:  # Megatron-Core's own checks, past ours
@@ -429,7 +395,7 @@ def estimate(cfg: Config, world_size: int) -> Dict:
     return dict(model=cfg.model.name, precision=cfg.precision.name, layout=asdict(lay),
                 distributed_optimizer=cfg.parallel.distributed_optimizer,
                 seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                microbatches=cfg.train.global_batch_size // (cfg.train.micro_batch_size * lay.dp),
+                microbatches=lay.microbatches,
                 stages=[asdict(s) for s in stages], most_loaded_stage=worst.pp_rank,
                 total_bytes=worst.total_bytes)
 
@@ -481,7 +447,7 @@ def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(overrides)
-        world = args.world_size or default_world_size(cfg)
+        world = args.world_size or Layout.of(cfg).world
         est = estimate(cfg, world)
     except ConfigError as e:
         fail(str(e))

@@ -152,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if PRINT_CONFIG in flags:
         print(config_yaml(cfg))
         return 0
-    from tools import launch
+    from tools import ranks
 
     if cfg.eval.samples:
         return _score_samples(cfg)
@@ -160,10 +160,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         world = launched_world()
         load = check_config(cfg, world)
         layout = None if world is not None else cfg.parallel.tp * cfg.parallel.pp  # None: the launcher's ranks
-        report = launch.run(_rank, layout, cfg, load, NO_VERIFY not in flags)
+        report = ranks.run(_rank, layout, cfg, load, NO_VERIFY not in flags)
     except ConfigError as e:
         fail(str(e))
-    except (ValueError, FileNotFoundError, launch.RankError) as e:  # CheckpointError is a ValueError
+    except (ValueError, FileNotFoundError, ranks.RankError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     if report is None:  # a rank other than 0 under torchrun

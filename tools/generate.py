@@ -15,8 +15,9 @@ Python API (used by synthetic-data rejection sampling and GRPO rollouts; impleme
 `megatron_ext.generation`, see its doc), on an already built model (a training Runtime, its DDP
 chunks, or bare GPTModel chunks), collective over the model-parallel group:
 
-    out = generate(rt, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=1.0, top_p=1.0,
-                   greedy=False, seed=0, eos_token_id=None, stop=None, decode=None, use_cache=True)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0, greedy=False, seed=0,
+                            eos_token_id=None, stop=None)
+    out = generate(rt, [[1, 2, 3], [4, 5]], params, decode=None, use_cache=True)
     out.tokens[i]    # generated ids of prompt i (without the prompt), stopped after EOS / a stop string
     out.logprobs[i]  # log-prob of each generated id under the model (temperature 1, no top-p)
 
@@ -27,16 +28,17 @@ pipeline layout; prompts of different lengths give each row exactly its single-p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import List, Optional
 
-from megatron_ext.generation import (Generation, chatml_stop_ids, check_args as _check_args, cut_at_stop,
+from megatron_ext.generation import (Generation, SamplingParams, chatml_stop_ids, check_prompts, cut_at_stop,
                                      generate, sample_next)
-from tools import launch
+from tools import ranks
 from megatron_ext import checkpoint, offline
 
-__all__ = ["Generation", "generate", "sample_next", "chatml_stop_ids", "main"]
+__all__ = ["Generation", "SamplingParams", "generate", "sample_next", "chatml_stop_ids", "main"]
 
 
 def _tokenizer(src: checkpoint.Source, name: Optional[str]):
@@ -57,29 +59,29 @@ def chat_prompt_ids(tok, prompts: List[str], chat_template: str = "auto") -> Lis
     return [encode_chat(tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in prompts]
 
 
-def _generate_rank(ckpt: str, prompts: List[str], ids: Optional[List[List[int]]], opts: dict, layout: dict):
+def _generate_rank(ckpt: str, prompts: List[str], ids: Optional[List[List[int]]], params: SamplingParams,
+                   opts: dict, layout: dict):
     src = checkpoint.open_checkpoint(ckpt)
-    needs_tok = ids is None or opts["decode"] or opts["stop"] or opts["chat"]
+    needs_tok = ids is None or opts["decode"] or params.stop or opts["chat"]
     tok = _tokenizer(src, opts["tokenizer"]) if needs_tok else None
     if ids is None:
         if opts["chat"]:
             ids = chat_prompt_ids(tok, prompts, opts.get("chat_template", "auto"))
         else:
             ids = [tok.encode(p) for p in prompts]
-    eos = [] if opts["eos"] is None else [opts["eos"]]
-    if opts["chat"]:
-        eos += chatml_stop_ids(tok)
+    if opts["chat"]:  # the end of a chat turn ends a row too
+        eos = params.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        params = dataclasses.replace(params, eos_token_id=eos + chatml_stop_ids(tok))
     chunks = offline.build(offline.layout_config(src.model, src.dtype, **layout))
     checkpoint.load_weights(chunks, src)
-    _check_args(ids, opts["max_new_tokens"], opts["temperature"], opts["top_p"], src.model.vocab_size)
-    out = generate(chunks, ids, opts["max_new_tokens"], opts["temperature"], opts["top_p"], opts["greedy"],
-                   opts["seed"], eos or None, stop=opts["stop"], decode=tok.decode if opts["stop"] else None,
-                   use_cache=opts["use_cache"])
+    check_prompts(ids, src.model.vocab_size)
+    out = generate(chunks, ids, params, decode=tok.decode if params.stop else None, use_cache=opts["use_cache"])
     rows = [{"prompt_ids": p, "ids": t, "logprobs": lp, "finished": f}
             for p, t, lp, f in zip(ids, out.tokens, out.logprobs, out.finished)]
     if tok is not None:
         for row in rows:
-            row["text"], hit = cut_at_stop(tok.decode(row["ids"]), opts["stop"])
+            row["text"], hit = cut_at_stop(tok.decode(row["ids"]), params.stop)
             if hit is not None:
                 row["stop"] = hit
     offline.release_layout()
@@ -117,16 +119,17 @@ def main(argv=None) -> int:
         return 2
     try:
         ids = [[int(t) for t in row.split(",") if t.strip()] for row in a.tokens.split(";")] if a.tokens else None
-        opts = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, greedy=a.greedy,
-                    seed=a.seed, eos=a.eos, tokenizer=a.tokenizer, decode=a.prompt is not None,
-                    stop=a.stop, chat=a.chat, chat_template=a.chat_template, use_cache=not a.no_cache)
+        params = SamplingParams(a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, greedy=a.greedy,
+                                seed=a.seed, eos_token_id=a.eos, stop=a.stop)
+        opts = dict(tokenizer=a.tokenizer, decode=a.prompt is not None, chat=a.chat, chat_template=a.chat_template,
+                    use_cache=not a.no_cache)
         if a.chat and not a.prompt:
             raise ValueError("--chat formats --prompt text (not --tokens)")
         layout = dict(tp=a.tp, pp=a.pp)
         src = checkpoint.open_checkpoint(a.ckpt, verify=not a.no_verify)  # the ranks' load_weights checks the manifest
         world = offline.world_size(offline.layout_config(src.model, src.dtype, **layout))
-        rows = launch.run(_generate_rank, world, src, a.prompt or [], ids, opts, layout)
-    except (ValueError, KeyError, FileNotFoundError, launch.RankError) as e:
+        rows = ranks.run(_generate_rank, world, src, a.prompt or [], ids, params, opts, layout)
+    except (ValueError, KeyError, FileNotFoundError, ranks.RankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = "".join(json.dumps(r) + "\n" for r in rows)

@@ -1,12 +1,13 @@
 """Dump the logits of a Megatron checkpoint's model for given token ids.
 
-    python -m tools.logits --ckpt CKPT --tokens "1,2,3" --out logits.npy [--all] [--tp N --pp N --ep N --etp N --sp]
-        [--no-verify]
+    python -m tools.logits --ckpt CKPT --tokens "1,2,3" --out logits.npy [--all]
+        [--tp N --pp N --vpp N --ep N --etp N --sp] [--no-verify]
 
 Several inputs of equal length can be given as "1,2,3;4,5,6". The model runs forward at the
-requested layout (local gloo ranks are spawned when not launched by torchrun) through
-Megatron's pipeline schedule; the vocabulary-parallel logits are gathered across tensor-parallel
-ranks and one rank writes a float32 array: [inputs, vocab] for the last position of each input,
+requested layout (local gloo ranks are spawned when not launched by torchrun) through the one
+forward-only pass (`megatron_ext.forward`, virtual pipeline stages included); the
+vocabulary-parallel logits are gathered across tensor-parallel ranks and one rank writes a
+float32 array: [inputs, vocab] for the last position of each input,
 or [inputs, positions, vocab] with --all. A training checkpoint's files are first checked against
 its CRC manifest, as resuming does (--no-verify skips that).
 """
@@ -17,16 +18,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from data_prep.indexed import check_writable_dir
-from tools import launch
+from tools import ranks
 from megatron_ext import checkpoint, offline
+from megatron_ext.forward import eval_mode
+from megatron_ext.generation import forward
 
 
 def parse_tokens(text: str) -> torch.Tensor:
@@ -40,29 +42,11 @@ def parse_tokens(text: str) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def forward_logits(chunks: List[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor:
-    """Full-vocab logits [inputs, positions, vocab] on the last pipeline stage; None elsewhere."""
-    batch, seq = tokens.shape
-    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
-
-    def step(data_iterator, model):
-        next(data_iterator)
-        # No loss function: the schedule hands the last stage's raw output back to us.
-        return model(tokens, positions, attention_mask=None), None
-
-    with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([None]), model=chunks, num_microbatches=1,
-            seq_length=seq, micro_batch_size=batch, forward_only=True)
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    local = outputs[0].float()  # [inputs, positions, vocab / tp]
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if tp == 1:
-        return local
-    parts = [torch.empty_like(local) for _ in range(tp)]
-    torch.distributed.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
+def forward_logits(chunks: List[torch.nn.Module], tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """Full-vocab float32 logits [inputs, positions, vocab] on the last pipeline stage (the
+    output layer gathers the vocabulary across TP ranks); None elsewhere. Collective."""
+    with eval_mode(chunks):
+        return forward(chunks, tokens)
 
 
 def _writer() -> bool:
@@ -106,20 +90,20 @@ def _logits_rank(ckpt, tokens: torch.Tensor, out: str, all_positions: bool, layo
 
 
 def dump_logits(ckpt: str, tokens: str, out: str, all_positions=False, tp=1, pp=1, ep=1, etp=None,
-                sp=None, verify=True) -> Tuple[str, list]:
+                sp=None, verify=True, vpp=None) -> Tuple[str, list]:
     """Run the checkpoint's model at a layout and write its logits to `out` (.npy); returns the
     path written and the array's shape. A training checkpoint is checked against its CRC
     manifest first (`verify`)."""
     ids = parse_tokens(tokens)
     src = checkpoint.open_checkpoint(ckpt, verify=verify)
     m, dtype = src.model, src.dtype
-    layout = dict(tp=tp, pp=pp, ep=ep, etp=etp, sp=sp)
+    layout = dict(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sp=sp)
     if (sp or (sp is None and m.is_moe and tp > 1)) and ids.shape[1] % tp:
         raise ValueError(f"sequence parallelism splits the {ids.shape[1]} positions over tp={tp} ranks: "
                          f"give a multiple of {tp} tokens")
     world = offline.world_size(offline.layout_config(m, dtype, **layout))
     check_writable_dir(npy_path(out).absolute().parent)
-    shape = launch.run(_logits_rank, world, src, ids, out, all_positions, layout)
+    shape = ranks.run(_logits_rank, world, src, ids, out, all_positions, layout)
     return str(npy_path(out)), shape
 
 
@@ -132,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help="logits of every position, not just the last")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to run the model at (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to run the model at (default 1)")
+    parser.add_argument("--vpp", type=int, default=None,
+                        help="virtual pipeline stages per pipeline rank (interleaved schedule; needs --pp > 1)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size, MoE models (default 1)")
     parser.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: same as --tp)")
     parser.add_argument("--sp", action="store_true", default=None,
@@ -141,9 +127,9 @@ def main(argv=None) -> int:
                              "(a corrupted checkpoint then runs silently)")
     args = parser.parse_args(argv)
     try:
-        path, shape = dump_logits(args.ckpt, args.tokens, args.out, args.all, args.tp, args.pp, args.ep, args.etp, args.sp,
-                           verify=not args.no_verify)
-    except (ValueError, KeyError, OSError, launch.RankError) as e:
+        path, shape = dump_logits(args.ckpt, args.tokens, args.out, args.all, args.tp, args.pp, args.ep, args.etp,
+                                  args.sp, verify=not args.no_verify, vpp=args.vpp)
+    except (ValueError, KeyError, OSError, ranks.RankError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":  # one line, also when every rank of a launcher runs main()

@@ -37,12 +37,11 @@ from data_prep.verifiers.math import DEFAULT_TIMEOUT_S
 from megatron_ext import checkpoint, offline
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.eval_config import EvalConfig
-from megatron_ext.generation import chatml_stop_ids, forward, generate
+from megatron_ext.generation import SamplingParams, chatml_stop_ids, generate
 from posttrain.evals import metrics as M
 from posttrain.evals.tasks import BUILTIN, Task, answer_classes, fewshot_turns, judge, load_task, messages
-
-
-STEP_SEPARATOR = "\n\n"
+from posttrain import rewards
+from posttrain.rewards import head_values, prm_score, prm_step_probs, split_steps  # noqa: F401 (head_values)
 
 
 def check(e: EvalConfig) -> None:
@@ -113,49 +112,6 @@ def load_model(path: str, cfg: Config, verify: bool = True, value_stage: Optiona
     return chunks, src
 
 
-def _from_last_stage(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return t
-    buf = t.to(device)
-    torch.distributed.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                group=parallel_state.get_pipeline_model_parallel_group())
-    return buf.cpu()
-
-
-def head_values(chunks, seqs: Sequence[Sequence[int]], pad: int, batch_size: int) -> List[torch.Tensor]:
-    """Collective: a value head's output at every position of each sequence (known on every rank)."""
-    cfg = chunks[0].config
-    mult = cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1
-    device = next(chunks[0].parameters()).device
-    out = []
-    for start in range(0, len(seqs), batch_size):
-        group = seqs[start:start + batch_size]
-        width = -(-max(len(s) for s in group) // mult) * mult
-        tokens = torch.full((len(group), width), pad, dtype=torch.long)
-        for i, s in enumerate(group):
-            tokens[i, :len(s)] = torch.tensor(list(s))
-        values = forward(chunks, tokens)  # right padding is invisible to earlier positions (causal)
-        values = values[..., 0] if values is not None else torch.zeros(len(group), width)
-        values = _from_last_stage(values.contiguous(), device)
-        out += [values[i, :len(s)] for i, s in enumerate(group)]
-    return out
-
-
-def prm_inputs(tok, question: str, steps: Sequence[str]):
-    """PRM input ids (as posttrain/prm.py trains: the question as user turn, each step followed by
-    the separator) and the separator positions."""
-    ids, _ = encode_chat(tok, [{"role": "user", "content": question}], add_generation_prompt=True)
-    positions = []
-    for step in steps:
-        ids = ids + tok.encode(step + STEP_SEPARATOR)
-        positions.append(len(ids) - 1)
-    return ids, positions
-
-
-def split_steps(text: str) -> List[str]:
-    return [s.strip() for s in text.split(STEP_SEPARATOR) if s.strip()]
-
-
 # ---------------------------------------------------------------- the collective run
 
 
@@ -188,9 +144,10 @@ def _generate_task(chunks, tok, task: Task, e: EvalConfig, progress) -> List[Lis
         texts = []
         for call, start in enumerate(range(0, len(rows), e.batch_size)):
             batch = rows[start:start + e.batch_size]
-            out = generate(chunks, [prompts[i] for i in batch], e.max_new_tokens, temperature=e.temperature,
-                           top_p=e.top_p, greedy=e.temperature == 0, eos_token_id=eos,
-                           seed=(e.seed * 1_000_003 + call) * 1009 + dp_rank)
+            params = SamplingParams(e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                                    greedy=e.temperature == 0, eos_token_id=eos,
+                                    seed=(e.seed * 1_000_003 + call) * 1009 + dp_rank)
+            out = generate(chunks, [prompts[i] for i in batch], params)
             texts += [decode(tok, ids, eos) for ids in out.tokens]
             progress.update(min(len(batch) * dp, max((progress.total or 0) - progress.n, 0)))
         return texts
@@ -241,10 +198,8 @@ def evaluate(cfg: Config, load: str, verify: bool = True) -> Optional[dict]:
     if e.rm_load:
         rm, _ = load_model(e.rm_load, cfg, verify, "rm")
         for t in gen_tasks:
-            seqs = [encode_chat(tok, [{"role": "user", "content": p.question},
-                                      {"role": "assistant", "content": text}])[0]
-                    for p, texts in zip(t.problems, samples[t.name]) for text in texts]
-            flat = dp_map(lambda part: [float(v[-1]) for v in head_values(rm, part, tok.pad, e.batch_size)], seqs)
+            pairs = [(p.question, text) for p, texts in zip(t.problems, samples[t.name]) for text in texts]
+            flat = dp_map(lambda part: rewards.rm_scores(rm, tok, part, e.batch_size), pairs)
             rm_scores[t.name] = [flat[i * n:(i + 1) * n] for i in range(len(t.problems))]
         del rm
     if e.prm_load:
@@ -306,11 +261,7 @@ def benchmark_hook(cfg: Config):
 
 def _step_probs(prm, tok, items, batch_size: int) -> List[List[float]]:
     """P(step correct) at each step's separator, per (question, steps) item."""
-    def run(part):
-        inputs = [prm_inputs(tok, q, steps) for q, steps in part]
-        values = head_values(prm, [ids for ids, _ in inputs], tok.pad, batch_size)
-        return [torch.sigmoid(v[pos]).tolist() if pos else [] for v, (_, pos) in zip(values, inputs)]
-    return dp_map(run, items)
+    return dp_map(lambda part: prm_step_probs(prm, tok, part, batch_size), items)
 
 
 # ---------------------------------------------------------------- metrics and report (rank 0)
@@ -320,7 +271,7 @@ def prm_reduce(probs: Sequence[float]) -> Dict[str, float]:
     """A sample's PRM score three ways; None for a sample without steps (never chosen)."""
     if not probs:
         return {"min": None, "last": None, "prod": None}
-    return {"min": min(probs), "last": probs[-1], "prod": math.prod(probs)}
+    return {"min": prm_score(probs, "min"), "last": prm_score(probs, "last"), "prod": prm_score(probs, "product")}
 
 
 def task_report(task: Task, texts: List[List[str]], e: EvalConfig, rm: Optional[List[List[float]]] = None,

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 
 from data_prep.readers import read_json_lines
 from data_prep.synth import code_gen, math_gen
-from posttrain.common import DATA_DIR
+from posttrain.datasets import DATA_DIR
 from data_prep.verifiers import extract_answer, judge_math, math_equal, run_code_tests
 from data_prep.verifiers.math import DEFAULT_TIMEOUT_S
 
