@@ -155,8 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as e:
-        print(f"error: {' '.join(map(str, e.cmd))} failed (exit {e.returncode}); see its message above",
-              file=sys.stderr)
+        print(f"error: {engine.failed_command(e)}", file=sys.stderr)
         return 1
     if a.dry_run:
         print(result)

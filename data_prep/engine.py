@@ -10,6 +10,7 @@ again runs only what did not finish.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -110,3 +111,8 @@ def dry_run(pipelines: Sequence[tuple], logs_root: Path, executor: str, workers:
                 script = script.replace(str(Path(tmp) / "slurm"), str(logs_root / "slurm"))
                 lines += ["    " + ln for ln in script.splitlines()]
     return "\n".join(lines)
+
+
+def failed_command(e: subprocess.CalledProcessError) -> str:
+    """The one-line error of a command the executor ran (sbatch, a local task) that failed."""
+    return f"{' '.join(map(str, e.cmd))} failed (exit {e.returncode}); see its message above"

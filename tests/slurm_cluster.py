@@ -17,9 +17,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
+
+import pytest
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 MUNGE_KEY = Path("/etc/munge/munge.key")
@@ -40,6 +44,45 @@ def unavailable_reason() -> Optional[str]:
     if not MUNGE_KEY.exists():
         return f"{MUNGE_KEY} is missing (the munge package creates it)"
     return None
+
+
+@contextmanager
+def running_cluster(prefix: str) -> Iterator["SlurmCluster"]:
+    """A started cluster with an empty `work` directory, stopped and removed afterwards (kept,
+    and its path printed, with SLURM_TEST_KEEP set); raises SlurmError if it does not start.
+
+    Not pytest's tmp_path: its parent is private to root, and munged runs as user munge."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    cluster = SlurmCluster(root / "cluster")
+    try:
+        cluster.start()
+    except Exception as e:
+        shutil.rmtree(root, ignore_errors=True)
+        raise SlurmError(f"Slurm is installed but the local cluster did not start: {e}") from e
+    cluster.work = root / "work"
+    cluster.work.mkdir()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if os.environ.get("SLURM_TEST_KEEP"):  # keep job logs, checkpoints and daemon logs to look at
+            print(f"\nSlurm test files kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A test module's local Slurm (skipped, with the reason, where it cannot start here)."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no local Slurm: {reason}")
+    try:
+        with running_cluster("slurm-test-") as c:
+            yield c
+    except SlurmError as e:
+        pytest.fail(str(e))
 
 
 def _free_ports(n: int) -> List[int]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from data_prep.dedup import DedupConfig, main, run_dedup
 from data_prep.minhash import MinHasher, band_keys, estimated_jaccard
 from data_prep.planted import score, write_planted_corpus
 from data_prep.quality import ExactDedup, iter_records
-from tests.slurm_cluster import SlurmCluster, unavailable_reason
+from tests.slurm_cluster import cluster  # noqa: F401 (the local Slurm fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_ITEM = ("the quick brown fox jumps over the lazy dog while seven wizards quietly "
@@ -195,25 +193,6 @@ def test_minhash_estimates_jaccard_and_bands_agree():
 
 # ---------------------------------------------------------------- real Slurm
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"no local Slurm: {reason}")
-    root = Path(tempfile.mkdtemp(prefix="slurm-dedup-"))  # munged needs a directory it can read
-    root.chmod(0o755)
-    c = SlurmCluster(root / "cluster")
-    try:
-        c.start()
-    except Exception as e:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"Slurm is installed but the local cluster did not start: {e}")
-    c.work = root / "work"
-    c.work.mkdir()
-    yield c
-    c.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_slurm_arrays_write_the_same_files(corpus, one_task, cluster):

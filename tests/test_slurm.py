@@ -13,16 +13,14 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, unavailable_reason
+from tests.slurm_cluster import cluster  # noqa: F401 (the local Slurm fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 # slurm/ is a folder of scripts, not a package: load slurm/launch.py under its own name.
@@ -183,29 +181,6 @@ def test_dry_run_rejects_bad_eval_configs(capsys, tmp_path, args, message):
 
 # ---------------------------------------------------------------- real Slurm
 
-
-@pytest.fixture(scope="module")
-def cluster():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"no local Slurm: {reason}")
-    # Not pytest's tmp_path: its parent is private to root, and munged runs as user munge.
-    root = Path(tempfile.mkdtemp(prefix="slurm-test-"))
-    root.chmod(0o755)
-    c = SlurmCluster(root / "cluster")
-    try:
-        c.start()
-    except Exception as e:
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.fail(f"Slurm is installed but the local cluster did not start: {e}")
-    c.work = root / "work"
-    c.work.mkdir()
-    yield c
-    c.stop()
-    if os.environ.get("SLURM_TEST_KEEP"):  # keep job logs, checkpoints and daemon logs to look at
-        print(f"\nSlurm test files kept in {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def submit(cluster, name, args):
