@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-if TYPE_CHECKING:  # config.py imports this module
-    from megatron_ext.config import Config, ParallelConfig
+ParallelSection = Any
+"""A job's `parallel` section (megatron_ext.config.ParallelConfig: tp, pp, cp, ep, etp, vpp, sp);
+typed loosely because the config module computes its sizes with this one."""
+JobConfig = Any
+"""A job's config (megatron_ext.config.Config): its `parallel` and `train` sections."""
 
 ORDER = "tp-cp-ep-dp-pp"
 """Megatron-Core's default rank order (fastest-varying first), which training uses."""
 
 
-def _sizes(p: "ParallelConfig") -> Dict[str, int]:
+def _sizes(p: ParallelSection) -> Dict[str, int]:
     sizes = dict(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, etp=p.tp if p.etp is None else p.etp)
     bad = [f"parallel.{k}={v}" for k, v in sizes.items() if v < 1]
     if bad:
@@ -39,7 +42,7 @@ def _min_world(tp: int, pp: int, cp: int, ep: int, etp: int) -> int:
     return math.lcm(tp * pp * cp, etp * ep * pp)
 
 
-def min_world_size(p: "ParallelConfig") -> int:
+def min_world_size(p: ParallelSection) -> int:
     """The fewest ranks the layout runs on: a multiple of both TP*PP*CP and ETP*EP*PP."""
     return _min_world(**_sizes(p))
 
@@ -83,7 +86,7 @@ class Layout:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def of(cls, cfg: "Config", world: Optional[int] = None) -> "Layout":
+    def of(cls, cfg: JobConfig, world: Optional[int] = None) -> "Layout":
         """The layout of `cfg` on `world` ranks (None: the fewest it runs on)."""
         p, t = cfg.parallel, cfg.train
         s = _sizes(p)

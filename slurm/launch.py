@@ -35,10 +35,9 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: import the proje
 
 from megatron_ext.cli import config_yaml, load_config, override_key, override_value  # noqa: E402
 from megatron_ext import stages  # noqa: E402
-from megatron_ext.checkpoint.paths import complete_checkpoints  # noqa: E402
-from megatron_ext.checkpoint.plan import LoadKind, LoadPlan, parse_load  # noqa: E402
-from megatron_ext.config import CheckpointConfig, Config, ConfigError, ParallelConfig, validate  # noqa: E402
+from megatron_ext.config import Config, ConfigError, ParallelConfig, validate  # noqa: E402
 from megatron_ext.layout import Layout  # noqa: E402
+from megatron_ext.requeue import CHECKPOINT_ROOT, with_checkpoint_overrides  # noqa: E402
 
 ENTRY = "megatron_ext.train"
 """The module srun runs for every training stage (`python -m megatron_ext.train stage=X ...`):
@@ -49,7 +48,6 @@ EVAL_STAGE, EVAL_ENTRY = stages.EVAL.name, stages.EVAL.entry
 ranks (there is no conf/stage/eval.yaml: evaluation composes the default config plus `eval.*`)."""
 
 DEFAULT_JOB_NAME = "qwen-train"
-CHECKPOINT_ROOT = "runs"  # default checkpoint.dir = runs/<job name>/checkpoints (git-ignored)
 
 
 @dataclass
@@ -92,48 +90,6 @@ def allocation_from_slurm(env: Dict[str, str]) -> Allocation:
     return Allocation(nodes=nodes, tasks_per_node=ntasks // nodes, gpus_per_node=_count(gpus),
                       job_name=env.get("SLURM_JOB_NAME", DEFAULT_JOB_NAME), hosts=hosts,
                       cpus_per_task=int(cpus) if cpus else None)
-
-
-def _has_checkpoint(directory: str) -> bool:
-    return bool(complete_checkpoints(Path(directory)))
-
-
-def with_checkpoint_overrides(overrides: List[str], job_name: str) -> tuple:
-    """Add the overrides requeue depends on; return (overrides, notes for the log).
-
-    A requeued job runs the same command again, so the command itself must resume: it always
-    names a checkpoint directory (derived from the job name unless given) and loads with
-    `auto`. If the user named a checkpoint to start from (e.g. converted HF weights for CPT),
-    that is used only until this job's own directory holds a checkpoint; after that the job's
-    progress wins, with the full training state.
-    """
-    out, notes = list(overrides), []
-    ckpt_dir = override_value(out, "checkpoint.dir")
-    if ckpt_dir in (None, "", "null"):
-        ckpt_dir = f"{CHECKPOINT_ROOT}/{job_name}/checkpoints"
-        out.append(f"checkpoint.dir={ckpt_dir}")
-        notes.append(f"checkpoint.dir={ckpt_dir} (from the job name)")
-    plan = _load_plan(override_value(out, "checkpoint.load"), ckpt_dir)
-    if plan.kind is LoadKind.FRESH:
-        out.append("checkpoint.load=auto")
-        return out, notes
-    start = plan.start_model  # None: `auto` already
-    if start and stages.info(override_value(out, "stage") or "pretrain").uses_reference_model \
-            and override_value(out, "posttrain.ref_load") in (None, "", "null"):
-        # After a requeue checkpoint.load becomes `auto`; the reference must stay the start model.
-        out.append(f"posttrain.ref_load={start}")
-        notes.append(f"posttrain.ref_load={start} (the reference model is the model the job starts from)")
-    if start and _has_checkpoint(ckpt_dir):
-        out += ["checkpoint.load=auto", "checkpoint.weights_only=false"]
-        notes.append(f"{ckpt_dir} already holds this job's checkpoints: resuming from them "
-                     f"(checkpoint.load=auto) instead of checkpoint.load={start}")
-    return out, notes
-
-
-def _load_plan(load: Optional[str], ckpt_dir: str) -> LoadPlan:
-    """The `LoadPlan` of the user's checkpoint.load override (megatron_ext.checkpoint.plan): from
-    the value alone, as the path may exist only on the compute nodes."""
-    return parse_load(CheckpointConfig(load=None if load == "null" else load, dir=ckpt_dir))
 
 
 def is_eval(overrides: Sequence[str]) -> bool:

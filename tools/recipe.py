@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from megatron_ext.requeue import with_checkpoint_overrides
+
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("data", "cpt", "sft", "rm_data", "rm", "rs", "sft2", "grpo", "eval")
 TRAINING = {"cpt": "cpt_math", "sft": "sft", "rm": "rm", "sft2": "sft", "grpo": "grpo"}
@@ -202,8 +204,6 @@ def step_data(r: Recipe) -> dict:
 def _train(r: Recipe, step: str, start: Optional[str], args: Sequence[str]) -> dict:
     """A training step: the stage from `start`'s weights, checkpoints under OUT/<step>/checkpoints,
     metrics in OUT/<step>/metrics.jsonl; resumes from its own checkpoints after an interruption."""
-    from slurm.launch import with_checkpoint_overrides
-
     stage = TRAINING[step]
     ckpt = r.dir(step) / "checkpoints"
     overrides = [f"stage={stage}", *args, f"checkpoint.dir={ckpt}", f"logger.metrics_file={r.dir(step)}/metrics.jsonl"]
