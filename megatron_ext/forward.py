@@ -95,6 +95,16 @@ def eval_mode(chunks: Sequence[torch.nn.Module]):
             c.train(mode)
 
 
+def frozen(chunks: Sequence[torch.nn.Module]) -> Sequence[torch.nn.Module]:
+    """Chunks of a model that only runs forward (a reference or reward model): eval mode, no
+    gradients."""
+    for chunk in chunks:
+        chunk.eval()
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+    return chunks
+
+
 def _comm_device(device: Optional[torch.device]) -> Optional[torch.device]:
     if device is not None:
         return torch.device(device)

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_ext.checkpoint.plan import parse_load
+from megatron_ext.forward import frozen
 from megatron_ext.config import Config
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,5 @@ class Reference:
             for chunk, state in zip(chunks, self.snapshots):
                 chunk.load_state_dict(state, strict=False)
             log.info("reference model: the policy's initial weights")
-        for chunk in chunks:
-            chunk.eval()
-            for p in chunk.parameters():
-                p.requires_grad_(False)
-        self.chunks = chunks
+        self.chunks = frozen(chunks)
         return chunks

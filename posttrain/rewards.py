@@ -45,6 +45,7 @@ import torch
 
 from data_prep.chat import encode_chat
 from megatron_ext.config import Config, ConfigError
+from megatron_ext.forward import frozen, share_from_last_stage
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,6 @@ def combine(parts: torch.Tensor, sources: Sequence[RewardSource], shaping: str) 
 def head_values(chunks, seqs: Sequence[Sequence[int]], pad: int, batch_size: int) -> List[torch.Tensor]:
     """Collective: a value head's output at every position of each sequence (known on every rank
     of the pipeline)."""
-    from megatron_ext.forward import share_from_last_stage
     from megatron_ext.generation import forward
 
     cfg = chunks[0].config
@@ -288,10 +288,7 @@ def build_value_model(cfg: Config, path: str, kind: str) -> List[torch.nn.Module
     tcfg.perform_initialization = False  # every weight comes from the checkpoint
     chunks = build_model(mcfg, tcfg, customize=add_value_head)
     load_weights(chunks, src)
-    for chunk in chunks:
-        chunk.eval()
-        for q in chunk.parameters():
-            q.requires_grad_(False)
+    frozen(chunks)
     log.info("reward source %s: %s (%s)", kind, path, src.model.name)
     return chunks
 

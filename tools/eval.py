@@ -26,6 +26,7 @@ from typing import List, Optional
 
 from megatron_ext.cli import (HELP_FLAGS, OVERRIDES_HELP, PRINT_CONFIG, config_yaml, fail, keys_help, load_config,
                               split_flags)
+from megatron_ext.checkpoint.plan import LoadKind, parse_load
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.eval_config import EvalConfig
 
@@ -53,15 +54,11 @@ def _rank(cfg: Config, load: str, verify: bool):
 
 
 def _checkpoint(cfg: Config) -> str:
-    load = cfg.checkpoint.load
-    if not load:
+    plan = parse_load(cfg.checkpoint)  # `auto` without checkpoint.dir: CheckpointError
+    if plan.kind is LoadKind.FRESH:
         raise ConfigError("tools.eval needs checkpoint.load=DIR (a training checkpoint, its root, or a "
                           "tools.convert checkpoint)")
-    if load == "auto":
-        if not cfg.checkpoint.dir:
-            raise ConfigError("checkpoint.load=auto needs checkpoint.dir")
-        return cfg.checkpoint.dir
-    return load
+    return str(plan.path)
 
 
 def _check_out(path: Optional[str]) -> None:
