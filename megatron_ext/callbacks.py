@@ -64,6 +64,8 @@ class RouterStatistics(Callback):
     """MoE models: the experts' token counts of the step (a collective, also on skipped steps,
     which clears their counts) go into the record."""
 
+    stats = None
+
     def on_start(self, run: Run) -> None:
         self.stats = moe_stats.for_model(run.cfg, run.rt.model)
 
@@ -75,7 +77,7 @@ class RouterStatistics(Callback):
             record.update(stats)
 
     def close(self, run: Run) -> None:
-        if getattr(self, "stats", None) is not None:
+        if self.stats is not None:
             self.stats.close()
 
 

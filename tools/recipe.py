@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -44,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from data_prep.synth.records import write_jsonl
+from megatron_ext.checkpoint.store import write_atomic
 from megatron_ext.requeue import with_checkpoint_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,10 +115,11 @@ class Recipe:
         return json.loads((self.dir(step) / "summary.json").read_text())
 
     def step_overrides(self, step: str) -> List[str]:
-        extra = self.overrides.get(step, [])
-        base = list(self.preset.overrides.get("all", ())) if step in TRAINING else []
-        return base + list(self.preset.overrides.get(step, ())) + list(self.overrides.get("all", [])
-                                                                         if step in TRAINING else []) + extra
+        """The preset's then the user's overrides of `step` (`all` first for a training step):
+        the user's last, so they win."""
+        scopes = ("all", step) if step in TRAINING else (step,)
+        return [*(o for s in scopes for o in self.preset.overrides.get(s, ())),
+                *(o for s in scopes for o in self.overrides.get(s, []))]
 
     def run(self, step: str, argv: Sequence[str]) -> None:
         """Run one command of `step`, its output appended to the step's log."""
@@ -144,19 +146,7 @@ class Recipe:
 
 def write_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: Sequence[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return len(rows)
+    write_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- steps
@@ -187,12 +177,12 @@ def step_data(r: Recipe) -> dict:
     train, held_out = _sums(p.problems, 1, p.max_operand), _sums(p.eval_problems, 2, p.max_operand)
     seen = {row["problem"] for row in train}
     held_out = [row for row in held_out if row["problem"] not in seen] or held_out
-    write_jsonl(d / "problems.jsonl", train)
-    write_jsonl(d / "eval.jsonl", held_out)
-    write_jsonl(d / "grpo.jsonl", [{"prompt": user_turn(row["problem"]), "answer": row["answer"]} for row in train])
-    write_jsonl(d / "sft.jsonl", [{"messages": [{"role": "user", "content": user_turn(row["problem"])},
-                                                {"role": "assistant", "content": f"\\boxed{{{row['answer']}}}"}]}
-                                  for row in train])
+    write_jsonl(train, d / "problems.jsonl")
+    write_jsonl(held_out, d / "eval.jsonl")
+    write_jsonl([{"prompt": user_turn(row["problem"]), "answer": row["answer"]} for row in train], d / "grpo.jsonl")
+    write_jsonl([{"messages": [{"role": "user", "content": user_turn(row["problem"])},
+                               {"role": "assistant", "content": f"\\boxed{{{row['answer']}}}"}]} for row in train],
+                d / "sft.jsonl")
     r.run("data", [sys.executable, "-m", "data_prep.synth", "programmatic", "--domain", "math",
                    "--kinds", "arithmetic", "--n", str(max(p.problems, 64)), "--seed", "0",
                    "--out", str(d / "corpus.jsonl")])
@@ -269,7 +259,7 @@ def step_rm_data(r: Recipe) -> dict:
         raise RecipeError(f"step rm_data: no problem has both a correct and a wrong sample among "
                           f"{r.preset.samples} (accuracy {_accuracy(report):.2f}): raise the samples or change "
                           "the SFT step (nothing to train the reward model on)")
-    write_jsonl(r.dir("rm_data") / "pairs.jsonl", pairs)
+    write_jsonl(pairs, r.dir("rm_data") / "pairs.jsonl")
     return {"pairs": len(pairs), "sample_accuracy": _accuracy(report)}
 
 
@@ -293,7 +283,7 @@ def step_rs(r: Recipe) -> dict:
                      "id": item["id"], "rm_score": score, "sample": i, "source": f"rs:{_newest(r, 'sft')}"})
     if not rows:
         raise RecipeError(f"step rs: no problem has a verified sample (accuracy {_accuracy(report):.2f})")
-    write_jsonl(r.dir("rs") / "sft.jsonl", rows)
+    write_jsonl(rows, r.dir("rs") / "sft.jsonl")
     return {"kept": len(rows), "of": len(_items(report)), "mean_rm_score": sum(x["rm_score"] for x in rows) / len(rows)}
 
 
