@@ -1,7 +1,14 @@
 """End-to-end tokenization benchmark against a Megatron-LM-style baseline, in one run.
 
     python -m data_prep.bench [--input CORPUS.jsonl] [--size-mb 20] [--workers 1 2]
+    python -m data_prep.bench --per-core [ROUNDS] [--prose] [--size-mb 240]
     python -m data_prep.bench --dedup [--docs 10000 20000] [--tasks 1 4] [--no-datatrove]
+
+`--per-core` alternates, ROUNDS times (3), the bare tokenizer (tiktoken's `encode_ordinary` on
+every text already in memory, CPU time of that loop alone) and `data_prep.tokenize --workers 1`
+(CPU time of the whole process: start, reading, JSON, encoding, writing and merging the shards),
+checks both give the same token count and prints each one's tokens per CPU second and the ratio
+(target >= 0.9). `--prose` makes the corpus from the bundled English sample instead of code.
 
 `--dedup` measures `data_prep.dedup` on a planted-duplicates corpus (`data_prep.planted`) at
 each size: precision, recall on exact / 1%-edited / paragraph-shuffled copies and on all planted
@@ -66,6 +73,23 @@ def generate_corpus(path: Path, size_mb: float) -> int:
     return docs
 
 
+SAMPLE_CORPUS = Path(__file__).parent / "sample" / "corpus.jsonl.gz"
+
+
+def generate_prose(path: Path, size_mb: float) -> int:
+    """Write the bundled sample corpus (English prose) again and again until `size_mb`; return the doc count."""
+    import gzip
+
+    with gzip.open(SAMPLE_CORPUS, "rb") as f:
+        sample = f.read()
+    per_copy = sample.count(b"\n")
+    copies = max(1, -(-int(size_mb * 1e6) // len(sample)))
+    with open(path, "wb") as out:
+        for _ in range(copies):
+            out.write(sample)
+    return copies * per_copy
+
+
 def check_corpus(path: Path) -> None:
     """Raise ValueError "PATH:LINE: REASON: DETAIL" at the first line the baseline could not read
     within the tokenizer's limits (blank, not JSON, too large or deep, no string "text")."""
@@ -121,6 +145,52 @@ def run_ours(corpus: Path, out_prefix: Path, family: str, workers: int, chunk_mb
     s = tokenize([str(corpus)], str(out_prefix), Options(family), workers=workers, chunk_mb=chunk_mb, quiet=True)
     return {"docs": s.docs, "tokens": s.tokens, "bytes": os.path.getsize(corpus),
             "seconds": time.perf_counter() - t0}
+
+
+# --- per core: data_prep.tokenize with one worker against the bare tokenizer --------------------
+def bare_tokenizer_run(corpus: str, family: str) -> dict:
+    """Tokens and CPU seconds of the tokenizer alone: every text already in memory, one
+    `encode_ordinary` call each (what tiktoken users call the tokenizer's speed)."""
+    from data_prep.tokenizer import get_tokenizer
+
+    texts = [row["text"] for _, row in iter_json_lines(corpus)]
+    encode = get_tokenizer(family)._enc.encode_ordinary
+    t0 = time.process_time()
+    tokens = 0
+    for text in texts:
+        tokens += len(encode(text))
+    return {"tokens": tokens, "cpu": time.process_time() - t0}
+
+
+def bench_per_core(corpus: Path, work: Path, family: str, rounds: int) -> float:
+    """Alternate the bare tokenizer and a one-worker `data_prep.tokenize` run (whole process:
+    start, reading, JSON, writing and merging the shards included) `rounds` times; print tokens
+    per CPU second of each and their ratio; return the median ratio."""
+    import statistics
+    import subprocess
+
+    py = sys.executable
+    start = _measured([py, "-c", f"from data_prep.tokenizer import get_tokenizer; get_tokenizer({family!r})"])
+    print(f"process start (imports, BPE ranks): {start['cpu']:.2f} CPU s, counted in ours")
+    print(f"{'round':>5}  {'bare M tok/s':>12}  {'ours M tok/CPU s':>16}  {'ours/bare':>9}")
+    ratios = []
+    for i in range(rounds):
+        out = subprocess.run([py, "-m", "data_prep.bench", "--bare-run", str(corpus), family],
+                             check=True, capture_output=True, text=True).stdout
+        bare = json.loads(out.strip().splitlines()[-1])
+        prefix = work / "per_core"
+        shutil.rmtree(f"{prefix}.shards", ignore_errors=True)
+        ours = _measured([py, "-m", "data_prep.tokenize", "--input", str(corpus), "--output-prefix", str(prefix),
+                          "--tokenizer", family, "--workers", "1", "--quiet"])
+        tokens = json.loads(Path(f"{prefix}.summary.json").read_text())["tokens"]
+        if tokens != bare["tokens"]:
+            raise RuntimeError(f"the bare tokenizer gave {bare['tokens']} tokens, data_prep.tokenize {tokens}")
+        b, o = bare["tokens"] / bare["cpu"], tokens / ours["cpu"]
+        ratios.append(o / b)
+        print(f"{i + 1:>5}  {b / 1e6:12.2f}  {o / 1e6:16.2f}  {o / b:9.3f}", flush=True)
+    median = statistics.median(ratios)
+    print(f"median ours/bare per core: {median:.3f} ({tokens:,} tokens)")
+    return median
 
 
 def _row(name: str, workers: int, r: dict, base: Optional[dict]) -> str:
@@ -254,10 +324,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-datatrove", action="store_true", help="--dedup: skip datatrove's MinHash")
     p.add_argument("--dedup-chunk-mb", type=float, default=8.0, help="--dedup: shard size of our runs")
     p.add_argument("--buffer-records", type=int, default=200_000, help="--dedup: sorted key run size")
+    p.add_argument("--per-core", type=int, metavar="ROUNDS", nargs="?", const=3,
+                   help="tokenization per core: one worker against the bare tokenizer, ROUNDS (3) times")
+    p.add_argument("--prose", action="store_true", help="generate English prose (the bundled sample "
+                   "corpus, repeated) instead of Python source")
     p.add_argument("--datatrove-run", nargs=2, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--bare-run", nargs=2, metavar=("CORPUS", "FAMILY"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.datatrove_run:
         run_datatrove_minhash(*a.datatrove_run, bands=20, rows=6)
+        return 0
+    if a.bare_run:
+        print(json.dumps(bare_tokenizer_run(*a.bare_run)))
         return 0
     if a.dedup:
         with tempfile.TemporaryDirectory() as tmp:
@@ -270,8 +348,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         corpus = Path(a.input) if a.input else work / "corpus.jsonl"
         if not a.input:
-            n = generate_corpus(corpus, a.size_mb)
-            print(f"generated {corpus}: {n:,} docs of Python stdlib source")
+            n = (generate_prose if a.prose else generate_corpus)(corpus, a.size_mb)
+            print(f"generated {corpus}: {n:,} docs of {'English prose' if a.prose else 'Python stdlib source'}")
         else:
             try:
                 check_corpus(corpus)
@@ -279,6 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
         print(f"corpus: {os.path.getsize(corpus) / 1e6:.1f} MB, cpus: {os.cpu_count()}")
+        if a.per_core:
+            bench_per_core(corpus, work, a.tokenizer, a.per_core)
+            return 0
         hf_dir = write_hf_tokenizer(a.tokenizer.replace(".", "_"), work / "hf_tokenizer")
         from data_prep.tokenizer import get_tokenizer
 

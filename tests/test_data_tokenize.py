@@ -476,3 +476,98 @@ def test_256mib_line_memory_at_default_limit(suffix, tmp_path):
     assert hostile - normal < 64, f"peak RSS {hostile:.0f} MiB vs {normal:.0f} MiB on a small file"
     rejects = [json.loads(line) for line in open(f"{tmp_path / 'b'}.rejects.jsonl", encoding="utf-8")]
     assert [(r["line"], r["reason"]) for r in rejects] == [(2, "too_large")]
+
+
+TRICKY_LINES = [
+    b'{"text": "plain"}\n', b'{"text": "plain"}', b'  {"text": "spaced"}  \r\n', b'\n', b'   \n', b'',
+    b'{"text": ""}', b'{"text": " \\t\\n"}', b'{"text": "\\u3000\\u2003"}', b'{"text": "\\u00a0x"}',
+    b'{"text": "\\ud800"}', b'{"text": "\\udc00 low"}', b'{"text": "\\ud83d\\ude00 pair"}',
+    b'{"text": "\xff bad utf8"}', b'{"text": "\xed\xa0\x80 encoded surrogate"}', b'\xef\xbb\xbf{"text": "bom"}',
+    b'{"text": NaN}', b'{"text": Infinity}', b'{"text": 123456789012345678901234567890}', b'{"text": 1.5}',
+    b'{"text": null}', b'{"text": ["a"]}', b'{"text": {"a": 1}}', b'{"other": "x"}', b'["text", "x"]',
+    b'"text"', b'{"text": "a", "text": "dup wins"}', b'{"text": "a", "text": 5}', b'{"text": "x"} trailing',
+    b'{"text": "x",}', b"{'text': 'single'}", b'{"text": "ctrl\x01char"}', b'{"text": "a\\u0000b"}',
+    b'{"text": "x", "n": 1e999}', b'{"text": "t", "m": ' + b"[" * 99 + b"]" * 99 + b"}",
+    b'{"text": "t", "m": ' + b"[" * 100 + b"]" * 100 + b"}", b'{"text": "t", "m": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"text": "' + b"[{" * 80 + b'"}', b'{"text": "\\"quoted\\" and \\\\ slash"}', b'{"text": "caf\xc3\xa9"}',
+]
+
+
+def test_fast_json_path_reads_as_the_standard_library(monkeypatch):
+    """Records are parsed by orjson first; every line must read exactly as the standard
+    library path alone reads it (same text, same reject reason and detail)."""
+    import data_prep.readers as readers
+
+    fast = [readers.parse_line(raw, "text") for raw in TRICKY_LINES]
+
+    def refuse(raw):
+        raise readers._OrjsonError("forced", "", 0)
+
+    monkeypatch.setattr(readers, "_orjson_loads", refuse)
+    slow = [readers.parse_line(raw, "text") for raw in TRICKY_LINES]
+    for raw, f, s in zip(TRICKY_LINES, fast, slow):
+        assert f == s, raw[:60]
+    assert sum(bad is None for _, bad in slow) >= 10 and {bad[0] for _, bad in slow if bad} >= {
+        "blank_line", "invalid_utf8", "malformed_json", "missing_key", "not_string", "empty_text", "too_deep"}
+
+
+def test_add_packed_refuses_what_it_cannot_store(tmp_path):
+    small = indexed.IndexedWriter(tmp_path / "small", 1000)  # a uint16 dataset
+    with pytest.raises(ValueError, match="out of range for uint16"):
+        small.add_packed(np.array([5, 70000], np.uint32).tobytes(), np.array([2]))
+    with pytest.raises(ValueError, match="want uint32"):
+        small.add_packed(np.array([5, 6], np.uint64).tobytes(), np.array([2]))
+    with pytest.raises(ValueError, match="zero-token document"):
+        small.add_packed(np.array([5, 6], np.uint32).tobytes(), np.array([2, 0]))
+    small.add_packed(np.array([5, 6, 7], np.uint32).tobytes(), np.array([1, 2]))
+    small.commit()
+    r = indexed.IndexedReader(tmp_path / "small")
+    assert r.dtype == np.uint16 and [r[i].tolist() for i in range(2)] == [[5], [6, 7]]
+    wide = indexed.IndexedWriter(tmp_path / "wide", 151_936)
+    with pytest.raises(ValueError, match="out of range for int32"):
+        wide.add_packed(np.array([1 << 31], np.uint32).tobytes(), np.array([1]))
+    wide.abort()
+
+
+@pytest.mark.parametrize("failure", ["missing", "refused", "midway"])
+def test_merge_without_kernel_copy(failure, corpus, tmp_path, monkeypatch):
+    """Shards are appended by copy_file_range where the kernel has it; where it is missing,
+    refused, or fails after copying part of a shard, the merged files are the same bytes."""
+    import os as os_mod
+
+    d, _ = corpus
+    tokenize([str(d / "*")], str(tmp_path / "ref"), Options(), workers=1, chunk_mb=0.05, keep_shards=True,
+             quiet=True)
+    shards = sorted(p.with_suffix("") for p in (tmp_path / "ref.shards").glob("*.idx"))
+    assert len(shards) > 2
+    real = os_mod.copy_file_range
+    if failure == "missing":
+        monkeypatch.delattr(os_mod, "copy_file_range")
+    elif failure == "refused":
+        def refused(*a):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os_mod, "copy_file_range", refused)
+    else:
+        calls = []
+
+        def midway(src, dst, count):
+            calls.append(1)
+            if len(calls) % 2 == 0:
+                raise OSError(95, "Operation not supported")
+            return real(src, dst, max(1, count // 3))
+        monkeypatch.setattr(os_mod, "copy_file_range", midway)
+    indexed.merge(shards, tmp_path / "again", get_tokenizer("qwen2").vocab_size)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"again{ext}").read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+
+
+def test_bench_per_core_counts_the_same_tokens(tmp_path, capsys):
+    """`data_prep.bench --per-core` runs both sides on one corpus and refuses to compare runs
+    that tokenized different amounts (it raises when the token counts differ)."""
+    from data_prep.bench import main as bench
+
+    assert bench(["--per-core", "1", "--prose", "--size-mb", "0.3", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    tokens = int(re.search(r"median ours/bare per core: [0-9.]+ \(([0-9,]+) tokens\)", out).group(1).replace(",", ""))
+    assert tokens == sum(len(get_tokenizer("qwen2").encode(json.loads(line)["text"]))
+                         for line in open(tmp_path / "corpus.jsonl", encoding="utf-8"))

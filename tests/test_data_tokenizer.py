@@ -109,3 +109,74 @@ def test_chat_ids_match_transformers_template(hf_reference, hf_ours, conv):
             ids, mask = tok.apply_chat_template(msgs, add_generation_prompt=gen)
             assert ids == list(want)
             assert len(mask) == len(ids)
+
+
+def _unpack(data: bytes, lengths) -> list:
+    import numpy as np
+
+    flat, out, at = np.frombuffer(data, dtype=np.uint32).tolist(), [], 0
+    for n in lengths.tolist():
+        out.append(flat[at:at + n])
+        at += n
+    assert at == len(flat)
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_encode_packed_is_encode_per_text(family, monkeypatch):
+    """The dataset writer's path (tiktoken's buffer call, or the public encode_to_numpy where
+    that is missing) gives `encode`'s ids per text; special-token strings stay text."""
+    import data_prep.tokenizer as tk
+
+    tok = get_tokenizer(family)
+    texts = TEXTS + ["<|endoftext|><|im_start|>x", "y" * 20_000]
+    want = [tok.encode(t) for t in texts]
+    assert tk._raw_buffer_encoder(tok._enc) is not None  # this tiktoken has the fast call
+    fast = tok.encode_packed(texts)
+    assert _unpack(*fast) == want
+    assert _unpack(*tok.encode_packed(texts, tok.eod)) == [ids + [tok.eod] for ids in want]
+    assert tok.encode_packed([])[0] == b"" and len(tok.encode_packed([], tok.eod)[1]) == 0
+    monkeypatch.setattr(tk, "_raw_buffer_encoder", lambda enc: None)
+    slow = tok.encode_packed(texts)
+    assert slow[0] == fast[0] and slow[1].tolist() == fast[1].tolist()
+
+
+def test_hf_encode_packed(hf_ours):
+    ours = QwenTokenizer("qwen3")
+    data, lengths = hf_ours.encode_packed(TEXTS, 7)
+    assert _unpack(data, lengths) == [ours.encode(t) + [7] for t in TEXTS]
+
+
+def test_buffer_call_that_disagrees_is_not_used():
+    """A tiktoken whose private buffer call is missing, takes other arguments or gives other
+    ids than `encode_ordinary` falls back to the public call."""
+    import numpy as np
+
+    import data_prep.tokenizer as tk
+
+    real = get_tokenizer("qwen2")._enc
+
+    class Core:
+        def __init__(self, fn):
+            self.encode_to_tiktoken_buffer = fn
+
+    class Enc:
+        def __init__(self, core):
+            self._core_bpe = core
+
+        encode_ordinary = staticmethod(real.encode_ordinary)
+
+    def off_by_one(text, allowed):
+        return (np.asarray(real.encode_ordinary(text), dtype=np.uint32) + 1).tobytes()
+
+    def wrong_width(text, allowed):
+        return np.asarray(real.encode_ordinary(text), dtype=np.uint64).tobytes()
+
+    def other_signature(text):
+        return b""
+
+    good = Enc(Core(lambda text, allowed: np.asarray(real.encode_ordinary(text), dtype=np.uint32).tobytes()))
+    assert tk._raw_buffer_encoder(good) is not None
+    for fn in (off_by_one, wrong_width, other_signature):
+        assert tk._raw_buffer_encoder(Enc(Core(fn))) is None, fn.__name__
+    assert tk._raw_buffer_encoder(Enc(None)) is None

