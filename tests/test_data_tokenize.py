@@ -489,7 +489,9 @@ TRICKY_LINES = [
     b'{"text": "x",}', b"{'text': 'single'}", b'{"text": "ctrl\x01char"}', b'{"text": "a\\u0000b"}',
     b'{"text": "x", "n": 1e999}', b'{"text": "t", "m": ' + b"[" * 99 + b"]" * 99 + b"}",
     b'{"text": "t", "m": ' + b"[" * 100 + b"]" * 100 + b"}", b'{"text": "t", "m": ' + b"[" * 2000 + b"]" * 2000 + b"}",
-    b'{"text": "' + b"[{" * 80 + b'"}', b'{"text": "\\"quoted\\" and \\\\ slash"}', b'{"text": "caf\xc3\xa9"}',
+    b'{"text": "' + b"[{" * 80 + b'"}', b'{"text": "t", "m": [' + b",".join([b"[1]"] * 150) + b"]}",
+    b'{"text": "t", "m": [' + b",".join([b"{}"] * 150) + b"], " + b'"d": ' + b"[" * 98 + b"]" * 98 + b"}",
+    b'{"text": "t", "m": [' + b",".join([b"{}"] * 150) + b"], " + b'"d": ' + b"[" * 99 + b"]" * 99 + b"}", b'{"text": "\\"quoted\\" and \\\\ slash"}', b'{"text": "caf\xc3\xa9"}',
 ]
 
 
@@ -509,6 +511,25 @@ def test_fast_json_path_reads_as_the_standard_library(monkeypatch):
         assert f == s, raw[:60]
     assert sum(bad is None for _, bad in slow) >= 10 and {bad[0] for _, bad in slow if bad} >= {
         "blank_line", "invalid_utf8", "malformed_json", "missing_key", "not_string", "empty_text", "too_deep"}
+
+
+def test_nesting_of_parsed_values_is_the_line_depth():
+    from data_prep.readers import json_depth, nesting
+
+    rng = np.random.default_rng(0)
+
+    def value(depth):
+        kind = rng.integers(0, 4) if depth < 12 else 3
+        if kind == 0:
+            return [value(depth + 1) for _ in range(rng.integers(0, 4))]
+        if kind == 1:
+            return {f"k{i}": value(depth + 1) for i in range(rng.integers(0, 4))}
+        return ["[{ in a string", 7, None, 1.5][rng.integers(0, 4)]
+
+    for _ in range(300):
+        v = value(0)
+        assert nesting(v) == json_depth(json.dumps(v).encode())
+    assert nesting([[[[]]]], stop=2) == 3  # counting stops past `stop`
 
 
 def test_add_packed_refuses_what_it_cannot_store(tmp_path):
