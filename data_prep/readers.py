@@ -14,9 +14,10 @@ Nothing a file holds can make reading it take memory out of proportion: a line l
 `too_large` reject, compressed input is decoded in bounded steps (a gzip or zstd bomb never
 exists whole in memory), a JSON record nested deeper than MAX_JSON_DEPTH is a `too_deep` reject
 found by a scan that does not recurse, and a batch holds about BATCH_BYTES of records. Memory is
-then set by `max_bytes` (tokenizing a record takes about 16x its size; json.loads of a record made
-of many tiny arrays/objects up to ~25x), never by the input, plus a zstd frame's window (up to
-128 MiB, zstd's own decoding limit, for files compressed with --long or --ultra).
+then set by `max_bytes` (`data_prep.tokenize` takes about 6x a record's size to tokenize it;
+json.loads of a record made of many tiny arrays/objects up to ~25x), never by the input, plus a
+zstd frame's window (up to 128 MiB, zstd's own decoding limit, for files compressed with --long
+or --ultra).
 
 Readers of other jsonl inputs (post-training data, eval task files, synthesis task lists) use
 `iter_json_lines` / `read_json_lines`: the same bounded line reader and checks for one file.
@@ -46,13 +47,15 @@ SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "gz", ".json.gz": 
 
 # The largest record (a line without its newline; a parquet text value) that is read. 16 MiB is
 # about 4M tokens, four times the longest context a Qwen model is trained on and far above any
-# real document (a long book is a few MB), while the memory to tokenize one (about 16x its size:
-# the text, then its token ids as Python ints) stays near 250 MB per worker. A longer line is
+# real document (a long book is a few MB), while the memory to tokenize one (about 6x its size in
+# data_prep.tokenize: the text, the tokenizer's work, the ids as uint32) stays near 100 MB per worker. A longer line is
 # skipped in bounded reads and listed as `too_large`.
 DEFAULT_MAX_RECORD_BYTES = 16 << 20
 # JSON records nested deeper are rejected before json.loads, which recurses once per level
 # (Python's limit is ~1000); real records (chat messages, content parts) need fewer than 10.
 MAX_JSON_DEPTH = 100
+# Records up to this size are parsed by orjson first (see parse_line).
+FAST_JSON_BYTES = 1 << 20
 # A batch is handed on once its records hold this many bytes (or `batch_size` records).
 BATCH_BYTES = 8 << 20
 # Bounded reads: decompressed bytes per step, and the step that skips through a long line.
@@ -352,6 +355,21 @@ def parse_json(raw: bytes) -> Tuple[object, Optional[Tuple[str, str]]]:
         return None, ("malformed_json", str(e) or type(e).__name__)
 
 
+def _fast_text(raw: bytes, key: str) -> Optional[str]:
+    """The record's usable text as orjson reads it, or None where `parse_line` must decide."""
+    if len(raw) > FAST_JSON_BYTES:
+        return None
+    try:
+        obj = _orjson_loads(raw)
+    except _OrjsonError:
+        return None
+    text = obj.get(key) if obj.__class__ is dict else None
+    if text.__class__ is str and text and not text.isspace() and (
+            raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH or nesting(obj, MAX_JSON_DEPTH) <= MAX_JSON_DEPTH):
+        return text
+    return None
+
+
 def parse_line(raw: bytes, key: str) -> Tuple[Optional[str], Optional[Tuple[str, str]]]:
     """Return `(text, None)` for a usable record or `(None, (reason, detail))`.
 
@@ -359,16 +377,12 @@ def parse_line(raw: bytes, key: str) -> Tuple[Optional[str], Optional[Tuple[str,
     UTF-8 and lone surrogates itself, and nesting past 1024 levels without recursing) and a
     usable text within MAX_JSON_DEPTH is returned at once; anything else is read again below, so
     every reject and its reason is the standard library's, as before. The two parsers agree on
-    every string, so the fast path never returns another text."""
-    try:
-        obj = _orjson_loads(raw)
-    except _OrjsonError:
-        pass
-    else:
-        text = obj.get(key) if obj.__class__ is dict else None
-        if text.__class__ is str and text and not text.isspace() and (
-                raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH or nesting(obj, MAX_JSON_DEPTH) <= MAX_JSON_DEPTH):
-            return text, None
+    every string, so the fast path never returns another text. Records over FAST_JSON_BYTES skip
+    it: they gain nothing from it, and orjson holds up to 1.5x json's memory while it builds a
+    record of many tiny arrays (38x the line against 25x)."""
+    text = _fast_text(raw, key)
+    if text is not None:
+        return text, None
     obj, bad = parse_json(raw)
     if bad is not None:
         return None, bad

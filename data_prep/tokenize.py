@@ -23,7 +23,7 @@ task then writes the same files as a one-process run; `--dry-run` prints the sba
 Inputs are untrusted: a record longer than --max-record-bytes (default 16 MiB, about 4M tokens)
 is skipped without being held in memory and listed as `too_large`; JSON nested deeper than 100
 levels is listed as `too_deep`; gzip/zstd are decoded in bounded steps. Memory per worker is set
-by --max-record-bytes (tokenizing a record takes about 16x its size), not by the input.
+by --max-record-bytes (tokenizing a record takes about 6x its size), not by the input.
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--strict", action="store_true", help="the first bad record is fatal (file:line)")
     p.add_argument("--max-record-bytes", type=parse_size, default=DEFAULT_MAX_RECORD_BYTES, metavar="SIZE",
                    help="longest record read, e.g. 16MiB (the default), 1GB, 500000; a longer one is skipped "
-                        "and listed as too_large. Tokenizing a record takes about 16x its size in memory")
+                        "and listed as too_large. Tokenizing a record takes about 6x its size in memory")
     p.add_argument("--chunk-mb", type=float, default=32.0, help="split plain .jsonl files into chunks this big")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

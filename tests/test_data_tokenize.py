@@ -491,7 +491,8 @@ TRICKY_LINES = [
     b'{"text": "t", "m": ' + b"[" * 100 + b"]" * 100 + b"}", b'{"text": "t", "m": ' + b"[" * 2000 + b"]" * 2000 + b"}",
     b'{"text": "' + b"[{" * 80 + b'"}', b'{"text": "t", "m": [' + b",".join([b"[1]"] * 150) + b"]}",
     b'{"text": "t", "m": [' + b",".join([b"{}"] * 150) + b"], " + b'"d": ' + b"[" * 98 + b"]" * 98 + b"}",
-    b'{"text": "t", "m": [' + b",".join([b"{}"] * 150) + b"], " + b'"d": ' + b"[" * 99 + b"]" * 99 + b"}", b'{"text": "\\"quoted\\" and \\\\ slash"}', b'{"text": "caf\xc3\xa9"}',
+    b'{"text": "t", "m": [' + b",".join([b"{}"] * 150) + b"], " + b'"d": ' + b"[" * 99 + b"]" * 99 + b"}",
+    b'{"text": "\\"quoted\\" and \\\\ slash"}', b'{"text": "caf\xc3\xa9"}',
 ]
 
 
@@ -511,6 +512,29 @@ def test_fast_json_path_reads_as_the_standard_library(monkeypatch):
         assert f == s, raw[:60]
     assert sum(bad is None for _, bad in slow) >= 10 and {bad[0] for _, bad in slow if bad} >= {
         "blank_line", "invalid_utf8", "malformed_json", "missing_key", "not_string", "empty_text", "too_deep"}
+
+
+@pytest.mark.parametrize("text", [b'"usable"', b"5"])
+def test_record_parsing_memory_is_json_s(text):
+    """A record of many tiny arrays, usable or not, at 1 and 5 MiB: reading it takes no more
+    memory than json.loads alone takes for it (orjson's path, used up to FAST_JSON_BYTES, holds
+    more while it builds such a record, and never holds it while json reads the line again)."""
+    import gc
+
+    from data_prep.readers import FAST_JSON_BYTES, parse_line
+
+    for size in (FAST_JSON_BYTES, 5 << 20):
+        n = (size - 40) // 3
+        raw = b'{"text": ' + text + b', "m": [' + b",".join([b"[]"] * n) + b"]}"
+        peaks = []
+        for fn in (lambda: json.loads(raw.decode("utf-8")), lambda: parse_line(raw, "text")):
+            gc.collect()
+            tracemalloc.start()
+            fn()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+        limit = 1.2 if size > FAST_JSON_BYTES else 1.7  # small records: orjson, ~1.5x json at most
+        assert peaks[1] < limit * peaks[0], (size, text, peaks)
 
 
 def test_nesting_of_parsed_values_is_the_line_depth():
