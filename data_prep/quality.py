@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from data_prep.readers import (_MISSING, DEFAULT_MAX_RECORD_BYTES, CorruptFileError, LongLine, Shard,
-                                _parquet_batch_rows, _stream_lines, check_text, expand_inputs, file_kind, parse_line,
+from data_prep.readers import (_MISSING, DEFAULT_MAX_RECORD_BYTES, LongLine, Reject, Shard, _parquet_batch_rows,
+                                check_text, expand_inputs, file_kind, numbered_lines, parse_line,
                                 parse_size)
 
 _WORD = re.compile(r"\w+")
@@ -178,22 +178,14 @@ def iter_shard_records(shard: Shard, key: str, max_bytes: int = DEFAULT_MAX_RECO
         for _, row, text, raw, bad in _parquet_records(shard.path, key, max_bytes):
             yield row, text, raw, bad
         return
-    line_no = 0
-    lines = _stream_lines(shard, max_bytes)
-    while True:
-        try:
-            raw = next(lines)
-        except StopIteration:
-            break
-        except CorruptFileError:
-            yield line_no + 1, None, "", "corrupt_file"
-            break
-        line_no += 1
-        if raw.__class__ is LongLine:
+    for line_no, raw in numbered_lines(shard, max_bytes):
+        if raw.__class__ is Reject:
+            yield line_no, None, "", raw.reason  # corrupt_file: the last item
+        elif raw.__class__ is LongLine:
             yield line_no, None, "", "too_large"
-            continue
-        text, bad = parse_line(raw, key)
-        yield line_no, text, raw.decode("utf-8", "replace").rstrip("\r\n"), bad and bad[0]
+        else:
+            text, bad = parse_line(raw, key)
+            yield line_no, text, raw.decode("utf-8", "replace").rstrip("\r\n"), bad and bad[0]
 
 
 def _parquet_records(path: str, key: str, max_bytes: int):

@@ -332,6 +332,19 @@ def _stream_lines(shard: Shard, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> It
     raise ValueError(f"{shard.path}: not a line-based file")
 
 
+def numbered_lines(shard: Shard, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[Tuple[int, object]]:
+    """`(line number, line)` for each line of a line-based shard, numbered from 1: its bytes
+    (newline included), a `LongLine` for one over `max_bytes`, and, where damaged compressed
+    data ends the file, a `corrupt_file` Reject as the last item."""
+    lineno = 0
+    try:
+        for raw in _stream_lines(shard, max_bytes):
+            lineno += 1
+            yield lineno, raw
+    except CorruptFileError as e:
+        yield lineno + 1, _corrupt(lineno + 1, e)
+
+
 def _corrupt(line: int, error: Exception) -> Reject:
     return Reject(line, "corrupt_file", f"{error}; this line and the rest of the file cannot be read")
 
@@ -413,22 +426,14 @@ def iter_json_lines(path, max_bytes: Optional[int] = None) -> Iterator[Tuple[int
     memory is set by `max_bytes`, never by the file."""
     path = str(path)
     max_bytes = DEFAULT_MAX_RECORD_BYTES if max_bytes is None else max_bytes
-    lines = _stream_lines(Shard(path, _line_kind(path), 0, 0, 1 << 62), max_bytes)
-    lineno = 0
-    while True:
-        try:
-            raw = next(lines)
-        except StopIteration:
-            return
-        except CorruptFileError as e:
-            yield lineno + 1, _corrupt(lineno + 1, e)
-            return
-        lineno += 1
-        if raw.__class__ is LongLine:
+    for lineno, raw in numbered_lines(Shard(path, _line_kind(path), 0, 0, 1 << 62), max_bytes):
+        if raw.__class__ is Reject:
+            yield lineno, raw
+        elif raw.__class__ is LongLine:
             yield lineno, Reject(lineno, *too_large(raw.record, max_bytes, "the record limit"))
-            continue
-        value, bad = parse_json(raw)
-        yield lineno, (value if bad is None else Reject(lineno, *bad))
+        else:
+            value, bad = parse_json(raw)
+            yield lineno, (value if bad is None else Reject(lineno, *bad))
 
 
 def read_json_lines(path, max_bytes: Optional[int] = None) -> Iterator[Tuple[int, dict]]:
@@ -513,17 +518,11 @@ def iter_batches(shard: Shard, key: str, batch_size: int = 1024,
     if shard.kind == "parquet":
         yield from _parquet_batches(shard, key, batch_size, max_bytes)
         return
-    nums, texts, rejects, nbytes, lineno = [], [], [], 0, 0
-    lines = _stream_lines(shard, max_bytes)
-    while True:
-        try:
-            raw = next(lines)
-        except StopIteration:
+    nums, texts, rejects, nbytes = [], [], [], 0
+    for lineno, raw in numbered_lines(shard, max_bytes):
+        if raw.__class__ is Reject:  # corrupt_file: the last item
+            rejects.append(raw)
             break
-        except CorruptFileError as e:
-            rejects.append(_corrupt(lineno + 1, e))
-            break
-        lineno += 1
         nbytes += len(raw)
         if raw.__class__ is LongLine:
             text, bad = None, too_large(raw.record, max_bytes)
