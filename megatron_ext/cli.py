@@ -266,6 +266,16 @@ def split_flags(argv: Sequence[str]) -> tuple[List[str], List[str]]:
     return flags, [a for a in argv if not a.startswith("-")]
 
 
+def parse_tool_args(parser, argv: Sequence[str]) -> tuple:
+    """`(options, overrides)` for a tool that takes flags plus `key=value` config overrides:
+    `parser`'s options, and the overrides among `argv`; anything else is a usage error naming it."""
+    args, rest = parser.parse_known_args(list(argv))
+    bad = [a for a in rest if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
+    return args, rest
+
+
 def override_key(override: str) -> str:
     """The key a Hydra override sets: `train.lr` for `train.lr=1`, `+train.lr=1` and `~train.lr`."""
     return override.split("=", 1)[0].lstrip("+~")

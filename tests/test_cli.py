@@ -191,3 +191,20 @@ def test_slurm_launcher_help(capsys):
     assert "qwen3_235b_a22b" in out and "fp8_blockwise" in out and "--dry-run" in out
     assert "train.steps=30 " in out and "checkpoint.override_schedule=false" in out
     assert "checkpoint.load=auto" in out and "did you mean" not in out
+
+
+def test_tool_arguments_are_flags_or_overrides(capsys):
+    """The tools that take flags and config overrides (bench_train, bench_generate,
+    estimate_memory) refuse anything else by name, `--flag=value` spellings included."""
+    import argparse
+
+    from megatron_ext.cli import parse_tool_args
+
+    parser = argparse.ArgumentParser(prog="tool")
+    parser.add_argument("--n", type=int, default=1)
+    args, overrides = parse_tool_args(parser, ["train.lr=1e-4", "--n", "3", "+moe.aux=0"])
+    assert args.n == 3 and overrides == ["train.lr=1e-4", "+moe.aux=0"]
+    for bad in (["--bogus=1"], ["typo"], ["-x"]):
+        with pytest.raises(SystemExit):
+            parse_tool_args(parser, bad)
+        assert f"unrecognised argument(s) {bad}" in capsys.readouterr().err

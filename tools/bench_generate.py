@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from megatron_ext.cli import load_config
+from megatron_ext.cli import load_config, parse_tool_args
 from megatron_ext.config import ConfigError, validate
 from megatron_ext.layout import min_world_size
 from tools import ranks
@@ -39,10 +39,7 @@ def parse_args(argv: Sequence[str]):
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads per rank")
     ap.add_argument("--json", help="also write the result here")
-    args, rest = ap.parse_known_args(list(argv))
-    bad = [r for r in rest if "=" not in r]
-    if bad:
-        ap.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
+    args, rest = parse_tool_args(ap, argv)
     if args.new_tokens < 1 or args.batch < 1 or args.prompt_len < 1 or args.repeats < 1:
         ap.error("--new-tokens, --batch, --prompt-len and --repeats must be >= 1")
     return args, rest

@@ -68,7 +68,7 @@ import torch
 
 from megatron_ext import dist, stages
 from megatron_ext.callbacks import Callback
-from megatron_ext.cli import fail, load_config, override_value
+from megatron_ext.cli import fail, load_config, override_value, parse_tool_args
 from megatron_ext.config import Config, ConfigError, validate
 from megatron_ext.layout import Layout
 from megatron_ext.pretrain import PretrainStage
@@ -530,10 +530,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
                         help="synthetic documents of N/2 to 3N/2 tokens under cpt.document_mask=true "
                              "(default: 1/8 to 1/2 of the sequence)")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the result as JSON ('-': stdout)")
-    args, rest = parser.parse_known_args(list(argv))
-    bad = [a for a in rest if a.startswith("-") or "=" not in a]
-    if bad:
-        parser.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
+    args, rest = parse_tool_args(parser, argv)
     if args.doc_length is not None and args.doc_length < 2:
         parser.error(f"need --doc-length >= 2 (got {args.doc_length})")
     if args.steps < 1 or args.warmup < 0 or args.profile < 0:

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_ext.cli import fail, load_config
+from megatron_ext.cli import fail, load_config, parse_tool_args
 from megatron_ext.config import Config, ConfigError, validate
 from megatron_ext.layout import Layout
 
@@ -434,10 +434,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs in the job (default: the smallest the layout fits)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args, rest = parser.parse_known_args(list(argv))
-    bad = [a for a in rest if a.startswith("-") or "=" not in a]
-    if bad:
-        parser.error(f"unrecognised argument(s) {bad}; pass config changes as key=value overrides")
+    args, rest = parse_tool_args(parser, argv)
     if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size={args.world_size} must be >= 1")
     return args, rest
