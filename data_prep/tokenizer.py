@@ -85,19 +85,20 @@ def _raw_buffer_encoder(enc):
     def encode(text: str):
         return call(text, none)
 
-    try:
-        probe = encode(_PROBE)
-        if memoryview(probe).nbytes != 4 * len(enc.encode_ordinary(_PROBE)):
-            return None
-        if np.frombuffer(b"".join([probe]), dtype=np.uint32).tolist() != enc.encode_ordinary(_PROBE):
+    try:  # through bytes.join, as `_pack` reads it
+        if np.frombuffer(b"".join([encode(_PROBE)]), dtype=np.uint32).tolist() != enc.encode_ordinary(_PROBE):
             return None
     except Exception:  # another signature or buffer in a future tiktoken: use the public call
         return None
     return encode
 
 
-def _pack(bufs: list, lengths, eod: Optional[int]) -> tuple:
-    """One bytes object of the uint32 buffers `bufs` (with `eod` after each when given) and the lengths."""
+def _pack(bufs: list, eod: Optional[int]) -> tuple:
+    """One bytes object of the uint32 buffers `bufs` (with `eod` after each when given) and each
+    one's length in ids (its byte length / 4, as bytes.join reads it)."""
+    import numpy as np
+
+    lengths = np.fromiter((memoryview(b).nbytes >> 2 for b in bufs), dtype=np.int64, count=len(bufs))
     if eod is not None and len(bufs):
         sep = int(eod).to_bytes(4, sys.byteorder)
         bufs = [part for b in bufs for part in (b, sep)]
@@ -159,17 +160,11 @@ class QwenTokenizer(_ChatMixin):
         per token. tiktoken fills a buffer per text (the call behind its `encode_to_numpy`,
         about 7% less CPU than `encode_ordinary`, whose list it skips); where that call is
         missing or gives other ids (checked once per process), the public one is used."""
-        import numpy as np
-
         raw = _raw_buffer_encoder(self._enc)
         if raw is not None:
-            bufs = [raw(t) for t in texts]
-            lengths = np.fromiter((memoryview(b).nbytes >> 2 for b in bufs), dtype=np.int64, count=len(bufs))
-        else:
-            encode = self._enc.encode_to_numpy
-            bufs = [encode(t, disallowed_special=()) for t in texts]
-            lengths = np.fromiter(map(len, bufs), dtype=np.int64, count=len(bufs))
-        return _pack(bufs, lengths, eod)
+            return _pack([raw(t) for t in texts], eod)
+        encode = self._enc.encode_to_numpy
+        return _pack([encode(t, disallowed_special=()) for t in texts], eod)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
@@ -232,8 +227,7 @@ class HFTokenizer(_ChatMixin):
         """As `QwenTokenizer.encode_packed`."""
         import numpy as np
 
-        bufs = [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
-        return _pack(bufs, np.fromiter(map(len, bufs), dtype=np.int64, count=len(bufs)), eod)
+        return _pack([np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts)], eod)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
