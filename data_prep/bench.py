@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from data_prep import SAMPLE_CORPUS
 from data_prep.readers import Reject, iter_json_lines
 from data_prep.tokenize import Options, tokenize
 from data_prep.tokenizer import write_hf_tokenizer
@@ -71,9 +72,6 @@ def generate_corpus(path: Path, size_mb: float) -> int:
                 if written >= target:
                     break
     return docs
-
-
-SAMPLE_CORPUS = Path(__file__).parent / "sample" / "corpus.jsonl.gz"
 
 
 def generate_prose(path: Path, size_mb: float) -> int:
@@ -331,6 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--datatrove-run", nargs=2, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--bare-run", nargs=2, metavar=("CORPUS", "FAMILY"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.per_core is not None and a.per_core < 1:
+        p.error(f"--per-core {a.per_core}: need at least 1 round")
     if a.datatrove_run:
         run_datatrove_minhash(*a.datatrove_run, bands=20, rows=6)
         return 0

@@ -25,6 +25,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.utils import get_batch_on_this_cp_rank
 
+from data_prep import SAMPLE_CORPUS
 from data_prep.blend import is_number
 from data_prep.indexed import IndexedReader, bin_path, idx_path
 from data_prep.tokenizer import get_tokenizer
@@ -32,8 +33,6 @@ from megatron_ext import patches
 from megatron_ext.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
-
-SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data_prep" / "sample" / "corpus.jsonl.gz"
 
 
 def build_sample_corpus(out_prefix: Path, tokenizer_name: str) -> Path:
