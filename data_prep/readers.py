@@ -48,8 +48,8 @@ SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "gz", ".json.gz": 
 # The largest record (a line without its newline; a parquet text value) that is read. 16 MiB is
 # about 4M tokens, four times the longest context a Qwen model is trained on and far above any
 # real document (a long book is a few MB), while the memory to tokenize one (about 6x its size in
-# data_prep.tokenize: the text, the tokenizer's work, the ids as uint32) stays near 100 MB per worker. A longer line is
-# skipped in bounded reads and listed as `too_large`.
+# data_prep.tokenize: the text, the tokenizer's work, the ids as uint32) stays near 100 MB per
+# worker. A longer line is skipped in bounded reads and listed as `too_large`.
 DEFAULT_MAX_RECORD_BYTES = 16 << 20
 # JSON records nested deeper are rejected before json.loads, which recurses once per level
 # (Python's limit is ~1000); real records (chat messages, content parts) need fewer than 10.
